@@ -1,0 +1,358 @@
+//! The task record and its state machine.
+//!
+//! Every transition is a method that takes `now_ms` and mutates the task in place; none does I/O.
+//! The store derives its indexes from the task alone (`due_at_ms`, `ready_at_ms`), so a transition
+//! can never leave an index entry that disagrees with the record.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::retry::Backoff;
+
+/// Longest `last_error` kept; longer messages are cut at a character boundary.
+pub const MAX_ERROR_BYTES: usize = 4096;
+
+/// Where a task is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting for its due time (`run_at_ms`).
+    Scheduled,
+    /// Due; waiting for a consumer.
+    Ready,
+    /// Held by one consumer until `lease.expires_at_ms`.
+    Leased,
+    /// Acknowledged; kept until `purge_at_ms`.
+    Succeeded,
+    /// Out of attempts; kept until retried or deleted.
+    Dead,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 5] = [
+        TaskState::Scheduled,
+        TaskState::Ready,
+        TaskState::Leased,
+        TaskState::Succeeded,
+        TaskState::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Scheduled => "scheduled",
+            TaskState::Ready => "ready",
+            TaskState::Leased => "leased",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskState> {
+        TaskState::ALL.into_iter().find(|state| state.as_str() == s)
+    }
+
+    /// Position in [`TaskState::ALL`]; used for per-state counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Succeeded and dead tasks are finished: they cannot be rescheduled.
+    pub fn is_finished(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Dead)
+    }
+}
+
+/// Push delivery target of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The lease of a task that one consumer holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub token: String,
+    pub expires_at_ms: u64,
+}
+
+/// One delayed task. The payload is kept as compact JSON text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub queue: String,
+    pub id: String,
+    /// Not serialized with the rest: stores keep it beside the record so it is never re-escaped.
+    #[serde(skip)]
+    pub payload: Option<String>,
+    pub state: TaskState,
+    /// When the task is (or was) due; for a retry, when the next attempt is due.
+    pub run_at_ms: u64,
+    /// Deliveries made so far.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    pub webhook: Option<Webhook>,
+    /// Lease length requested at scheduling; `None` uses the reserve request's or the server's default.
+    pub lease_ms: Option<u64>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub last_error: Option<String>,
+    pub lease: Option<Lease>,
+    /// For a succeeded task: when it is removed.
+    pub purge_at_ms: Option<u64>,
+    /// Fingerprint of the request that created the task, for idempotent repeats.
+    pub fingerprint: u64,
+}
+
+/// Whether a presented lease token still holds the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseCheck {
+    Held,
+    /// The task is leased, but to someone else (or this lease expired and the task was handed out again).
+    NotYours,
+    /// The task is not leased at all (its lease expired, or it finished).
+    NotLeased(TaskState),
+}
+
+/// Where a failed attempt sends the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// Back to `scheduled` (or straight to `ready` when the delay is zero) for another attempt.
+    Retry { run_at_ms: u64 },
+    /// No attempts left.
+    Dead,
+}
+
+fn truncate_error(error: &str) -> String {
+    if error.len() <= MAX_ERROR_BYTES {
+        return error.to_owned();
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    error[..end].to_owned()
+}
+
+impl Task {
+    /// The time at which the due-time index must look at this task again:
+    /// firing for `scheduled`, lease expiry for `leased`, purge for `succeeded`.
+    pub fn due_at_ms(&self) -> Option<u64> {
+        match self.state {
+            TaskState::Scheduled => Some(self.run_at_ms),
+            TaskState::Leased => self.lease.as_ref().map(|lease| lease.expires_at_ms),
+            TaskState::Succeeded => self.purge_at_ms,
+            TaskState::Ready | TaskState::Dead => None,
+        }
+    }
+
+    /// The position of a `ready` task in its queue's ready order (oldest due first).
+    pub fn ready_at_ms(&self) -> Option<u64> {
+        (self.state == TaskState::Ready).then_some(self.run_at_ms)
+    }
+
+    /// A seed for jitter that is stable for this task and attempt.
+    pub fn jitter_seed(&self) -> u64 {
+        let mut bytes = Vec::with_capacity(self.queue.len() + self.id.len() + 5);
+        bytes.extend_from_slice(self.queue.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(self.id.as_bytes());
+        bytes.extend_from_slice(&self.attempt.to_le_bytes());
+        crate::fnv1a64(&bytes)
+    }
+
+    /// Sets `run_at_ms` and the matching state: `ready` if already due, `scheduled` otherwise.
+    fn set_due(&mut self, now_ms: u64, run_at_ms: u64) {
+        self.run_at_ms = run_at_ms;
+        self.state = if run_at_ms <= now_ms {
+            TaskState::Ready
+        } else {
+            TaskState::Scheduled
+        };
+    }
+
+    /// Puts a new task in its first state.
+    pub fn start(&mut self, now_ms: u64) {
+        self.attempt = 0;
+        self.lease = None;
+        self.purge_at_ms = None;
+        self.created_at_ms = now_ms;
+        self.updated_at_ms = now_ms;
+        self.set_due(now_ms, self.run_at_ms);
+    }
+
+    /// A `scheduled` task whose time has come becomes `ready`. Returns whether it changed.
+    pub fn promote(&mut self, now_ms: u64) -> bool {
+        if self.state == TaskState::Scheduled && self.run_at_ms <= now_ms {
+            self.state = TaskState::Ready;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Hands a `ready` task to one consumer: one more attempt, lease until `now + lease_ms`.
+    pub fn lease(&mut self, now_ms: u64, lease_ms: u64, token: String) {
+        debug_assert_eq!(self.state, TaskState::Ready);
+        self.state = TaskState::Leased;
+        self.attempt = self.attempt.saturating_add(1);
+        self.lease = Some(Lease {
+            token,
+            expires_at_ms: now_ms.saturating_add(lease_ms),
+        });
+        self.updated_at_ms = now_ms;
+    }
+
+    pub fn check_lease(&self, token: &str) -> LeaseCheck {
+        match (&self.state, &self.lease) {
+            (TaskState::Leased, Some(lease)) if lease.token == token => LeaseCheck::Held,
+            (TaskState::Leased, _) => LeaseCheck::NotYours,
+            (state, _) => LeaseCheck::NotLeased(*state),
+        }
+    }
+
+    /// Moves the lease expiry to `now + lease_ms`.
+    pub fn extend(&mut self, now_ms: u64, lease_ms: u64) {
+        if let Some(lease) = &mut self.lease {
+            lease.expires_at_ms = now_ms.saturating_add(lease_ms);
+            self.updated_at_ms = now_ms;
+        }
+    }
+
+    /// Records a failed attempt (nack, lease expiry, webhook error) and applies the retry policy.
+    ///
+    /// `delay_override_ms`, when given (a nack's `delay_ms`, a `Retry-After`), replaces the policy's delay.
+    pub fn fail(&mut self, now_ms: u64, error: &str, delay_override_ms: Option<u64>) -> FailOutcome {
+        self.lease = None;
+        self.last_error = Some(truncate_error(error));
+        self.updated_at_ms = now_ms;
+        if self.attempt >= self.max_attempts {
+            self.state = TaskState::Dead;
+            return FailOutcome::Dead;
+        }
+        let delay_ms = delay_override_ms.unwrap_or_else(|| self.backoff.delay_ms(self.attempt, self.jitter_seed()));
+        let run_at_ms = now_ms.saturating_add(delay_ms);
+        self.set_due(now_ms, run_at_ms);
+        FailOutcome::Retry { run_at_ms }
+    }
+
+    /// Acknowledged: `succeeded`, removed after `retention_ms`.
+    pub fn succeed(&mut self, now_ms: u64, retention_ms: u64) {
+        self.state = TaskState::Succeeded;
+        self.lease = None;
+        self.updated_at_ms = now_ms;
+        self.purge_at_ms = Some(now_ms.saturating_add(retention_ms));
+    }
+
+    /// A dead task goes back to `ready` with a fresh set of attempts; `last_error` is kept for the record.
+    pub fn revive(&mut self, now_ms: u64) {
+        self.attempt = 0;
+        self.updated_at_ms = now_ms;
+        self.set_due(now_ms, now_ms);
+    }
+
+    /// Moves a `scheduled` or `ready` task to a new due time, optionally replacing its payload.
+    pub fn reschedule(&mut self, now_ms: u64, run_at_ms: Option<u64>, payload: Option<Option<String>>) {
+        if let Some(payload) = payload {
+            self.payload = payload;
+        }
+        if let Some(run_at_ms) = run_at_ms {
+            self.set_due(now_ms, run_at_ms);
+        }
+        self.updated_at_ms = now_ms;
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn task(run_at_ms: u64, max_attempts: u32, backoff: Backoff) -> Task {
+        Task {
+            queue: "q".into(),
+            id: "t".into(),
+            payload: Some("{}".into()),
+            state: TaskState::Scheduled,
+            run_at_ms,
+            attempt: 0,
+            max_attempts,
+            backoff,
+            webhook: None,
+            lease_ms: None,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            last_error: None,
+            lease: None,
+            purge_at_ms: None,
+            fingerprint: 0,
+        }
+    }
+
+    fn ladder(steps: &[u64]) -> Backoff {
+        Backoff::Ladder {
+            steps_ms: steps.to_vec(),
+        }
+    }
+
+    #[test]
+    fn lifecycle_with_a_virtual_clock() {
+        let mut t = task(1_000, 3, ladder(&[10, 30]));
+        t.start(0);
+        assert_eq!((t.state, t.due_at_ms()), (TaskState::Scheduled, Some(1_000)));
+        assert!(!t.promote(999));
+        assert!(t.promote(1_000));
+        assert_eq!((t.state, t.ready_at_ms(), t.due_at_ms()), (TaskState::Ready, Some(1_000), None));
+
+        t.lease(1_001, 500, "a".into());
+        assert_eq!((t.state, t.attempt, t.due_at_ms()), (TaskState::Leased, 1, Some(1_501)));
+        assert_eq!(t.check_lease("a"), LeaseCheck::Held);
+        assert_eq!(t.check_lease("b"), LeaseCheck::NotYours);
+
+        assert_eq!(t.fail(1_100, "boom", None), FailOutcome::Retry { run_at_ms: 1_110 });
+        assert_eq!((t.state, t.last_error.as_deref()), (TaskState::Scheduled, Some("boom")));
+        assert_eq!(t.check_lease("a"), LeaseCheck::NotLeased(TaskState::Scheduled));
+
+        t.promote(1_110);
+        t.lease(1_110, 500, "b".into());
+        assert_eq!(t.fail(1_200, "again", None), FailOutcome::Retry { run_at_ms: 1_230 });
+        t.promote(1_230);
+        t.lease(1_230, 500, "c".into());
+        assert_eq!(t.fail(1_300, "last", None), FailOutcome::Dead);
+        assert_eq!((t.state, t.attempt, t.due_at_ms()), (TaskState::Dead, 3, None));
+
+        t.revive(2_000);
+        assert_eq!((t.state, t.attempt, t.ready_at_ms()), (TaskState::Ready, 0, Some(2_000)));
+        t.lease(2_000, 100, "d".into());
+        t.succeed(2_050, 86_400_000);
+        assert_eq!((t.state, t.due_at_ms()), (TaskState::Succeeded, Some(86_402_050)));
+    }
+
+    #[test]
+    fn zero_delay_retry_is_ready_at_once_and_override_wins() {
+        let mut t = task(0, 5, ladder(&[0]));
+        t.start(10);
+        assert_eq!(t.state, TaskState::Ready);
+        t.lease(10, 100, "x".into());
+        assert_eq!(t.fail(20, "e", None), FailOutcome::Retry { run_at_ms: 20 });
+        assert_eq!(t.state, TaskState::Ready);
+        t.lease(20, 100, "y".into());
+        assert_eq!(t.fail(30, "e", Some(5_000)), FailOutcome::Retry { run_at_ms: 5_030 });
+        assert_eq!(t.state, TaskState::Scheduled);
+    }
+
+    #[test]
+    fn long_errors_are_cut_on_a_char_boundary() {
+        let mut t = task(0, 1, ladder(&[]));
+        t.start(0);
+        t.lease(0, 10, "x".into());
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        t.fail(1, &long, None);
+        let kept = t.last_error.unwrap();
+        assert!(kept.len() <= MAX_ERROR_BYTES && kept.len() >= MAX_ERROR_BYTES - 1);
+    }
+}
