@@ -76,10 +76,11 @@ impl DueWindow {
     }
 
     /// Takes the distinct due times the store returned for `range`, in ascending order.
-    /// If the store returned `range.limit` of them there may be more: the horizon stops at the last one.
-    pub fn fill(&mut self, range: RefillRange, due_times: &[u64]) {
+    /// `truncated` says the store stopped early (limit or scan budget): the horizon then stops at the last
+    /// time returned, which stands for every task due at or before it.
+    pub fn fill(&mut self, range: RefillRange, due_times: &[u64], truncated: bool) {
         self.deadlines.extend(due_times.iter().copied());
-        let truncated = due_times.len() >= range.limit;
+        let truncated = truncated || due_times.len() >= range.limit;
         self.horizon_ms = match (truncated, due_times.last()) {
             (true, Some(last)) => *last,
             _ => range.to_ms,
@@ -148,7 +149,7 @@ mod tests {
                 .copied()
                 .take(range.limit)
                 .collect();
-            window.fill(range, &times);
+            window.fill(range, &times, false);
         }
     }
 

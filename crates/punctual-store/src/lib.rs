@@ -1,1 +1,207 @@
-//! placeholder
+//! The narrow `Store` trait of Punctual and its backends.
+//!
+//! A store applies a batch of [`Command`]s in one transaction ([`Store::apply`]) and answers a few reads.
+//! The transition logic is written once, in `engine`, over a small transaction interface, so every backend
+//! behaves the same; the [`conformance`] suite checks that from the outside.
+//!
+//! - [`MemoryStore`]: `BTreeMap`s behind a lock; the test oracle.
+//! - [`RedbStore`]: the embedded, durable default (one redb file).
+
+mod codec;
+pub mod conformance;
+mod engine;
+mod memory;
+mod redb_store;
+
+use punctual_core::{LeaseCheck, Task, TaskState};
+use thiserror::Error;
+
+pub use codec::FORMAT_VERSION;
+pub use memory::MemoryStore;
+pub use redb_store::{RedbOptions, RedbStore};
+
+/// A store failure. Expected outcomes (not found, lease lost, …) are [`Outcome`]s, not errors.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// An earlier commit failed; the store refuses writes until restarted, because it can no longer
+    /// tell what reached the disk.
+    #[error("store is poisoned after an earlier commit failure: {0}")]
+    Poisoned(String),
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("corrupt record for {queue}/{id}: {reason}")]
+    Corrupt {
+        queue: String,
+        id: String,
+        reason: String,
+    },
+    #[error("data file {path} was written with format version {found}; this build reads version {expected}")]
+    FormatVersion { path: String, found: u64, expected: u64 },
+    #[error("cannot open data file {path}: {reason}")]
+    Open { path: String, reason: String },
+}
+
+/// One state change. A batch of commands is applied in order in one transaction.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Create a task (its `run_at_ms`, policy and fingerprint set by the caller); idempotent by fingerprint.
+    Schedule(Box<Task>),
+    /// Move a scheduled or ready task; `payload: Some(None)` clears the payload.
+    Reschedule {
+        queue: String,
+        id: String,
+        run_at_ms: Option<u64>,
+        payload: Option<Option<String>>,
+    },
+    /// Delete a task that is not leased.
+    Cancel { queue: String, id: String },
+    /// Lease up to `max` ready tasks of a queue, oldest due first.
+    Reserve {
+        queue: String,
+        max: usize,
+        /// Lease length asked by the consumer; else the task's own, else `default_lease_ms`.
+        lease_ms: Option<u64>,
+        default_lease_ms: u64,
+        /// Unique per command; lease tokens are this plus a counter.
+        token_prefix: String,
+    },
+    Ack {
+        queue: String,
+        id: String,
+        token: String,
+        retention_ms: u64,
+    },
+    Nack {
+        queue: String,
+        id: String,
+        token: String,
+        error: Option<String>,
+        delay_ms: Option<u64>,
+    },
+    Extend {
+        queue: String,
+        id: String,
+        token: String,
+        lease_ms: u64,
+    },
+    /// A dead task back to ready.
+    Retry { queue: String, id: String },
+    /// Process due-index entries at or before now: fire, expire leases, purge. At most `limit`.
+    Tick { limit: usize },
+}
+
+impl Command {
+    /// Whether the caller is told of this command only after an fsync.
+    ///
+    /// Leases and timer-driven transitions are not: losing them in a crash only means the task is
+    /// handed out again (at-least-once), and keeping them off the fsync path keeps delivery fast.
+    /// They become durable with the next durable commit, which always comes before any ack.
+    pub fn is_durable(&self) -> bool {
+        !matches!(
+            self,
+            Command::Reserve { .. } | Command::Extend { .. } | Command::Tick { .. }
+        )
+    }
+}
+
+/// What the timer tick did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TickReport {
+    /// Queues that got newly ready tasks (to wake their long-polls).
+    pub ready_queues: Vec<String>,
+    /// Scheduled tasks that became ready.
+    pub fired: u64,
+    /// Leases that expired (each a failed attempt).
+    pub expired: u64,
+    /// Tasks that died because their last lease expired, by queue.
+    pub dead: Vec<String>,
+    /// Succeeded tasks removed after their retention.
+    pub purged: u64,
+    /// New due times created (retries after an expired lease).
+    pub due_times: Vec<u64>,
+    /// The limit was hit: tick again at once.
+    pub more: bool,
+}
+
+/// The answer to one command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Created(Task),
+    /// Same id, same fingerprint: the existing task, unchanged.
+    Existing(Task),
+    /// Same id, different request: the existing task, unchanged.
+    Conflict(Task),
+    /// Rescheduled, nacked, extended or retried.
+    Updated(Task),
+    Cancelled(Task),
+    Acked(Task),
+    Reserved(Vec<Task>),
+    NotFound,
+    /// The command does not apply in the task's state (e.g. cancel while leased).
+    WrongState(TaskState),
+    /// The lease token no longer holds the task.
+    LeaseLost(LeaseCheck),
+    Ticked(TickReport),
+}
+
+/// Task counts of one queue, indexed by [`TaskState::index`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub queue: String,
+    pub counts: [u64; 5],
+}
+
+impl QueueCounts {
+    pub fn get(&self, state: TaskState) -> u64 {
+        self.counts[state.index()]
+    }
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Page {
+    pub tasks: Vec<Task>,
+    /// Pass back as `after` for the next page; `None` at the end.
+    pub next_cursor: Option<String>,
+}
+
+/// Distinct due times in a range, for the timer window.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DueTimes {
+    pub times: Vec<u64>,
+    /// The scan stopped before `to_ms`.
+    pub truncated: bool,
+}
+
+/// Most index entries one listing scans before it returns a (possibly short) page with a cursor.
+pub const LIST_SCAN_BUDGET: usize = 20_000;
+
+/// The narrow storage interface the server sees.
+pub trait Store: Send + Sync + 'static {
+    /// Applies `commands` in order in one transaction, durable (fsynced) if any command
+    /// [`is_durable`](Command::is_durable). Answers one outcome per command, or an error for all.
+    fn apply(&self, now_ms: u64, commands: &[Command]) -> Result<Vec<Outcome>, StoreError>;
+
+    fn get(&self, queue: &str, id: &str) -> Result<Option<Task>, StoreError>;
+
+    /// Tasks of a queue in id order after `after`, optionally only those in `state`.
+    fn list(
+        &self,
+        queue: &str,
+        state: Option<TaskState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError>;
+
+    /// Counts per state of every queue that has tasks.
+    fn queues(&self) -> Result<Vec<QueueCounts>, StoreError>;
+
+    /// Distinct due times in `[from_ms, to_ms]`, ascending, at most `limit`.
+    fn due_times(&self, from_ms: u64, to_ms: u64, limit: usize) -> Result<DueTimes, StoreError>;
+
+    /// `Err` once the store is poisoned.
+    fn health(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,239 @@
+//! The transition logic every backend shares, written over a small transaction interface.
+//!
+//! A backend supplies [`Txn`] (records, the due index, the ready index, counters); `apply_one` decides
+//! what each command does using the pure state machine of `punctual-core`. Index entries are always
+//! derived from the record (`Task::due_at_ms`, `Task::ready_at_ms`) by [`write`], so they cannot drift.
+
+use std::collections::BTreeSet;
+
+use punctual_core::{FailOutcome, LeaseCheck, Task, TaskState};
+
+use crate::{Command, Outcome, StoreError, TickReport};
+
+/// Error text recorded when a lease runs out.
+pub const LEASE_EXPIRED: &str = "lease expired";
+
+/// The primitive operations of one write transaction.
+pub trait Txn {
+    fn get(&mut self, queue: &str, id: &str) -> Result<Option<Task>, StoreError>;
+    fn put(&mut self, task: &Task) -> Result<(), StoreError>;
+    fn remove(&mut self, queue: &str, id: &str) -> Result<(), StoreError>;
+    fn due_add(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError>;
+    fn due_remove(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError>;
+    /// The first `limit` due-index entries at or before `now_ms`.
+    fn due_upto(&mut self, now_ms: u64, limit: usize) -> Result<Vec<(u64, String, String)>, StoreError>;
+    fn ready_add(&mut self, queue: &str, at_ms: u64, id: &str) -> Result<(), StoreError>;
+    fn ready_remove(&mut self, queue: &str, at_ms: u64, id: &str) -> Result<(), StoreError>;
+    /// Ids of the first `limit` ready tasks of a queue, oldest first.
+    fn ready_first(&mut self, queue: &str, limit: usize) -> Result<Vec<String>, StoreError>;
+    fn count(&mut self, queue: &str, state: TaskState, delta: i64);
+}
+
+/// Replaces `old` by `new` (either may be absent), keeping indexes and counters in step.
+pub fn write<T: Txn + ?Sized>(txn: &mut T, old: Option<&Task>, new: Option<&Task>) -> Result<(), StoreError> {
+    if let Some(old) = old {
+        let (new_due, new_ready) = new.map_or((None, None), |n| (n.due_at_ms(), n.ready_at_ms()));
+        if let Some(due) = old.due_at_ms().filter(|d| Some(*d) != new_due) {
+            txn.due_remove(due, &old.queue, &old.id)?;
+        }
+        if let Some(at) = old.ready_at_ms().filter(|a| Some(*a) != new_ready) {
+            txn.ready_remove(&old.queue, at, &old.id)?;
+        }
+        txn.count(&old.queue, old.state, -1);
+    }
+    match new {
+        Some(new) => {
+            if let Some(due) = new.due_at_ms().filter(|d| old.and_then(Task::due_at_ms) != Some(*d)) {
+                txn.due_add(due, &new.queue, &new.id)?;
+            }
+            if let Some(at) = new.ready_at_ms().filter(|a| old.and_then(Task::ready_at_ms) != Some(*a)) {
+                txn.ready_add(&new.queue, at, &new.id)?;
+            }
+            txn.count(&new.queue, new.state, 1);
+            txn.put(new)
+        }
+        None => match old {
+            Some(old) => txn.remove(&old.queue, &old.id),
+            None => Ok(()),
+        },
+    }
+}
+
+/// Applies one command at `now_ms`.
+pub fn apply_one<T: Txn + ?Sized>(txn: &mut T, now_ms: u64, command: &Command) -> Result<Outcome, StoreError> {
+    match command {
+        Command::Schedule(task) => {
+            if let Some(existing) = txn.get(&task.queue, &task.id)? {
+                return Ok(if existing.fingerprint == task.fingerprint {
+                    Outcome::Existing(existing)
+                } else {
+                    Outcome::Conflict(existing)
+                });
+            }
+            let mut new = (**task).clone();
+            new.start(now_ms);
+            write(txn, None, Some(&new))?;
+            Ok(Outcome::Created(new))
+        }
+        Command::Reschedule {
+            queue,
+            id,
+            run_at_ms,
+            payload,
+        } => {
+            let Some(old) = txn.get(queue, id)? else {
+                return Ok(Outcome::NotFound);
+            };
+            if !matches!(old.state, TaskState::Scheduled | TaskState::Ready) {
+                return Ok(Outcome::WrongState(old.state));
+            }
+            let mut new = old.clone();
+            new.reschedule(now_ms, *run_at_ms, payload.clone());
+            write(txn, Some(&old), Some(&new))?;
+            Ok(Outcome::Updated(new))
+        }
+        Command::Cancel { queue, id } => {
+            let Some(old) = txn.get(queue, id)? else {
+                return Ok(Outcome::NotFound);
+            };
+            if old.state == TaskState::Leased {
+                return Ok(Outcome::WrongState(old.state));
+            }
+            write(txn, Some(&old), None)?;
+            Ok(Outcome::Cancelled(old))
+        }
+        Command::Reserve {
+            queue,
+            max,
+            lease_ms,
+            default_lease_ms,
+            token_prefix,
+        } => {
+            let ids = txn.ready_first(queue, *max)?;
+            let mut leased = Vec::with_capacity(ids.len());
+            for (n, id) in ids.iter().enumerate() {
+                let Some(old) = txn.get(queue, id)? else {
+                    continue;
+                };
+                if old.state != TaskState::Ready {
+                    continue;
+                }
+                let mut new = old.clone();
+                let lease = lease_ms.or(old.lease_ms).unwrap_or(*default_lease_ms);
+                new.lease(now_ms, lease, format!("{token_prefix}{n:x}"));
+                write(txn, Some(&old), Some(&new))?;
+                leased.push(new);
+            }
+            Ok(Outcome::Reserved(leased))
+        }
+        Command::Ack {
+            queue,
+            id,
+            token,
+            retention_ms,
+        } => with_lease(txn, queue, id, token, |task| {
+            task.succeed(now_ms, *retention_ms);
+            Outcome::Acked(task.clone())
+        }),
+        Command::Nack {
+            queue,
+            id,
+            token,
+            error,
+            delay_ms,
+        } => with_lease(txn, queue, id, token, |task| {
+            task.fail(now_ms, error.as_deref().unwrap_or("nacked"), *delay_ms);
+            Outcome::Updated(task.clone())
+        }),
+        Command::Extend {
+            queue,
+            id,
+            token,
+            lease_ms,
+        } => with_lease(txn, queue, id, token, |task| {
+            task.extend(now_ms, *lease_ms);
+            Outcome::Updated(task.clone())
+        }),
+        Command::Retry { queue, id } => {
+            let Some(old) = txn.get(queue, id)? else {
+                return Ok(Outcome::NotFound);
+            };
+            if old.state != TaskState::Dead {
+                return Ok(Outcome::WrongState(old.state));
+            }
+            let mut new = old.clone();
+            new.revive(now_ms);
+            write(txn, Some(&old), Some(&new))?;
+            Ok(Outcome::Updated(new))
+        }
+        Command::Tick { limit } => tick(txn, now_ms, *limit).map(Outcome::Ticked),
+    }
+}
+
+fn with_lease<T: Txn + ?Sized>(
+    txn: &mut T,
+    queue: &str,
+    id: &str,
+    token: &str,
+    change: impl FnOnce(&mut Task) -> Outcome,
+) -> Result<Outcome, StoreError> {
+    let Some(old) = txn.get(queue, id)? else {
+        return Ok(Outcome::NotFound);
+    };
+    match old.check_lease(token) {
+        LeaseCheck::Held => {
+            let mut new = old.clone();
+            let outcome = change(&mut new);
+            write(txn, Some(&old), Some(&new))?;
+            Ok(outcome)
+        }
+        other => Ok(Outcome::LeaseLost(other)),
+    }
+}
+
+fn tick<T: Txn + ?Sized>(txn: &mut T, now_ms: u64, limit: usize) -> Result<TickReport, StoreError> {
+    let entries = txn.due_upto(now_ms, limit)?;
+    let mut report = TickReport {
+        more: entries.len() >= limit,
+        ..TickReport::default()
+    };
+    let mut ready_queues = BTreeSet::new();
+    for (due_ms, queue, id) in entries {
+        let Some(old) = txn.get(&queue, &id)? else {
+            // An index entry without a record cannot be produced by `write`; drop it rather than loop on it.
+            txn.due_remove(due_ms, &queue, &id)?;
+            continue;
+        };
+        if old.due_at_ms() != Some(due_ms) {
+            txn.due_remove(due_ms, &queue, &id)?;
+            continue;
+        }
+        let mut new = old.clone();
+        match old.state {
+            TaskState::Scheduled => {
+                new.promote(now_ms);
+                report.fired += 1;
+                ready_queues.insert(queue.clone());
+            }
+            TaskState::Leased => {
+                report.expired += 1;
+                match new.fail(now_ms, LEASE_EXPIRED, None) {
+                    FailOutcome::Dead => report.dead.push(queue.clone()),
+                    FailOutcome::Retry { run_at_ms } if run_at_ms <= now_ms => {
+                        ready_queues.insert(queue.clone());
+                    }
+                    FailOutcome::Retry { run_at_ms } => report.due_times.push(run_at_ms),
+                }
+            }
+            TaskState::Succeeded => {
+                write(txn, Some(&old), None)?;
+                report.purged += 1;
+                continue;
+            }
+            TaskState::Ready | TaskState::Dead => unreachable!("due_at_ms is None in these states"),
+        }
+        write(txn, Some(&old), Some(&new))?;
+    }
+    report.ready_queues = ready_queues.into_iter().collect();
+    Ok(report)
+}

@@ -1,0 +1,161 @@
+//! The in-memory store: the same engine over `BTreeMap`s. It is the oracle of the conformance suite and
+//! the store of router tests; it keeps nothing across restarts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, MutexGuard};
+
+use punctual_core::{Task, TaskState};
+
+use crate::engine::{self, Txn};
+use crate::{Command, DueTimes, LIST_SCAN_BUDGET, Outcome, Page, QueueCounts, Store, StoreError};
+
+#[derive(Debug, Default)]
+struct Inner {
+    tasks: BTreeMap<(String, String), Task>,
+    due: BTreeSet<(u64, String, String)>,
+    ready: BTreeSet<(String, u64, String)>,
+    counts: BTreeMap<String, [i64; 5]>,
+}
+
+/// A store that lives in memory only.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-applied command that matters for a test oracle.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Txn for Inner {
+    fn get(&mut self, queue: &str, id: &str) -> Result<Option<Task>, StoreError> {
+        Ok(self.tasks.get(&(queue.to_owned(), id.to_owned())).cloned())
+    }
+    fn put(&mut self, task: &Task) -> Result<(), StoreError> {
+        self.tasks.insert((task.queue.clone(), task.id.clone()), task.clone());
+        Ok(())
+    }
+    fn remove(&mut self, queue: &str, id: &str) -> Result<(), StoreError> {
+        self.tasks.remove(&(queue.to_owned(), id.to_owned()));
+        Ok(())
+    }
+    fn due_add(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError> {
+        self.due.insert((due_ms, queue.to_owned(), id.to_owned()));
+        Ok(())
+    }
+    fn due_remove(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError> {
+        self.due.remove(&(due_ms, queue.to_owned(), id.to_owned()));
+        Ok(())
+    }
+    fn due_upto(&mut self, now_ms: u64, limit: usize) -> Result<Vec<(u64, String, String)>, StoreError> {
+        Ok(self
+            .due
+            .iter()
+            .take_while(|(due, _, _)| *due <= now_ms)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+    fn ready_add(&mut self, queue: &str, at_ms: u64, id: &str) -> Result<(), StoreError> {
+        self.ready.insert((queue.to_owned(), at_ms, id.to_owned()));
+        Ok(())
+    }
+    fn ready_remove(&mut self, queue: &str, at_ms: u64, id: &str) -> Result<(), StoreError> {
+        self.ready.remove(&(queue.to_owned(), at_ms, id.to_owned()));
+        Ok(())
+    }
+    fn ready_first(&mut self, queue: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .ready
+            .range((queue.to_owned(), 0, String::new())..)
+            .take_while(|(q, _, _)| q == queue)
+            .take(limit)
+            .map(|(_, _, id)| id.clone())
+            .collect())
+    }
+    fn count(&mut self, queue: &str, state: TaskState, delta: i64) {
+        let counts = self.counts.entry(queue.to_owned()).or_default();
+        counts[state.index()] += delta;
+    }
+}
+
+impl Store for MemoryStore {
+    fn apply(&self, now_ms: u64, commands: &[Command]) -> Result<Vec<Outcome>, StoreError> {
+        let mut inner = self.lock();
+        let outcomes = commands
+            .iter()
+            .map(|command| engine::apply_one(&mut *inner, now_ms, command))
+            .collect::<Result<Vec<_>, _>>()?;
+        inner.counts.retain(|_, counts| counts.iter().any(|c| *c != 0));
+        Ok(outcomes)
+    }
+
+    fn get(&self, queue: &str, id: &str) -> Result<Option<Task>, StoreError> {
+        self.lock().get(queue, id)
+    }
+
+    fn list(&self, queue: &str, state: Option<TaskState>, after: Option<&str>, limit: usize) -> Result<Page, StoreError> {
+        let inner = self.lock();
+        let start = (queue.to_owned(), after.unwrap_or("").to_owned());
+        let mut page = Page::default();
+        let mut scanned = 0;
+        for ((q, id), task) in inner.tasks.range(start..) {
+            if q != queue {
+                return Ok(page);
+            }
+            if after == Some(id.as_str()) {
+                continue;
+            }
+            scanned += 1;
+            if state.is_none_or(|s| s == task.state) {
+                page.tasks.push(task.clone());
+            }
+            if page.tasks.len() >= limit || scanned >= LIST_SCAN_BUDGET {
+                page.next_cursor = Some(id.clone());
+                return Ok(page);
+            }
+        }
+        Ok(page)
+    }
+
+    fn queues(&self) -> Result<Vec<QueueCounts>, StoreError> {
+        Ok(self
+            .lock()
+            .counts
+            .iter()
+            .map(|(queue, counts)| QueueCounts {
+                queue: queue.clone(),
+                counts: counts.map(|c| c.max(0) as u64),
+            })
+            .collect())
+    }
+
+    fn due_times(&self, from_ms: u64, to_ms: u64, limit: usize) -> Result<DueTimes, StoreError> {
+        let inner = self.lock();
+        let mut out = DueTimes::default();
+        for (due, _, _) in inner.due.range((from_ms, String::new(), String::new())..) {
+            if *due > to_ms {
+                break;
+            }
+            if out.times.last() != Some(due) {
+                if out.times.len() >= limit {
+                    out.truncated = true;
+                    break;
+                }
+                out.times.push(*due);
+            }
+        }
+        Ok(out)
+    }
+
+    fn health(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
