@@ -1,1 +1,117 @@
-//! placeholder
+//! Punctual's server: the HTTP API over a [`Store`], the group-commit writer, the timer driver and
+//! long-poll reserves. It sees storage only through the `Store` trait.
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod timer;
+pub mod waiters;
+pub mod writer;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use punctual_store::Store;
+use tokio::sync::watch;
+
+pub use api::router;
+pub use clock::Clock;
+pub use config::ServerConfig;
+
+use crate::api::{IdGen, Shared};
+use crate::timer::Timer;
+use crate::waiters::Waiters;
+use crate::writer::{Effects, Writer};
+
+/// A running server core: writer thread and timer driver, ready to serve its router.
+pub struct App {
+    state: api::AppState,
+    shutdown: watch::Sender<bool>,
+    driver: tokio::task::JoinHandle<()>,
+    writer_thread: std::thread::JoinHandle<()>,
+}
+
+impl App {
+    /// Starts the writer and the timer driver on `store`. Must be called inside a tokio runtime.
+    pub fn start(store: Arc<dyn Store>, config: ServerConfig) -> App {
+        let clock = Clock;
+        let timer = Arc::new(Timer::new(config.window_span_ms, config.window_capacity));
+        let waiters = Arc::new(Waiters::default());
+        let (writer, writer_thread) = Writer::start(
+            store.clone(),
+            clock,
+            Effects {
+                timer: timer.clone(),
+                waiters: waiters.clone(),
+            },
+            config.max_commit_commands,
+        );
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let driver = tokio::spawn(timer::drive(
+            timer,
+            store.clone(),
+            writer.clone(),
+            clock,
+            config.tick_limit,
+            shutdown_rx.clone(),
+        ));
+        let state = Arc::new(Shared {
+            store,
+            writer,
+            waiters,
+            config,
+            clock,
+            shutdown: shutdown_rx,
+            ids: IdGen::default(),
+        });
+        App {
+            state,
+            shutdown,
+            driver,
+            writer_thread,
+        }
+    }
+
+    pub fn router(&self) -> axum::Router {
+        router(self.state.clone())
+    }
+
+    /// Ends long-polls and the timer driver, then waits for the writer to finish what it holds.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.driver.await;
+        let App {
+            state, writer_thread, ..
+        } = self;
+        drop(state);
+        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    }
+
+    /// Signals shutdown without consuming the app (used by graceful HTTP shutdown).
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Serves the API on `listener` until `signal` completes, then shuts down cleanly.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = App::start(store, config);
+    let router = app.router();
+    let shutdown = app.shutdown.clone();
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            signal.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = shutdown.send(true);
+        })
+        .await;
+    app.stop().await;
+    result
+}

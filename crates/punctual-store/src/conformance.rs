@@ -282,9 +282,12 @@ pub fn payloads_round_trip(store: &dyn Store) {
     assert_eq!(store.get("q", "big").unwrap().unwrap().payload, big.payload);
 }
 
+/// A named conformance check.
+type Check = (&'static str, fn(&dyn Store));
+
 /// Every check, each on a fresh store.
 pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
-    let checks: [(&str, fn(&dyn Store)); 10] = [
+    let checks: [Check; 10] = [
         ("schedule_is_idempotent_by_fingerprint", schedule_is_idempotent_by_fingerprint),
         ("fires_on_time_in_due_order", fires_on_time_in_due_order),
         ("ack_succeeds_then_purges", ack_succeeds_then_purges),

@@ -1,0 +1,896 @@
+//! The HTTP API v1: routes, request validation, and the JSON shape of tasks.
+//!
+//! Handlers validate everything before sending a command to the writer, so a bad request never
+//! reaches the store. Bodies are read with an explicit size limit and decoded here (not by an axum
+//! extractor) so every refusal has the same `{"error": {"code", "message"}}` shape.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use punctual_core::time::{format_rfc3339_ms, parse_rfc3339_ms};
+use punctual_core::{Backoff, LeaseCheck, Task, TaskState, Webhook, fnv1a64};
+use punctual_store::{Command, Outcome, QueueCounts, Store};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+
+use crate::clock::Clock;
+use crate::config::ServerConfig;
+use crate::error::ApiError;
+use crate::waiters::Waiters;
+use crate::writer::Writer;
+
+/// Everything a handler needs.
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    pub writer: Writer,
+    pub waiters: Arc<Waiters>,
+    pub config: ServerConfig,
+    pub clock: Clock,
+    pub shutdown: watch::Receiver<bool>,
+    pub ids: IdGen,
+}
+
+pub type AppState = Arc<Shared>;
+
+/// Unpredictable, unique identifiers (generated task ids, lease tokens) without a random-number crate:
+/// std's `RandomState` is seeded from the OS, and hashing a counter with it gives distinct values.
+pub struct IdGen {
+    counter: AtomicU64,
+    state: std::collections::hash_map::RandomState,
+}
+
+impl Default for IdGen {
+    fn default() -> Self {
+        IdGen {
+            counter: AtomicU64::new(0),
+            state: std::collections::hash_map::RandomState::new(),
+        }
+    }
+}
+
+impl IdGen {
+    pub fn next(&self) -> String {
+        use std::hash::BuildHasher;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let a = self.state.hash_one(n);
+        let b = self.state.hash_one(!n);
+        format!("{a:016x}{b:016x}")
+    }
+}
+
+/// The API router. Tests drive it with `tower::ServiceExt::oneshot`, without a socket.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/queues", get(list_queues))
+        .route("/v1/queues/{queue}", get(queue_stats))
+        .route("/v1/queues/{queue}/tasks", post(schedule).get(list_tasks))
+        .route("/v1/queues/{queue}/batch", post(batch))
+        .route("/v1/queues/{queue}/reserve", post(reserve))
+        .route(
+            "/v1/queues/{queue}/tasks/{id}",
+            get(get_task).patch(reschedule).delete(cancel),
+        )
+        .route("/v1/queues/{queue}/tasks/{id}/ack", post(ack))
+        .route("/v1/queues/{queue}/tasks/{id}/nack", post(nack))
+        .route("/v1/queues/{queue}/tasks/{id}/extend", post(extend))
+        .route("/v1/queues/{queue}/tasks/{id}/retry", post(retry))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint; see docs/api.md") })
+        .with_state(state)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request decoding
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        let too_long = std::iter::successors(Some(&error as &dyn std::error::Error), |e| e.source())
+            .any(|e| e.to_string().contains("length limit"));
+        if too_long {
+            ApiError::too_large(format!("request body exceeds {limit} bytes"))
+        } else {
+            ApiError::bad_request("bad_body", format!("cannot read request body: {error}"))
+        }
+    })
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::from_json(&e))
+}
+
+/// Decodes a body that may be empty (meaning `{}`).
+fn decode_or_default<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        decode(bytes)
+    }
+}
+
+/// Keeps an explicit `null` as `Some(Value::Null)`, so "absent" and "null" differ.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
+}
+
+fn path<T>(result: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    result
+        .map(|Path(p)| p)
+        .map_err(|e| ApiError::bad_request("bad_path", e.body_text()))
+}
+
+fn check_queue(state: &Shared, queue: &str) -> Result<(), ApiError> {
+    state
+        .config
+        .limits
+        .check_queue(queue)
+        .map_err(|m| ApiError::bad_request("invalid_queue", m))
+}
+
+/// The body of a schedule request (and of each batch item).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRequest {
+    id: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    payload: Option<serde_json::Value>,
+    delay_ms: Option<u64>,
+    run_at: Option<String>,
+    max_attempts: Option<u32>,
+    backoff_ms: Option<Vec<u64>>,
+    backoff: Option<ExponentialSpec>,
+    webhook: Option<Webhook>,
+    lease_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct ExponentialSpec {
+    initial_ms: Option<u64>,
+    factor: Option<f64>,
+    max_ms: Option<u64>,
+    jitter: Option<bool>,
+}
+
+/// What the idempotency fingerprint covers: the request as sent, minus the id (the key itself).
+#[derive(Serialize)]
+struct Fingerprint<'a> {
+    payload: Option<&'a str>,
+    delay_ms: Option<u64>,
+    run_at: Option<&'a str>,
+    max_attempts: Option<u32>,
+    backoff_ms: Option<&'a [u64]>,
+    backoff: Option<&'a ExponentialSpec>,
+    webhook: Option<&'a Webhook>,
+    lease_ms: Option<u64>,
+}
+
+fn check_lease_ms(state: &Shared, lease_ms: u64, field: &str) -> Result<(), ApiError> {
+    let limits = &state.config.limits;
+    if lease_ms < limits.min_lease_ms || lease_ms > limits.max_lease_ms {
+        return Err(ApiError::invalid(format!(
+            "{field} must be between {} and {} ms",
+            limits.min_lease_ms, limits.max_lease_ms
+        )));
+    }
+    Ok(())
+}
+
+fn payload_text(state: &Shared, payload: Option<serde_json::Value>) -> Result<Option<String>, ApiError> {
+    let Some(value) = payload else { return Ok(None) };
+    // serde_json's map is ordered by key, so this is a canonical form: key order and spacing do not
+    // change the fingerprint.
+    let text = value.to_string();
+    let max = state.config.limits.max_payload_bytes;
+    if text.len() > max {
+        return Err(ApiError::too_large(format!(
+            "payload is {} bytes as compact JSON; the limit is {max}",
+            text.len()
+        )));
+    }
+    Ok(Some(text))
+}
+
+/// Resolves `delay_ms` / `run_at` to a due time; neither means now.
+fn due_time(state: &Shared, now_ms: u64, delay_ms: Option<u64>, run_at: Option<&str>) -> Result<u64, ApiError> {
+    let max_delay_ms = state.config.limits.max_delay_ms;
+    let run_at_ms = match (delay_ms, run_at) {
+        (Some(_), Some(_)) => return Err(ApiError::invalid("give delay_ms or run_at, not both")),
+        (Some(delay), None) => {
+            if delay > max_delay_ms {
+                return Err(ApiError::invalid(format!("delay_ms exceeds the maximum of {max_delay_ms} ms")));
+            }
+            now_ms + delay
+        }
+        (None, Some(text)) => {
+            let at = parse_rfc3339_ms(text).map_err(|e| ApiError::invalid(format!("run_at: {e}")))?;
+            if at > now_ms.saturating_add(max_delay_ms) {
+                return Err(ApiError::invalid(format!(
+                    "run_at is more than {max_delay_ms} ms in the future"
+                )));
+            }
+            at
+        }
+        (None, None) => now_ms,
+    };
+    Ok(run_at_ms)
+}
+
+fn check_webhook(state: &Shared, webhook: &Webhook) -> Result<(), ApiError> {
+    let url = webhook.url.as_str();
+    if url.len() > state.config.limits.max_url_bytes {
+        return Err(ApiError::invalid(format!(
+            "webhook.url is longer than {} bytes",
+            state.config.limits.max_url_bytes
+        )));
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| ApiError::invalid("webhook.url must start with http:// or https://"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or("");
+    if host.is_empty() || host.starts_with(':') {
+        return Err(ApiError::invalid("webhook.url has no host"));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ApiError::invalid("webhook.url must not contain spaces or control characters"));
+    }
+    for (name, value) in &webhook.headers {
+        let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if name.is_empty() || !name.chars().all(token) {
+            return Err(ApiError::invalid(format!("webhook header name {name:?} is not a valid HTTP token")));
+        }
+        if value.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(ApiError::invalid(format!("webhook header {name:?} has control characters")));
+        }
+    }
+    if let Some(timeout_ms) = webhook.timeout_ms
+        && !(1..=300_000).contains(&timeout_ms)
+    {
+        return Err(ApiError::invalid("webhook.timeout_ms must be between 1 and 300000"));
+    }
+    Ok(())
+}
+
+/// Validates a schedule request and builds the task it asks for.
+pub fn build_task(state: &Shared, queue: &str, request: ScheduleRequest, now_ms: u64) -> Result<Task, ApiError> {
+    let limits = &state.config.limits;
+    let id = match request.id {
+        Some(id) => {
+            limits.check_id(&id).map_err(|m| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_id", m))?;
+            id
+        }
+        None => state.ids.next(),
+    };
+    let payload = payload_text(state, request.payload)?;
+    let run_at_ms = due_time(state, now_ms, request.delay_ms, request.run_at.as_deref())?;
+    let max_attempts = request.max_attempts.unwrap_or(state.config.default_max_attempts);
+    if max_attempts == 0 || max_attempts > limits.max_attempts {
+        return Err(ApiError::invalid(format!(
+            "max_attempts must be between 1 and {}",
+            limits.max_attempts
+        )));
+    }
+    let backoff = match (&request.backoff_ms, &request.backoff) {
+        (Some(_), Some(_)) => return Err(ApiError::invalid("give backoff_ms or backoff, not both")),
+        (Some(steps), None) => Backoff::Ladder { steps_ms: steps.clone() },
+        (None, Some(spec)) => {
+            let Backoff::Exponential {
+                initial_ms,
+                factor,
+                max_ms,
+                jitter,
+            } = Backoff::default()
+            else {
+                unreachable!("the default backoff is exponential")
+            };
+            Backoff::Exponential {
+                initial_ms: spec.initial_ms.unwrap_or(initial_ms),
+                factor: spec.factor.unwrap_or(factor),
+                max_ms: spec.max_ms.unwrap_or(max_ms.max(spec.initial_ms.unwrap_or(0))),
+                jitter: spec.jitter.unwrap_or(jitter),
+            }
+        }
+        (None, None) => Backoff::default(),
+    };
+    backoff.validate(limits.max_delay_ms).map_err(ApiError::invalid)?;
+    if let Some(webhook) = &request.webhook {
+        check_webhook(state, webhook)?;
+    }
+    if let Some(lease_ms) = request.lease_ms {
+        check_lease_ms(state, lease_ms, "lease_ms")?;
+    }
+    let fingerprint = fnv1a64(
+        &serde_json::to_vec(&Fingerprint {
+            payload: payload.as_deref(),
+            delay_ms: request.delay_ms,
+            run_at: request.run_at.as_deref(),
+            max_attempts: request.max_attempts,
+            backoff_ms: request.backoff_ms.as_deref(),
+            backoff: request.backoff.as_ref(),
+            webhook: request.webhook.as_ref(),
+            lease_ms: request.lease_ms,
+        })
+        .unwrap_or_default(),
+    );
+    Ok(Task {
+        queue: queue.to_owned(),
+        id,
+        payload,
+        state: TaskState::Scheduled,
+        run_at_ms,
+        attempt: 0,
+        max_attempts,
+        backoff,
+        webhook: request.webhook,
+        lease_ms: request.lease_ms,
+        created_at_ms: now_ms,
+        updated_at_ms: now_ms,
+        last_error: None,
+        lease: None,
+        purge_at_ms: None,
+        fingerprint,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response shapes
+
+#[derive(Serialize)]
+struct ExponentialView {
+    initial_ms: u64,
+    factor: f64,
+    max_ms: u64,
+    jitter: bool,
+}
+
+/// A task as the API shows it. The lease token appears only in a reserve answer.
+#[derive(Serialize)]
+pub struct TaskView<'a> {
+    queue: &'a str,
+    id: &'a str,
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a RawValue>,
+    run_at: String,
+    run_at_ms: u64,
+    attempt: u32,
+    max_attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backoff_ms: Option<&'a [u64]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backoff: Option<ExponentialView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook: Option<&'a Webhook>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease_ms: Option<u64>,
+    created_at: String,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    last_error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease_expires_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    purge_at_ms: Option<u64>,
+}
+
+pub fn view(task: &Task, with_token: bool) -> TaskView<'_> {
+    let (backoff_ms, backoff) = match &task.backoff {
+        Backoff::Ladder { steps_ms } => (Some(steps_ms.as_slice()), None),
+        Backoff::Exponential {
+            initial_ms,
+            factor,
+            max_ms,
+            jitter,
+        } => (
+            None,
+            Some(ExponentialView {
+                initial_ms: *initial_ms,
+                factor: *factor,
+                max_ms: *max_ms,
+                jitter: *jitter,
+            }),
+        ),
+    };
+    TaskView {
+        queue: &task.queue,
+        id: &task.id,
+        state: task.state.as_str(),
+        payload: task.payload.as_deref().and_then(|p| serde_json::from_str(p).ok()),
+        run_at: format_rfc3339_ms(task.run_at_ms),
+        run_at_ms: task.run_at_ms,
+        attempt: task.attempt,
+        max_attempts: task.max_attempts,
+        backoff_ms,
+        backoff,
+        webhook: task.webhook.as_ref(),
+        lease_ms: task.lease_ms,
+        created_at: format_rfc3339_ms(task.created_at_ms),
+        created_at_ms: task.created_at_ms,
+        updated_at_ms: task.updated_at_ms,
+        last_error: task.last_error.as_deref(),
+        lease_expires_at_ms: task.lease.as_ref().map(|l| l.expires_at_ms),
+        lease_token: if with_token {
+            task.lease.as_ref().map(|l| l.token.as_str())
+        } else {
+            None
+        },
+        purge_at_ms: task.purge_at_ms,
+    }
+}
+
+fn task_response(status: StatusCode, task: &Task) -> Response {
+    (status, axum::Json(view(task, false))).into_response()
+}
+
+fn counts_json(counts: &QueueCounts) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    map.insert("queue".into(), counts.queue.clone().into());
+    for state in TaskState::ALL {
+        map.insert(state.as_str().into(), counts.get(state).into());
+    }
+    map.insert("total".into(), counts.total().into());
+    serde_json::Value::Object(map)
+}
+
+fn wrong_state(queue: &str, id: &str, state: TaskState, action: &str) -> ApiError {
+    ApiError::conflict(
+        "wrong_state",
+        format!("cannot {action} task {id:?} in queue {queue:?}: it is {}", state.as_str()),
+    )
+}
+
+fn lease_lost(check: LeaseCheck) -> ApiError {
+    let message = match check {
+        LeaseCheck::NotLeased(state) => format!("the lease is no longer yours: the task is {}", state.as_str()),
+        _ => "the lease is no longer yours: the task was handed out again".to_owned(),
+    };
+    ApiError::conflict("lease_lost", message)
+}
+
+fn unexpected(outcome: &Outcome) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("unexpected store outcome {outcome:?}"),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.store.health() {
+        Ok(()) => (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))).into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "failing", "error": error.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let handle = crate::metrics::handle();
+    if let Ok(queues) = state.store.queues() {
+        for counts in queues {
+            for task_state in TaskState::ALL {
+                metrics::gauge!(crate::metrics::TASKS, "queue" => counts.queue.clone(), "state" => task_state.as_str())
+                    .set(counts.get(task_state) as f64);
+            }
+        }
+    }
+    handle.run_upkeep();
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
+}
+
+async fn list_queues(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let queues: Vec<serde_json::Value> = state.store.queues()?.iter().map(counts_json).collect();
+    Ok(axum::Json(serde_json::json!({ "queues": queues })).into_response())
+}
+
+async fn queue_stats(State(state): State<AppState>, p: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+    let queue = path(p)?;
+    check_queue(&state, &queue)?;
+    let counts = state
+        .store
+        .queues()?
+        .into_iter()
+        .find(|c| c.queue == queue)
+        .unwrap_or(QueueCounts {
+            queue,
+            counts: [0; 5],
+        });
+    Ok(axum::Json(counts_json(&counts)).into_response())
+}
+
+async fn schedule(
+    State(state): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let queue = path(p)?;
+    check_queue(&state, &queue)?;
+    let bytes = read_body(body, state.config.limits.max_body_bytes).await?;
+    let request: ScheduleRequest = decode(&bytes)?;
+    let task = build_task(&state, &queue, request, state.clock.now_ms())?;
+    let outcome = state.writer.submit_one(Command::Schedule(Box::new(task))).await?;
+    schedule_answer(outcome).map(|(status, task)| task_response(status, &task))
+}
+
+fn schedule_answer(outcome: Outcome) -> Result<(StatusCode, Task), ApiError> {
+    match outcome {
+        Outcome::Created(task) => Ok((StatusCode::CREATED, task)),
+        Outcome::Existing(task) => Ok((StatusCode::OK, task)),
+        Outcome::Conflict(task) => Err(ApiError::conflict(
+            "id_conflict",
+            format!(
+                "task {:?} already exists in queue {:?} with a different spec",
+                task.id, task.queue
+            ),
+        )),
+        other => Err(unexpected(&other)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    tasks: Vec<Box<RawValue>>,
+}
+
+async fn batch(
+    State(state): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let queue = path(p)?;
+    check_queue(&state, &queue)?;
+    let bytes = read_body(body, state.config.limits.max_batch_body_bytes).await?;
+    let request: BatchRequest = decode(&bytes)?;
+    let max = state.config.limits.max_batch;
+    if request.tasks.len() > max {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "batch_too_large",
+            format!("a batch holds at most {max} tasks; this one has {}", request.tasks.len()),
+        ));
+    }
+    let now_ms = state.clock.now_ms();
+    // Validate every item first; only the valid ones go to the store, in one commit.
+    let mut results: Vec<Result<usize, ApiError>> = Vec::with_capacity(request.tasks.len());
+    let mut commands = Vec::new();
+    for raw in &request.tasks {
+        let built = decode::<ScheduleRequest>(raw.get().as_bytes()).and_then(|r| build_task(&state, &queue, r, now_ms));
+        results.push(built.map(|task| {
+            commands.push(Command::Schedule(Box::new(task)));
+            commands.len() - 1
+        }));
+    }
+    let outcomes = if commands.is_empty() {
+        Vec::new()
+    } else {
+        state.writer.submit(commands).await?
+    };
+    let mut outcomes: Vec<Option<Outcome>> = outcomes.into_iter().map(Some).collect();
+    let items: Vec<serde_json::Value> = results
+        .into_iter()
+        .map(|result| {
+            let answer = result.and_then(|n| {
+                let outcome = outcomes.get_mut(n).and_then(Option::take).ok_or_else(|| {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "missing outcome")
+                })?;
+                schedule_answer(outcome)
+            });
+            match answer {
+                Ok((status, task)) => serde_json::json!({"status": status.as_u16(), "task": view(&task, false)}),
+                Err(error) => {
+                    let mut item = error.body();
+                    item["status"] = error.status.as_u16().into();
+                    item
+                }
+            }
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({ "results": items })).into_response())
+}
+
+async fn get_task(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (queue, id) = path(p)?;
+    check_queue(&state, &queue)?;
+    match state.store.get(&queue, &id)? {
+        Some(task) => Ok(task_response(StatusCode::OK, &task)),
+        None => Err(ApiError::not_found(&queue, &id)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchRequest {
+    delay_ms: Option<u64>,
+    run_at: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    payload: Option<serde_json::Value>,
+}
+
+async fn reschedule(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (queue, id) = path(p)?;
+    check_queue(&state, &queue)?;
+    let bytes = read_body(body, state.config.limits.max_body_bytes).await?;
+    let request: PatchRequest = decode(&bytes)?;
+    if request.delay_ms.is_none() && request.run_at.is_none() && request.payload.is_none() {
+        return Err(ApiError::invalid("give delay_ms or run_at, and/or payload"));
+    }
+    let now_ms = state.clock.now_ms();
+    let run_at_ms = if request.delay_ms.is_some() || request.run_at.is_some() {
+        Some(due_time(&state, now_ms, request.delay_ms, request.run_at.as_deref())?)
+    } else {
+        None
+    };
+    let payload = match request.payload {
+        Some(value) => Some(payload_text(&state, Some(value))?),
+        None => None,
+    };
+    let command = Command::Reschedule {
+        queue: queue.clone(),
+        id: id.clone(),
+        run_at_ms,
+        payload,
+    };
+    match state.writer.submit_one(command).await? {
+        Outcome::Updated(task) => Ok(task_response(StatusCode::OK, &task)),
+        Outcome::NotFound => Err(ApiError::not_found(&queue, &id)),
+        Outcome::WrongState(s) => Err(wrong_state(&queue, &id, s, "reschedule")),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (queue, id) = path(p)?;
+    check_queue(&state, &queue)?;
+    let command = Command::Cancel {
+        queue: queue.clone(),
+        id: id.clone(),
+    };
+    match state.writer.submit_one(command).await? {
+        Outcome::Cancelled(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Outcome::NotFound => Err(ApiError::not_found(&queue, &id)),
+        Outcome::WrongState(s) => Err(wrong_state(&queue, &id, s, "cancel")),
+        other => Err(unexpected(&other)),
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReserveRequest {
+    max: Option<usize>,
+    wait_ms: Option<u64>,
+    lease_ms: Option<u64>,
+}
+
+async fn reserve(
+    State(state): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let queue = path(p)?;
+    check_queue(&state, &queue)?;
+    let bytes = read_body(body, state.config.limits.max_body_bytes).await?;
+    let request: ReserveRequest = decode_or_default(&bytes)?;
+    let limits = &state.config.limits;
+    let max = request.max.unwrap_or(1);
+    if max == 0 || max > limits.max_reserve {
+        return Err(ApiError::invalid(format!("max must be between 1 and {}", limits.max_reserve)));
+    }
+    let wait_ms = request.wait_ms.unwrap_or(0);
+    if wait_ms > limits.max_wait_ms {
+        return Err(ApiError::invalid(format!("wait_ms must be at most {}", limits.max_wait_ms)));
+    }
+    if let Some(lease_ms) = request.lease_ms {
+        check_lease_ms(&state, lease_ms, "lease_ms")?;
+    }
+    let deadline_ms = state.clock.now_ms() + wait_ms;
+    let notify = state.waiters.get(&queue);
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        // Register for wake-ups before looking, so a task that becomes ready in between is not missed.
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let command = Command::Reserve {
+            queue: queue.clone(),
+            max,
+            lease_ms: request.lease_ms,
+            default_lease_ms: state.config.default_lease_ms,
+            token_prefix: format!("{}.", state.ids.next()),
+        };
+        let tasks = match state.writer.submit_one(command).await? {
+            Outcome::Reserved(tasks) => tasks,
+            other => return Err(unexpected(&other)),
+        };
+        if !tasks.is_empty() || state.clock.now_ms() >= deadline_ms || *shutdown.borrow() {
+            let views: Vec<TaskView<'_>> = tasks.iter().map(|t| view(t, true)).collect();
+            return Ok(axum::Json(serde_json::json!({ "tasks": views })).into_response());
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(state.clock.instant_at(deadline_ms)) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckRequest {
+    lease_token: String,
+}
+
+async fn ack(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (queue, id) = path(p)?;
+    check_queue(&state, &queue)?;
+    let request: AckRequest = decode(&read_body(body, state.config.limits.max_body_bytes).await?)?;
+    let command = Command::Ack {
+        queue: queue.clone(),
+        id: id.clone(),
+        token: request.lease_token,
+        retention_ms: state.config.retention_ms,
+    };
+    match state.writer.submit_one(command).await? {
+        Outcome::Acked(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Outcome::NotFound => Err(ApiError::not_found(&queue, &id)),
+        Outcome::LeaseLost(check) => Err(lease_lost(check)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NackRequest {
+    lease_token: String,
+    error: Option<String>,
+    delay_ms: Option<u64>,
+}
+
+async fn nack(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (queue, id) = path(p)?;
+    check_queue(&state, &queue)?;
+    let request: NackRequest = decode(&read_body(body, state.config.limits.max_body_bytes).await?)?;
+    if let Some(delay) = request.delay_ms
+        && delay > state.config.limits.max_delay_ms
+    {
+        return Err(ApiError::invalid("delay_ms exceeds the maximum delay"));
+    }
+    let command = Command::Nack {
+        queue: queue.clone(),
+        id: id.clone(),
+        token: request.lease_token,
+        error: request.error,
+        delay_ms: request.delay_ms,
+    };
+    lease_answer(&queue, &id, state.writer.submit_one(command).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtendRequest {
+    lease_token: String,
+    lease_ms: u64,
+}
+
+async fn extend(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (queue, id) = path(p)?;
+    check_queue(&state, &queue)?;
+    let request: ExtendRequest = decode(&read_body(body, state.config.limits.max_body_bytes).await?)?;
+    check_lease_ms(&state, request.lease_ms, "lease_ms")?;
+    let command = Command::Extend {
+        queue: queue.clone(),
+        id: id.clone(),
+        token: request.lease_token,
+        lease_ms: request.lease_ms,
+    };
+    lease_answer(&queue, &id, state.writer.submit_one(command).await?)
+}
+
+fn lease_answer(queue: &str, id: &str, outcome: Outcome) -> Result<Response, ApiError> {
+    match outcome {
+        Outcome::Updated(task) => Ok(task_response(StatusCode::OK, &task)),
+        Outcome::NotFound => Err(ApiError::not_found(queue, id)),
+        Outcome::LeaseLost(check) => Err(lease_lost(check)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn retry(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (queue, id) = path(p)?;
+    check_queue(&state, &queue)?;
+    let command = Command::Retry {
+        queue: queue.clone(),
+        id: id.clone(),
+    };
+    match state.writer.submit_one(command).await? {
+        Outcome::Updated(task) => Ok(task_response(StatusCode::OK, &task)),
+        Outcome::NotFound => Err(ApiError::not_found(&queue, &id)),
+        Outcome::WrongState(s) => Err(wrong_state(&queue, &id, s, "retry")),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// Default and largest page of a listing.
+pub const LIST_DEFAULT_LIMIT: usize = 100;
+pub const LIST_MAX_LIMIT: usize = 1000;
+
+async fn list_tasks(
+    State(state): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let queue = path(p)?;
+    check_queue(&state, &queue)?;
+    let Query(params) = q.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    if let Some(unknown) = params.keys().find(|k| !matches!(k.as_str(), "state" | "limit" | "cursor")) {
+        return Err(ApiError::invalid(format!("unknown query parameter {unknown:?}")));
+    }
+    let filter = match params.get("state") {
+        Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "state must be one of scheduled, ready, leased, succeeded, dead; got {s:?}"
+            ))
+        })?),
+        None => None,
+    };
+    let limit = match params.get("limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=LIST_MAX_LIMIT).contains(l))
+            .ok_or_else(|| ApiError::invalid(format!("limit must be between 1 and {LIST_MAX_LIMIT}")))?,
+        None => LIST_DEFAULT_LIMIT,
+    };
+    let page = state
+        .store
+        .list(&queue, filter, params.get("cursor").map(String::as_str), limit)?;
+    let tasks: Vec<TaskView<'_>> = page.tasks.iter().map(|t| view(t, false)).collect();
+    Ok(axum::Json(serde_json::json!({ "tasks": tasks, "next_cursor": page.next_cursor })).into_response())
+}

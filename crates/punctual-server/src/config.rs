@@ -1,0 +1,38 @@
+//! Server settings that are not limits on client input.
+
+use punctual_core::Limits;
+
+/// How the server behaves; `ServerConfig::default()` holds the documented defaults.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub limits: Limits,
+    /// Lease length when neither the reserve request nor the task names one.
+    pub default_lease_ms: u64,
+    /// Attempts when a task does not say.
+    pub default_max_attempts: u32,
+    /// How long a succeeded task stays readable before it is purged.
+    pub retention_ms: u64,
+    /// How far ahead the timer window looks.
+    pub window_span_ms: u64,
+    /// Most distinct due times the timer window holds in memory.
+    pub window_capacity: usize,
+    /// Most due-index entries one timer tick processes before it yields to other writes.
+    pub tick_limit: usize,
+    /// Most commands one group commit gathers.
+    pub max_commit_commands: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            limits: Limits::default(),
+            default_lease_ms: 30_000,
+            default_max_attempts: 5,
+            retention_ms: 24 * 3600 * 1000,
+            window_span_ms: 60_000,
+            window_capacity: 100_000,
+            tick_limit: 2_000,
+            max_commit_commands: 10_000,
+        }
+    }
+}

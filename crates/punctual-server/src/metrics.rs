@@ -1,0 +1,39 @@
+//! Prometheus metrics: names in one place, one process-wide recorder.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const SCHEDULED: &str = "punctual_tasks_scheduled_total";
+pub const DELIVERED: &str = "punctual_tasks_delivered_total";
+pub const ACKED: &str = "punctual_tasks_acked_total";
+pub const NACKED: &str = "punctual_tasks_nacked_total";
+pub const EXPIRED: &str = "punctual_leases_expired_total";
+pub const DEAD: &str = "punctual_tasks_dead_total";
+pub const CANCELLED: &str = "punctual_tasks_cancelled_total";
+pub const LATENESS: &str = "punctual_delivery_lateness_seconds";
+pub const COMMIT_SECONDS: &str = "punctual_store_commit_duration_seconds";
+pub const COMMIT_COMMANDS: &str = "punctual_store_commit_commands";
+pub const TASKS: &str = "punctual_tasks";
+
+/// The recorder is global to the process (the `metrics` macros need that); every server in the process
+/// shares it, which only matters for tests that start several.
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ];
+            let commands = [1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(COMMIT_COMMANDS.into()), &commands));
+            match builder.map(|b| b.install_recorder()) {
+                Ok(Ok(handle)) => handle,
+                // Another recorder is installed (embedding); render this one's (empty) view.
+                _ => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
