@@ -589,26 +589,61 @@ async fn batch(
         state.writer.submit(commands).await?
     };
     let mut outcomes: Vec<Option<Outcome>> = outcomes.into_iter().map(Some).collect();
-    let items: Vec<serde_json::Value> = results
+    let answers: Vec<Result<(StatusCode, Task), ApiError>> = results
         .into_iter()
         .map(|result| {
-            let answer = result.and_then(|n| {
+            result.and_then(|n| {
                 let outcome = outcomes.get_mut(n).and_then(Option::take).ok_or_else(|| {
                     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "missing outcome")
                 })?;
                 schedule_answer(outcome)
-            });
-            match answer {
-                Ok((status, task)) => serde_json::json!({"status": status.as_u16(), "task": view(&task, false)}),
-                Err(error) => {
-                    let mut item = error.body();
-                    item["status"] = error.status.as_u16().into();
-                    item
-                }
-            }
+            })
         })
         .collect();
-    Ok(axum::Json(serde_json::json!({ "results": items })).into_response())
+    let items: Vec<BatchItem<'_>> = answers
+        .iter()
+        .map(|answer| match answer {
+            Ok((status, task)) => BatchItem {
+                status: status.as_u16(),
+                task: Some(view(task, false)),
+                error: None,
+            },
+            Err(error) => BatchItem {
+                status: error.status.as_u16(),
+                task: None,
+                error: Some(ErrorBody {
+                    code: error.code,
+                    message: &error.message,
+                }),
+            },
+        })
+        .collect();
+    Ok(axum::Json(BatchAnswer { results: items }).into_response())
+}
+
+#[derive(Serialize)]
+struct BatchAnswer<'a> {
+    results: Vec<BatchItem<'a>>,
+}
+
+#[derive(Serialize)]
+struct BatchItem<'a> {
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task: Option<TaskView<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorBody<'a>>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'static str,
+    message: &'a str,
+}
+
+#[derive(Serialize)]
+struct TasksAnswer<'a> {
+    tasks: Vec<TaskView<'a>>,
 }
 
 async fn get_task(
@@ -736,7 +771,7 @@ async fn reserve(
         };
         if !tasks.is_empty() || state.clock.now_ms() >= deadline_ms || *shutdown.borrow() {
             let views: Vec<TaskView<'_>> = tasks.iter().map(|t| view(t, true)).collect();
-            return Ok(axum::Json(serde_json::json!({ "tasks": views })).into_response());
+            return Ok(axum::Json(TasksAnswer { tasks: views }).into_response());
         }
         tokio::select! {
             _ = &mut notified => {}

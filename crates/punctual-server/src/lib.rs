@@ -36,6 +36,8 @@ pub struct App {
 impl App {
     /// Starts the writer and the timer driver on `store`. Must be called inside a tokio runtime.
     pub fn start(store: Arc<dyn Store>, config: ServerConfig) -> App {
+        // Install the recorder before anything counts, or early counts are lost.
+        let _ = metrics::handle();
         let clock = Clock;
         let timer = Arc::new(Timer::new(config.window_span_ms, config.window_capacity));
         let waiters = Arc::new(Waiters::default());

@@ -1,0 +1,473 @@
+//! `punctual bench`: measures a real `punctual serve` child process over loopback HTTP.
+//!
+//! Each scenario starts its own server on a fresh data directory and a free port, drives it, prints
+//! its figures and stops it. Numbers are printed, never asserted: this is a measuring tool, not a test.
+// The benchmark measures wall time itself; the Clock rule is for server logic.
+#![allow(clippy::disallowed_methods)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use crate::duration::parse_duration_ms;
+
+#[derive(clap::Args)]
+pub struct BenchOpts {
+    /// Which scenario: ingest, burst, memory, restart, or all (ingest, burst, restart).
+    #[arg(default_value = "all")]
+    scenario: String,
+    /// Tasks for ingest and memory; tasks pending in burst and restart.
+    #[arg(long, default_value_t = 1_000_000)]
+    tasks: u64,
+    /// Tasks falling due in the burst.
+    #[arg(long, default_value_t = 100_000)]
+    burst: u64,
+    /// Over how long the burst falls due.
+    #[arg(long, default_value = "10s")]
+    burst_over: String,
+    /// Tasks per batch request.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Concurrent connections for ingest.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Pull consumers in the burst.
+    #[arg(long, default_value_t = 4)]
+    consumers: usize,
+    /// Most tasks one reserve takes.
+    #[arg(long, default_value_t = 100)]
+    reserve_max: usize,
+    /// Where to keep the data directories (default: the system temp dir).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Extra arguments for `punctual serve`, e.g. "--cache-mb 32".
+    #[arg(long, default_value = "")]
+    serve_args: String,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// A `punctual serve` child process.
+struct Server {
+    child: Child,
+    url: String,
+    addr: String,
+    dir: PathBuf,
+    extra: Vec<String>,
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+impl Server {
+    fn start(dir: &Path, extra: &[String]) -> Result<Server> {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let child = spawn_serve(dir, &addr, extra)?;
+        Ok(Server {
+            child,
+            url: format!("http://{addr}"),
+            addr,
+            dir: dir.to_owned(),
+            extra: extra.to_vec(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        self.child = spawn_serve(&self.dir, &self.addr, &self.extra)?;
+        Ok(())
+    }
+
+    fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    fn data_bytes(&self) -> u64 {
+        std::fs::metadata(self.dir.join("punctual.redb")).map_or(0, |m| m.len())
+    }
+
+    fn stop(mut self) {
+        // SIGTERM for a clean stop.
+        let _ = Command::new("kill").arg(self.pid().to_string()).status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn spawn_serve(dir: &Path, addr: &str, extra: &[String]) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.with_extension("log"))?;
+    Command::new(std::env::current_exe()?)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--http")
+        .arg(addr)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting punctual serve")
+}
+
+async fn wait_healthy(http: &reqwest::Client, url: &str, within: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("{url}/healthz")).send().await
+            && r.status().is_success()
+        {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > within {
+            bail!("server at {url} did not become healthy within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn work_dir(opts: &BenchOpts, tag: &str) -> Result<PathBuf> {
+    let base = opts.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("punctual-bench-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Pre-built batch bodies: tasks `first..first+count`, due at `due(i)`.
+fn bodies(first: u64, count: u64, batch: usize, due: impl Fn(u64) -> String) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut i = first;
+    while i < first + count {
+        let end = (i + batch as u64).min(first + count);
+        let mut body = String::from("{\"tasks\":[");
+        for n in i..end {
+            if n > i {
+                body.push(',');
+            }
+            body.push_str(&format!("{{\"id\":\"t{n}\",\"payload\":{{\"n\":{n}}},{}}}", due(n)));
+        }
+        body.push_str("]}");
+        out.push(body.into_bytes());
+        i = end;
+    }
+    out
+}
+
+/// Sends the bodies over `connections` concurrent connections; returns (tasks accepted, seconds).
+async fn ingest(http: &reqwest::Client, url: &str, bodies: Vec<Vec<u8>>, connections: usize) -> Result<(u64, f64)> {
+    let queue = Arc::new(Mutex::new(bodies));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..connections.max(1) {
+        let (http, url, queue, accepted) = (http.clone(), url.to_owned(), queue.clone(), accepted.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let Some(body) = queue.lock().await.pop() else { return Ok::<(), anyhow::Error>(()) };
+                let response = http
+                    .post(format!("{url}/v1/queues/bench/batch"))
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await?;
+                if !response.status().is_success() {
+                    bail!("batch answered {}", response.status());
+                }
+                let answer: Value = response.json().await?;
+                let ok = answer["results"]
+                    .as_array()
+                    .map_or(0, |r| r.iter().filter(|x| x["status"] == 201 || x["status"] == 200).count());
+                accepted.fetch_add(ok as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    Ok((accepted.load(Ordering::Relaxed), started.elapsed().as_secs_f64()))
+}
+
+const THIRTY_DAYS_MS: u64 = 30 * 86_400_000;
+
+fn spread_over_30_days(n: u64) -> String {
+    // A deterministic spread: task n is due somewhere in the next 30 days (but at least an hour away).
+    let offset = 3_600_000 + (n.wrapping_mul(2_654_435_761) % THIRTY_DAYS_MS);
+    format!("\"delay_ms\":{offset}")
+}
+
+async fn scenario_ingest(opts: &BenchOpts, http: &reqwest::Client, extra: &[String]) -> Result<()> {
+    let dir = work_dir(opts, "ingest")?;
+    let server = Server::start(&dir, extra)?;
+    wait_healthy(http, &server.url, Duration::from_secs(30)).await?;
+    let bodies = bodies(0, opts.tasks, opts.batch, spread_over_30_days);
+    let (accepted, secs) = ingest(http, &server.url, bodies, opts.connections).await?;
+    println!(
+        "ingest: {accepted} tasks due over 30 days, batches of {}, {} connections: {:.1} s, {:.0} tasks/s durable (fsync per group commit)",
+        opts.batch,
+        opts.connections,
+        secs,
+        accepted as f64 / secs
+    );
+    println!(
+        "ingest: server RSS {:.1} MiB, data file {:.1} MiB",
+        server.rss_bytes() as f64 / 1048576.0,
+        server.data_bytes() as f64 / 1048576.0
+    );
+    server.stop();
+    Ok(())
+}
+
+async fn scenario_memory(opts: &BenchOpts, http: &reqwest::Client, extra: &[String]) -> Result<()> {
+    let dir = work_dir(opts, "memory")?;
+    let server = Server::start(&dir, extra)?;
+    wait_healthy(http, &server.url, Duration::from_secs(30)).await?;
+    let step = 1_000_000u64.min(opts.tasks);
+    let mut done = 0u64;
+    let started = Instant::now();
+    while done < opts.tasks {
+        let count = step.min(opts.tasks - done);
+        let bodies = bodies(done, count, opts.batch, spread_over_30_days);
+        ingest(http, &server.url, bodies, opts.connections).await?;
+        done += count;
+        println!(
+            "memory: {done} pending, RSS {:.1} MiB, data file {:.1} MiB, {:.0} s",
+            server.rss_bytes() as f64 / 1048576.0,
+            server.data_bytes() as f64 / 1048576.0,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    server.stop();
+    Ok(())
+}
+
+/// Pull consumers: reserve, record lateness at receipt, ack in the background.
+struct Consumed {
+    lateness_us: Histogram<u64>,
+    received: u64,
+    duplicates: u64,
+}
+
+async fn consume(
+    http: &reqwest::Client,
+    url: &str,
+    consumers: usize,
+    reserve_max: usize,
+    expect: u64,
+    give_up_after: Duration,
+) -> Result<Consumed> {
+    let seen = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+    let received = Arc::new(AtomicU64::new(0));
+    let duplicates = Arc::new(AtomicU64::new(0));
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
+    let deadline = Instant::now() + give_up_after;
+    let mut workers = Vec::new();
+    for _ in 0..consumers {
+        let (http, url) = (http.clone(), url.to_owned());
+        let (seen, received, duplicates, hist) = (seen.clone(), received.clone(), duplicates.clone(), hist.clone());
+        workers.push(tokio::spawn(async move {
+            let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+            let acker = {
+                let (http, url) = (http.clone(), url.clone());
+                tokio::spawn(async move {
+                    let limit = Arc::new(tokio::sync::Semaphore::new(32));
+                    while let Some((id, token)) = ack_rx.recv().await {
+                        let permit = limit.clone().acquire_owned().await;
+                        let (http, url) = (http.clone(), url.clone());
+                        tokio::spawn(async move {
+                            let _ = http
+                                .post(format!("{url}/v1/queues/bench/tasks/{id}/ack"))
+                                .json(&json!({"lease_token": token}))
+                                .send()
+                                .await;
+                            drop(permit);
+                        });
+                    }
+                })
+            };
+            while received.load(Ordering::Relaxed) < expect && Instant::now() < deadline {
+                let response = http
+                    .post(format!("{url}/v1/queues/bench/reserve"))
+                    .json(&json!({"max": reserve_max, "wait_ms": 1000, "lease_ms": 60_000}))
+                    .send()
+                    .await;
+                let Ok(response) = response else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let at_us = now_us();
+                let Ok(body) = response.json::<Value>().await else { continue };
+                let tasks = body["tasks"].as_array().cloned().unwrap_or_default();
+                let mut lateness = Vec::with_capacity(tasks.len());
+                for task in &tasks {
+                    let run_at_us = task["run_at_ms"].as_u64().unwrap_or(0) * 1000;
+                    lateness.push(at_us.saturating_sub(run_at_us).max(1));
+                    let id = task["id"].as_str().unwrap_or("").to_owned();
+                    if !seen.lock().await.insert(id.clone()) {
+                        duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = ack_tx.send((id, task["lease_token"].as_str().unwrap_or("").to_owned()));
+                }
+                received.fetch_add(tasks.len() as u64, Ordering::Relaxed);
+                let mut h = hist.lock().await;
+                for l in lateness {
+                    let _ = h.record(l);
+                }
+            }
+            drop(ack_tx);
+            let _ = acker.await;
+        }));
+    }
+    for worker in workers {
+        worker.await?;
+    }
+    let lateness_us = hist.lock().await.clone();
+    Ok(Consumed {
+        lateness_us,
+        received: received.load(Ordering::Relaxed),
+        duplicates: duplicates.load(Ordering::Relaxed),
+    })
+}
+
+async fn scenario_burst(opts: &BenchOpts, http: &reqwest::Client, extra: &[String]) -> Result<()> {
+    let dir = work_dir(opts, "burst")?;
+    let server = Server::start(&dir, extra)?;
+    wait_healthy(http, &server.url, Duration::from_secs(30)).await?;
+    let over_ms = parse_duration_ms(&opts.burst_over).map_err(anyhow::Error::msg)?;
+    let pending = bodies(0, opts.tasks, opts.batch, spread_over_30_days);
+    let (accepted, secs) = ingest(http, &server.url, pending, opts.connections).await?;
+    println!("burst: {accepted} tasks pending over 30 days (ingested in {secs:.1} s)");
+    // The burst is due from 3 s after it is scheduled, spread evenly over `over_ms`.
+    let lead_ms = 3_000 + opts.burst / 50;
+    let start_ms = now_us() / 1000 + lead_ms;
+    let burst_bodies = bodies(opts.tasks, opts.burst, opts.batch, |n| {
+        let at = start_ms + (n - opts.tasks) * over_ms / opts.burst.max(1);
+        format!("\"run_at\":\"{}\"", punctual_core::time::format_rfc3339_ms(at))
+    });
+    let (burst_accepted, burst_secs) = ingest(http, &server.url, burst_bodies, opts.connections).await?;
+    let slack_ms = (start_ms * 1000).saturating_sub(now_us()) / 1000;
+    println!(
+        "burst: {burst_accepted} tasks due over {over_ms} ms scheduled in {burst_secs:.1} s; first due in {slack_ms} ms"
+    );
+    if burst_accepted < opts.burst || now_us() / 1000 >= start_ms {
+        println!("burst: WARNING the burst was not fully scheduled before its first due time");
+    }
+    let consumed = consume(
+        http,
+        &server.url,
+        opts.consumers,
+        opts.reserve_max,
+        opts.burst,
+        Duration::from_millis(lead_ms + over_ms + 60_000),
+    )
+    .await?;
+    let h = &consumed.lateness_us;
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "burst: {} consumers, reserve max {}: received {} of {}, missed (not within 60 s) {}, duplicates {}",
+        opts.consumers,
+        opts.reserve_max,
+        consumed.received,
+        opts.burst,
+        opts.burst.saturating_sub(consumed.received),
+        consumed.duplicates
+    );
+    println!(
+        "burst: lateness run_at -> consumer has it: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.max())
+    );
+    println!("burst: server RSS {:.1} MiB", server.rss_bytes() as f64 / 1048576.0);
+    server.stop();
+    Ok(())
+}
+
+async fn scenario_restart(opts: &BenchOpts, http: &reqwest::Client, extra: &[String]) -> Result<()> {
+    let dir = work_dir(opts, "restart")?;
+    let mut server = Server::start(&dir, extra)?;
+    wait_healthy(http, &server.url, Duration::from_secs(30)).await?;
+    let pending = bodies(0, opts.tasks, opts.batch, spread_over_30_days);
+    ingest(http, &server.url, pending, opts.connections).await?;
+    // A few tasks due right after the crash.
+    let soon = bodies(opts.tasks, 10, 10, |_| "\"delay_ms\":500".to_owned());
+    ingest(http, &server.url, soon, 1).await?;
+    server.kill9();
+    let started = Instant::now();
+    server.restart()?;
+    let healthy = wait_healthy(http, &server.url, Duration::from_secs(120)).await?;
+    let first = loop {
+        let response = http
+            .post(format!("{}/v1/queues/bench/reserve", server.url))
+            .json(&json!({"max": 1, "wait_ms": 1000}))
+            .send()
+            .await?;
+        let body: Value = response.json().await?;
+        if body["tasks"].as_array().is_some_and(|t| !t.is_empty()) {
+            break started.elapsed();
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("no delivery within 120 s of restart");
+        }
+    };
+    println!(
+        "restart: kill -9 with {} pending; answering after {:.0} ms, first delivery after {:.0} ms",
+        opts.tasks,
+        healthy.as_secs_f64() * 1000.0,
+        first.as_secs_f64() * 1000.0
+    );
+    server.stop();
+    Ok(())
+}
+
+pub async fn run(opts: BenchOpts) -> Result<()> {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    let extra: Vec<String> = opts.serve_args.split_whitespace().map(str::to_owned).collect();
+    println!(
+        "punctual bench {} on {} cores (server and load generator share the machine)",
+        env!("CARGO_PKG_VERSION"),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    match opts.scenario.as_str() {
+        "ingest" => scenario_ingest(&opts, &http, &extra).await,
+        "burst" => scenario_burst(&opts, &http, &extra).await,
+        "memory" => scenario_memory(&opts, &http, &extra).await,
+        "restart" => scenario_restart(&opts, &http, &extra).await,
+        "all" => {
+            scenario_ingest(&opts, &http, &extra).await?;
+            scenario_burst(&opts, &http, &extra).await?;
+            scenario_restart(&opts, &http, &extra).await
+        }
+        other => bail!("unknown scenario {other:?}: use ingest, burst, memory, restart or all"),
+    }
+}
