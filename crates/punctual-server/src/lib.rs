@@ -87,6 +87,7 @@ impl App {
         let App {
             state, writer_thread, ..
         } = self;
+        state.writer.stop();
         drop(state);
         let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     }

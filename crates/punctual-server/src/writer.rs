@@ -24,10 +24,16 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
 }
 
+enum Message {
+    Job(Job),
+    /// Commit what is queued, then end the thread (later submissions get "shutting down").
+    Stop,
+}
+
 /// A handle to the writer thread. Cloning is cheap; the thread ends when every handle is dropped.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::UnboundedSender<Job>,
+    tx: mpsc::UnboundedSender<Message>,
 }
 
 /// What the writer touches after each commit.
@@ -55,12 +61,17 @@ impl Writer {
     pub async fn submit(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, ApiError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Job { commands, reply })
+            .send(Message::Job(Job { commands, reply }))
             .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
         match answer.await {
             Ok(result) => result.map_err(ApiError::from),
             Err(_) => Err(ApiError::unavailable("the server is shutting down")),
         }
+    }
+
+    /// Asks the thread to finish what is queued and stop, even while other handles are alive.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Message::Stop);
     }
 
     pub async fn submit_one(&self, command: Command) -> Result<Outcome, ApiError> {
@@ -72,7 +83,7 @@ impl Writer {
 }
 
 fn run(
-    mut rx: mpsc::UnboundedReceiver<Job>,
+    mut rx: mpsc::UnboundedReceiver<Message>,
     store: &dyn Store,
     clock: Clock,
     effects: &Effects,
@@ -80,14 +91,22 @@ fn run(
 ) {
     let mut jobs: Vec<Job> = Vec::new();
     let mut commands: Vec<Command> = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
-        jobs.push(first);
+    let mut stopping = false;
+    while !stopping {
+        match rx.blocking_recv() {
+            Some(Message::Job(first)) => jobs.push(first),
+            Some(Message::Stop) | None => break,
+        }
         let mut total = jobs[0].commands.len();
         while total < max_commit_commands {
             match rx.try_recv() {
-                Ok(job) => {
+                Ok(Message::Job(job)) => {
                     total += job.commands.len();
                     jobs.push(job);
+                }
+                Ok(Message::Stop) => {
+                    stopping = true;
+                    break;
                 }
                 Err(_) => break,
             }
