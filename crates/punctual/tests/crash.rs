@@ -1,0 +1,241 @@
+//! Crash test: drive a real `punctual serve` with a mixed load, SIGKILL it at random moments, restart it,
+//! and check through the API that every acknowledged change survived and no acked task comes back.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Rng, Server, temp_dir};
+use serde_json::{Value, json};
+
+/// What the clients were told. Only answers that arrived count; a request cut off by the kill is unknown.
+#[derive(Default)]
+struct Model {
+    /// Scheduling answered 201/200.
+    scheduled: HashSet<String>,
+    /// Cancel answered 204.
+    cancelled: HashSet<String>,
+    /// Ack answered 204.
+    acked: HashSet<String>,
+    /// Deliveries of tasks that had already been acked (must stay empty).
+    redelivered_after_ack: Vec<String>,
+    /// Deliveries per id, for the report.
+    deliveries: HashMap<String, u32>,
+}
+
+type Shared = Arc<Mutex<Model>>;
+
+async fn schedule_some(http: &reqwest::Client, url: &str, model: &Shared, first: u64, rng_bits: u64) {
+    let tasks: Vec<Value> = (0..20)
+        .map(|i| {
+            let n = first + i;
+            // Some due at once, some within the run, some after the next crash.
+            let delay = (rng_bits >> (i % 16)) % 1_500;
+            json!({"id": format!("t{n}"), "payload": {"n": n}, "delay_ms": delay, "max_attempts": 1000, "backoff_ms": [0]})
+        })
+        .collect();
+    let Ok(response) = http
+        .post(format!("{url}/v1/queues/crash/batch"))
+        .json(&json!({ "tasks": tasks }))
+        .send()
+        .await
+    else {
+        return;
+    };
+    let Ok(answer) = response.json::<Value>().await else { return };
+    let mut m = model.lock().unwrap();
+    for item in answer["results"].as_array().into_iter().flatten() {
+        if item["status"] == 201 || item["status"] == 200 {
+            m.scheduled.insert(item["task"]["id"].as_str().unwrap().to_owned());
+        }
+    }
+}
+
+/// Reserves and settles tasks: ack most, nack some, abandon a few (their lease must expire).
+async fn consume_some(http: &reqwest::Client, url: &str, model: &Shared, choice: u64, max: usize) -> usize {
+    let Ok(response) = http
+        .post(format!("{url}/v1/queues/crash/reserve"))
+        .json(&json!({"max": max, "wait_ms": 100, "lease_ms": 400}))
+        .send()
+        .await
+    else {
+        return 0;
+    };
+    let Ok(answer) = response.json::<Value>().await else { return 0 };
+    let tasks = answer["tasks"].as_array().cloned().unwrap_or_default();
+    let mut settles = Vec::new();
+    for (i, task) in tasks.iter().enumerate() {
+        let id = task["id"].as_str().unwrap().to_owned();
+        {
+            let mut m = model.lock().unwrap();
+            if m.acked.contains(&id) {
+                m.redelivered_after_ack.push(id.clone());
+            }
+            *m.deliveries.entry(id.clone()).or_default() += 1;
+        }
+        let token = task["lease_token"].clone();
+        let (http, url, model) = (http.clone(), url.to_owned(), model.clone());
+        let how = (choice >> (i % 60)) % 10;
+        // Settle concurrently, as a real worker pool would.
+        settles.push(tokio::spawn(async move {
+            match how {
+                0 => {} // abandoned: the lease expires
+                1 | 2 => {
+                    let _ = http
+                        .post(format!("{url}/v1/queues/crash/tasks/{id}/nack"))
+                        .json(&json!({"lease_token": token, "error": "try again"}))
+                        .send()
+                        .await;
+                }
+                _ => {
+                    if let Ok(r) = http
+                        .post(format!("{url}/v1/queues/crash/tasks/{id}/ack"))
+                        .json(&json!({ "lease_token": token }))
+                        .send()
+                        .await
+                        && r.status() == 204
+                    {
+                        model.lock().unwrap().acked.insert(id);
+                    }
+                }
+            }
+        }));
+    }
+    for settle in settles {
+        let _ = settle.await;
+    }
+    tasks.len()
+}
+
+async fn cancel_one(http: &reqwest::Client, url: &str, model: &Shared, pick: u64) {
+    let id = {
+        let m = model.lock().unwrap();
+        let candidates: Vec<&String> = m.scheduled.iter().filter(|id| !m.acked.contains(*id)).collect();
+        if candidates.is_empty() {
+            return;
+        }
+        candidates[(pick as usize) % candidates.len()].clone()
+    };
+    if let Ok(r) = http.delete(format!("{url}/v1/queues/crash/tasks/{id}")).send().await
+        && r.status() == 204
+    {
+        model.lock().unwrap().cancelled.insert(id);
+    }
+}
+
+/// Checks the server's state against what clients were told.
+async fn verify(http: &reqwest::Client, url: &str, model: &Shared) {
+    let (scheduled, cancelled, acked) = {
+        let m = model.lock().unwrap();
+        (m.scheduled.clone(), m.cancelled.clone(), m.acked.clone())
+    };
+    for id in &scheduled {
+        let response = http.get(format!("{url}/v1/queues/crash/tasks/{id}")).send().await.unwrap();
+        let status = response.status().as_u16();
+        if cancelled.contains(id) {
+            assert_eq!(status, 404, "cancelled task {id} came back");
+            continue;
+        }
+        assert_eq!(status, 200, "acknowledged task {id} is missing after the crash");
+        let task: Value = response.json().await.unwrap();
+        if acked.contains(id) {
+            assert_eq!(task["state"], "succeeded", "acked task {id} is {}", task["state"]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_and_resurrects_nothing() {
+    let mut rng = Rng::from_env_or_time();
+    let dir = temp_dir("crash");
+    let mut server = Server::start(&dir, &[]).await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let model: Shared = Arc::default();
+    let mut next_id = 0u64;
+
+    for round in 0..5 {
+        let run_for = Duration::from_millis(300 + rng.below(900));
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for worker in 0..4u64 {
+            let (http, url, model) = (http.clone(), server.url.clone(), model.clone());
+            let first = next_id + worker * 1_000_000;
+            let seed = rng.next();
+            workers.push(tokio::spawn(async move {
+                let mut local = Rng(seed);
+                let mut n = first;
+                while started.elapsed() < run_for {
+                    match worker {
+                        0 | 1 => {
+                            schedule_some(&http, &url, &model, n, local.next()).await;
+                            n += 20;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        2 => {
+                            consume_some(&http, &url, &model, local.next(), 10).await;
+                        }
+                        _ => {
+                            consume_some(&http, &url, &model, local.next(), 10).await;
+                            if local.below(3) == 0 {
+                                cancel_one(&http, &url, &model, local.next()).await;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        // Kill while the load is running, at a random moment within it.
+        tokio::time::sleep(run_for.mul_f64(0.5 + rng.below(50) as f64 / 100.0)).await;
+        server.kill9();
+        for worker in workers {
+            worker.await.unwrap();
+        }
+        next_id += 10_000_000;
+        server.restart().await;
+        verify(&http, &server.url, &model).await;
+        let m = model.lock().unwrap();
+        eprintln!(
+            "round {round}: scheduled {}, acked {}, cancelled {}",
+            m.scheduled.len(),
+            m.acked.len(),
+            m.cancelled.len()
+        );
+        assert!(m.redelivered_after_ack.is_empty(), "acked tasks delivered again: {:?}", m.redelivered_after_ack);
+    }
+
+    // Drain: every task that was not cancelled must eventually be delivered and acked, including those
+    // that came due while the server was down and those whose lease was held at a crash.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let outstanding: Vec<String> = {
+            let m = model.lock().unwrap();
+            m.scheduled
+                .iter()
+                .filter(|id| !m.cancelled.contains(*id) && !m.acked.contains(*id))
+                .cloned()
+                .collect()
+        };
+        if outstanding.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} tasks never completed, e.g. {:?}", outstanding.len(), &outstanding[..outstanding.len().min(5)]);
+        // Ack everything from here on, with four consumers.
+        let drains: Vec<_> = (0..4)
+            .map(|_| {
+                let (http, url, model) = (http.clone(), server.url.clone(), model.clone());
+                tokio::spawn(async move { consume_some(&http, &url, &model, 0x3333_3333_3333_3333, 100).await })
+            })
+            .collect();
+        for drain in drains {
+            drain.await.unwrap();
+        }
+    }
+    verify(&http, &server.url, &model).await;
+    let m = model.lock().unwrap();
+    assert!(m.redelivered_after_ack.is_empty(), "acked tasks delivered again: {:?}", m.redelivered_after_ack);
+    assert!(m.acked.len() > 100, "the load did too little to mean anything: {} acked", m.acked.len());
+    let _ = std::fs::remove_dir_all(&dir);
+}
