@@ -59,7 +59,10 @@ impl Limits {
     /// Checks a queue name: 1..=`max_queue_bytes` bytes of `[A-Za-z0-9._:-]`.
     pub fn check_queue(&self, queue: &str) -> Result<(), String> {
         if queue.is_empty() || queue.len() > self.max_queue_bytes {
-            return Err(format!("queue name must be 1 to {} bytes", self.max_queue_bytes));
+            return Err(format!(
+                "queue name must be 1 to {} bytes",
+                self.max_queue_bytes
+            ));
         }
         if !queue
             .bytes()
@@ -73,7 +76,10 @@ impl Limits {
     /// Checks a task id: 1..=`max_id_bytes` bytes of UTF-8 without control characters.
     pub fn check_id(&self, id: &str) -> Result<(), String> {
         if id.is_empty() || id.len() > self.max_id_bytes {
-            return Err(format!("task id must be 1 to {} bytes of UTF-8", self.max_id_bytes));
+            return Err(format!(
+                "task id must be 1 to {} bytes of UTF-8",
+                self.max_id_bytes
+            ));
         }
         if id.chars().any(char::is_control) {
             return Err("task id must not contain control characters".into());

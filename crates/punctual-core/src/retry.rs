@@ -74,7 +74,9 @@ impl Backoff {
                     return Err("backoff_ms has more than 100 steps".into());
                 }
                 if let Some(step) = steps_ms.iter().find(|s| **s > max_delay_ms) {
-                    return Err(format!("backoff_ms step {step} exceeds the maximum delay of {max_delay_ms} ms"));
+                    return Err(format!(
+                        "backoff_ms step {step} exceeds the maximum delay of {max_delay_ms} ms"
+                    ));
                 }
                 Ok(())
             }
@@ -91,7 +93,9 @@ impl Backoff {
                     return Err("backoff.initial_ms must not exceed backoff.max_ms".into());
                 }
                 if *max_ms > max_delay_ms {
-                    return Err(format!("backoff.max_ms exceeds the maximum delay of {max_delay_ms} ms"));
+                    return Err(format!(
+                        "backoff.max_ms exceeds the maximum delay of {max_delay_ms} ms"
+                    ));
                 }
                 Ok(())
             }
@@ -109,7 +113,10 @@ mod tests {
             steps_ms: vec![10_000, 30_000, 60_000, 120_000, 300_000],
         };
         let delays: Vec<u64> = (1..=7).map(|n| ladder.delay_ms(n, 0)).collect();
-        assert_eq!(delays, [10_000, 30_000, 60_000, 120_000, 300_000, 300_000, 300_000]);
+        assert_eq!(
+            delays,
+            [10_000, 30_000, 60_000, 120_000, 300_000, 300_000, 300_000]
+        );
         assert_eq!(Backoff::Ladder { steps_ms: vec![] }.delay_ms(3, 0), 0);
     }
 
@@ -145,7 +152,9 @@ mod tests {
             jitter: false,
         };
         assert!(bad.validate(u64::MAX).unwrap_err().contains("factor"));
-        let long = Backoff::Ladder { steps_ms: vec![5, 10] };
+        let long = Backoff::Ladder {
+            steps_ms: vec![5, 10],
+        };
         assert!(long.validate(7).unwrap_err().contains("backoff_ms"));
     }
 }

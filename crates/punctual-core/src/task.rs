@@ -227,7 +227,12 @@ impl Task {
     /// Records a failed attempt (nack, lease expiry, webhook error) and applies the retry policy.
     ///
     /// `delay_override_ms`, when given (a nack's `delay_ms`, a `Retry-After`), replaces the policy's delay.
-    pub fn fail(&mut self, now_ms: u64, error: &str, delay_override_ms: Option<u64>) -> FailOutcome {
+    pub fn fail(
+        &mut self,
+        now_ms: u64,
+        error: &str,
+        delay_override_ms: Option<u64>,
+    ) -> FailOutcome {
         self.lease = None;
         self.last_error = Some(truncate_error(error));
         self.updated_at_ms = now_ms;
@@ -235,7 +240,8 @@ impl Task {
             self.state = TaskState::Dead;
             return FailOutcome::Dead;
         }
-        let delay_ms = delay_override_ms.unwrap_or_else(|| self.backoff.delay_ms(self.attempt, self.jitter_seed()));
+        let delay_ms = delay_override_ms
+            .unwrap_or_else(|| self.backoff.delay_ms(self.attempt, self.jitter_seed()));
         let run_at_ms = now_ms.saturating_add(delay_ms);
         self.set_due(now_ms, run_at_ms);
         FailOutcome::Retry { run_at_ms }
@@ -257,7 +263,12 @@ impl Task {
     }
 
     /// Moves a `scheduled` or `ready` task to a new due time, optionally replacing its payload.
-    pub fn reschedule(&mut self, now_ms: u64, run_at_ms: Option<u64>, payload: Option<Option<String>>) {
+    pub fn reschedule(
+        &mut self,
+        now_ms: u64,
+        run_at_ms: Option<u64>,
+        payload: Option<Option<String>>,
+    ) {
         if let Some(payload) = payload {
             self.payload = payload;
         }
@@ -303,33 +314,63 @@ pub(crate) mod tests {
     fn lifecycle_with_a_virtual_clock() {
         let mut t = task(1_000, 3, ladder(&[10, 30]));
         t.start(0);
-        assert_eq!((t.state, t.due_at_ms()), (TaskState::Scheduled, Some(1_000)));
+        assert_eq!(
+            (t.state, t.due_at_ms()),
+            (TaskState::Scheduled, Some(1_000))
+        );
         assert!(!t.promote(999));
         assert!(t.promote(1_000));
-        assert_eq!((t.state, t.ready_at_ms(), t.due_at_ms()), (TaskState::Ready, Some(1_000), None));
+        assert_eq!(
+            (t.state, t.ready_at_ms(), t.due_at_ms()),
+            (TaskState::Ready, Some(1_000), None)
+        );
 
         t.lease(1_001, 500, "a".into());
-        assert_eq!((t.state, t.attempt, t.due_at_ms()), (TaskState::Leased, 1, Some(1_501)));
+        assert_eq!(
+            (t.state, t.attempt, t.due_at_ms()),
+            (TaskState::Leased, 1, Some(1_501))
+        );
         assert_eq!(t.check_lease("a"), LeaseCheck::Held);
         assert_eq!(t.check_lease("b"), LeaseCheck::NotYours);
 
-        assert_eq!(t.fail(1_100, "boom", None), FailOutcome::Retry { run_at_ms: 1_110 });
-        assert_eq!((t.state, t.last_error.as_deref()), (TaskState::Scheduled, Some("boom")));
-        assert_eq!(t.check_lease("a"), LeaseCheck::NotLeased(TaskState::Scheduled));
+        assert_eq!(
+            t.fail(1_100, "boom", None),
+            FailOutcome::Retry { run_at_ms: 1_110 }
+        );
+        assert_eq!(
+            (t.state, t.last_error.as_deref()),
+            (TaskState::Scheduled, Some("boom"))
+        );
+        assert_eq!(
+            t.check_lease("a"),
+            LeaseCheck::NotLeased(TaskState::Scheduled)
+        );
 
         t.promote(1_110);
         t.lease(1_110, 500, "b".into());
-        assert_eq!(t.fail(1_200, "again", None), FailOutcome::Retry { run_at_ms: 1_230 });
+        assert_eq!(
+            t.fail(1_200, "again", None),
+            FailOutcome::Retry { run_at_ms: 1_230 }
+        );
         t.promote(1_230);
         t.lease(1_230, 500, "c".into());
         assert_eq!(t.fail(1_300, "last", None), FailOutcome::Dead);
-        assert_eq!((t.state, t.attempt, t.due_at_ms()), (TaskState::Dead, 3, None));
+        assert_eq!(
+            (t.state, t.attempt, t.due_at_ms()),
+            (TaskState::Dead, 3, None)
+        );
 
         t.revive(2_000);
-        assert_eq!((t.state, t.attempt, t.ready_at_ms()), (TaskState::Ready, 0, Some(2_000)));
+        assert_eq!(
+            (t.state, t.attempt, t.ready_at_ms()),
+            (TaskState::Ready, 0, Some(2_000))
+        );
         t.lease(2_000, 100, "d".into());
         t.succeed(2_050, 86_400_000);
-        assert_eq!((t.state, t.due_at_ms()), (TaskState::Succeeded, Some(86_402_050)));
+        assert_eq!(
+            (t.state, t.due_at_ms()),
+            (TaskState::Succeeded, Some(86_402_050))
+        );
     }
 
     #[test]
@@ -341,7 +382,10 @@ pub(crate) mod tests {
         assert_eq!(t.fail(20, "e", None), FailOutcome::Retry { run_at_ms: 20 });
         assert_eq!(t.state, TaskState::Ready);
         t.lease(20, 100, "y".into());
-        assert_eq!(t.fail(30, "e", Some(5_000)), FailOutcome::Retry { run_at_ms: 5_030 });
+        assert_eq!(
+            t.fail(30, "e", Some(5_000)),
+            FailOutcome::Retry { run_at_ms: 5_030 }
+        );
         assert_eq!(t.state, TaskState::Scheduled);
     }
 

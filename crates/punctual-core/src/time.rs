@@ -80,7 +80,12 @@ pub fn parse_rfc3339_ms(input: &str) -> Result<u64, TimeParseError> {
         }
         s.parse().map_err(|_| err("expected digits"))
     };
-    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return Err(err("expected YYYY-MM-DDTHH:MM:SS"));
     }
     let year = i64::from(num(0..4)?);
@@ -145,15 +150,30 @@ mod tests {
     #[test]
     fn formats_known_instants() {
         assert_eq!(format_rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_rfc3339_ms(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(format_rfc3339_ms(1_795_309_323_456), "2026-11-22T01:02:03.456Z");
+        assert_eq!(
+            format_rfc3339_ms(951_782_400_123),
+            "2000-02-29T00:00:00.123Z"
+        );
+        assert_eq!(
+            format_rfc3339_ms(1_795_309_323_456),
+            "2026-11-22T01:02:03.456Z"
+        );
     }
 
     #[test]
     fn parses_offsets_and_fractions() {
-        assert_eq!(parse_rfc3339_ms("2026-11-22T01:02:03.456Z"), Ok(1_795_309_323_456));
-        assert_eq!(parse_rfc3339_ms("2026-11-22T02:02:03.4567+01:00"), Ok(1_795_309_323_456));
-        assert_eq!(parse_rfc3339_ms("2026-11-21T23:02:03.4-02:00"), Ok(1_795_309_323_400));
+        assert_eq!(
+            parse_rfc3339_ms("2026-11-22T01:02:03.456Z"),
+            Ok(1_795_309_323_456)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2026-11-22T02:02:03.4567+01:00"),
+            Ok(1_795_309_323_456)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2026-11-21T23:02:03.4-02:00"),
+            Ok(1_795_309_323_400)
+        );
         assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Ok(0));
     }
 
@@ -177,7 +197,15 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        for ms in [0, 1, 999, 86_399_999, 951_782_400_123, 4_102_444_800_000, 253_402_300_799_999] {
+        for ms in [
+            0,
+            1,
+            999,
+            86_399_999,
+            951_782_400_123,
+            4_102_444_800_000,
+            253_402_300_799_999,
+        ] {
             assert_eq!(parse_rfc3339_ms(&format_rfc3339_ms(ms)), Ok(ms));
         }
     }

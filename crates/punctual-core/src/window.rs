@@ -66,7 +66,11 @@ impl DueWindow {
         if self.loaded && now_ms < self.refill_point() {
             return None;
         }
-        let from_ms = if self.loaded { self.horizon_ms.saturating_add(1) } else { 0 };
+        let from_ms = if self.loaded {
+            self.horizon_ms.saturating_add(1)
+        } else {
+            0
+        };
         let to_ms = now_ms.saturating_add(self.span_ms).max(from_ms);
         Some(RefillRange {
             from_ms,

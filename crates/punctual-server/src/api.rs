@@ -85,7 +85,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/tasks/{id}/nack", post(nack))
         .route("/v1/queues/{queue}/tasks/{id}/extend", post(extend))
         .route("/v1/queues/{queue}/tasks/{id}/retry", post(retry))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint; see docs/api.md") })
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "no such endpoint; see docs/api.md",
+            )
+        })
         .with_state(state)
 }
 
@@ -94,8 +100,9 @@ pub fn router(state: AppState) -> Router {
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|error| {
-        let too_long = std::iter::successors(Some(&error as &dyn std::error::Error), |e| e.source())
-            .any(|e| e.to_string().contains("length limit"));
+        let too_long =
+            std::iter::successors(Some(&error as &dyn std::error::Error), |e| e.source())
+                .any(|e| e.to_string().contains("length limit"));
         if too_long {
             ApiError::too_large(format!("request body exceeds {limit} bytes"))
         } else {
@@ -185,8 +192,13 @@ fn check_lease_ms(state: &Shared, lease_ms: u64, field: &str) -> Result<(), ApiE
     Ok(())
 }
 
-fn payload_text(state: &Shared, payload: Option<serde_json::Value>) -> Result<Option<String>, ApiError> {
-    let Some(value) = payload else { return Ok(None) };
+fn payload_text(
+    state: &Shared,
+    payload: Option<serde_json::Value>,
+) -> Result<Option<String>, ApiError> {
+    let Some(value) = payload else {
+        return Ok(None);
+    };
     // serde_json's map is ordered by key, so this is a canonical form: key order and spacing do not
     // change the fingerprint.
     let text = value.to_string();
@@ -201,21 +213,30 @@ fn payload_text(state: &Shared, payload: Option<serde_json::Value>) -> Result<Op
 }
 
 /// Resolves `delay_ms` / `run_at` to a due time; neither means now.
-fn due_time(state: &Shared, now_ms: u64, delay_ms: Option<u64>, run_at: Option<&str>) -> Result<u64, ApiError> {
+fn due_time(
+    state: &Shared,
+    now_ms: u64,
+    delay_ms: Option<u64>,
+    run_at: Option<&str>,
+) -> Result<u64, ApiError> {
     let max_delay_ms = state.config.limits.max_delay_ms;
     let run_at_ms = match (delay_ms, run_at) {
         (Some(_), Some(_)) => return Err(ApiError::invalid("give delay_ms or run_at, not both")),
         (Some(delay), None) => {
             if delay > max_delay_ms {
-                return Err(ApiError::invalid(format!("delay_ms exceeds the maximum of {max_delay_ms} ms")));
+                return Err(ApiError::invalid(format!(
+                    "delay_ms exceeds the maximum of {max_delay_ms} ms"
+                )));
             }
             now_ms + delay
         }
         (None, Some(text)) => {
-            let at = parse_rfc3339_ms(text).map_err(|e| ApiError::invalid(format!("run_at: {e}")))?;
+            let at =
+                parse_rfc3339_ms(text).map_err(|e| ApiError::invalid(format!("run_at: {e}")))?;
             if at > now_ms.saturating_add(max_delay_ms) {
                 return Err(ApiError::invalid(format!(
-                    "run_at is more than {max_delay_ms} ms in the future"
+                    "run_at is more than {max_delay_ms} ms ({} days) in the future",
+                    max_delay_ms / 86_400_000
                 )));
             }
             at
@@ -243,38 +264,55 @@ fn check_webhook(state: &Shared, webhook: &Webhook) -> Result<(), ApiError> {
         return Err(ApiError::invalid("webhook.url has no host"));
     }
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(ApiError::invalid("webhook.url must not contain spaces or control characters"));
+        return Err(ApiError::invalid(
+            "webhook.url must not contain spaces or control characters",
+        ));
     }
     for (name, value) in &webhook.headers {
         let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
         if name.is_empty() || !name.chars().all(token) {
-            return Err(ApiError::invalid(format!("webhook header name {name:?} is not a valid HTTP token")));
+            return Err(ApiError::invalid(format!(
+                "webhook header name {name:?} is not a valid HTTP token"
+            )));
         }
         if value.chars().any(|c| c.is_control() && c != '\t') {
-            return Err(ApiError::invalid(format!("webhook header {name:?} has control characters")));
+            return Err(ApiError::invalid(format!(
+                "webhook header {name:?} has control characters"
+            )));
         }
     }
     if let Some(timeout_ms) = webhook.timeout_ms
         && !(1..=300_000).contains(&timeout_ms)
     {
-        return Err(ApiError::invalid("webhook.timeout_ms must be between 1 and 300000"));
+        return Err(ApiError::invalid(
+            "webhook.timeout_ms must be between 1 and 300000",
+        ));
     }
     Ok(())
 }
 
 /// Validates a schedule request and builds the task it asks for.
-pub fn build_task(state: &Shared, queue: &str, request: ScheduleRequest, now_ms: u64) -> Result<Task, ApiError> {
+pub fn build_task(
+    state: &Shared,
+    queue: &str,
+    request: ScheduleRequest,
+    now_ms: u64,
+) -> Result<Task, ApiError> {
     let limits = &state.config.limits;
     let id = match request.id {
         Some(id) => {
-            limits.check_id(&id).map_err(|m| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_id", m))?;
+            limits
+                .check_id(&id)
+                .map_err(|m| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_id", m))?;
             id
         }
         None => state.ids.next(),
     };
     let payload = payload_text(state, request.payload)?;
     let run_at_ms = due_time(state, now_ms, request.delay_ms, request.run_at.as_deref())?;
-    let max_attempts = request.max_attempts.unwrap_or(state.config.default_max_attempts);
+    let max_attempts = request
+        .max_attempts
+        .unwrap_or(state.config.default_max_attempts);
     if max_attempts == 0 || max_attempts > limits.max_attempts {
         return Err(ApiError::invalid(format!(
             "max_attempts must be between 1 and {}",
@@ -282,8 +320,12 @@ pub fn build_task(state: &Shared, queue: &str, request: ScheduleRequest, now_ms:
         )));
     }
     let backoff = match (&request.backoff_ms, &request.backoff) {
-        (Some(_), Some(_)) => return Err(ApiError::invalid("give backoff_ms or backoff, not both")),
-        (Some(steps), None) => Backoff::Ladder { steps_ms: steps.clone() },
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid("give backoff_ms or backoff, not both"));
+        }
+        (Some(steps), None) => Backoff::Ladder {
+            steps_ms: steps.clone(),
+        },
         (None, Some(spec)) => {
             let Backoff::Exponential {
                 initial_ms,
@@ -297,13 +339,17 @@ pub fn build_task(state: &Shared, queue: &str, request: ScheduleRequest, now_ms:
             Backoff::Exponential {
                 initial_ms: spec.initial_ms.unwrap_or(initial_ms),
                 factor: spec.factor.unwrap_or(factor),
-                max_ms: spec.max_ms.unwrap_or(max_ms.max(spec.initial_ms.unwrap_or(0))),
+                max_ms: spec
+                    .max_ms
+                    .unwrap_or(max_ms.max(spec.initial_ms.unwrap_or(0))),
                 jitter: spec.jitter.unwrap_or(jitter),
             }
         }
         (None, None) => Backoff::default(),
     };
-    backoff.validate(limits.max_delay_ms).map_err(ApiError::invalid)?;
+    backoff
+        .validate(limits.max_delay_ms)
+        .map_err(ApiError::invalid)?;
     if let Some(webhook) = &request.webhook {
         check_webhook(state, webhook)?;
     }
@@ -408,7 +454,10 @@ pub fn view(task: &Task, with_token: bool) -> TaskView<'_> {
         queue: &task.queue,
         id: &task.id,
         state: task.state.as_str(),
-        payload: task.payload.as_deref().and_then(|p| serde_json::from_str(p).ok()),
+        payload: task
+            .payload
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok()),
         run_at: format_rfc3339_ms(task.run_at_ms),
         run_at_ms: task.run_at_ms,
         attempt: task.attempt,
@@ -448,13 +497,19 @@ fn counts_json(counts: &QueueCounts) -> serde_json::Value {
 fn wrong_state(queue: &str, id: &str, state: TaskState, action: &str) -> ApiError {
     ApiError::conflict(
         "wrong_state",
-        format!("cannot {action} task {id:?} in queue {queue:?}: it is {}", state.as_str()),
+        format!(
+            "cannot {action} task {id:?} in queue {queue:?}: it is {}",
+            state.as_str()
+        ),
     )
 }
 
 fn lease_lost(check: LeaseCheck) -> ApiError {
     let message = match check {
-        LeaseCheck::NotLeased(state) => format!("the lease is no longer yours: the task is {}", state.as_str()),
+        LeaseCheck::NotLeased(state) => format!(
+            "the lease is no longer yours: the task is {}",
+            state.as_str()
+        ),
         _ => "the lease is no longer yours: the task was handed out again".to_owned(),
     };
     ApiError::conflict("lease_lost", message)
@@ -473,7 +528,11 @@ fn unexpected(outcome: &Outcome) -> ApiError {
 
 async fn healthz(State(state): State<AppState>) -> Response {
     match state.store.health() {
-        Ok(()) => (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))).into_response(),
+        Ok(()) => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ok"})),
+        )
+            .into_response(),
         Err(error) => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(serde_json::json!({"status": "failing", "error": error.to_string()})),
@@ -494,7 +553,10 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
     }
     handle.run_upkeep();
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         handle.render(),
     )
         .into_response()
@@ -505,7 +567,10 @@ async fn list_queues(State(state): State<AppState>) -> Result<Response, ApiError
     Ok(axum::Json(serde_json::json!({ "queues": queues })).into_response())
 }
 
-async fn queue_stats(State(state): State<AppState>, p: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+async fn queue_stats(
+    State(state): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
     let queue = path(p)?;
     check_queue(&state, &queue)?;
     let counts = state
@@ -530,7 +595,10 @@ async fn schedule(
     let bytes = read_body(body, state.config.limits.max_body_bytes).await?;
     let request: ScheduleRequest = decode(&bytes)?;
     let task = build_task(&state, &queue, request, state.clock.now_ms())?;
-    let outcome = state.writer.submit_one(Command::Schedule(Box::new(task))).await?;
+    let outcome = state
+        .writer
+        .submit_one(Command::Schedule(Box::new(task)))
+        .await?;
     schedule_answer(outcome).map(|(status, task)| task_response(status, &task))
 }
 
@@ -569,7 +637,10 @@ async fn batch(
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "batch_too_large",
-            format!("a batch holds at most {max} tasks; this one has {}", request.tasks.len()),
+            format!(
+                "a batch holds at most {max} tasks; this one has {}",
+                request.tasks.len()
+            ),
         ));
     }
     let now_ms = state.clock.now_ms();
@@ -577,7 +648,8 @@ async fn batch(
     let mut results: Vec<Result<usize, ApiError>> = Vec::with_capacity(request.tasks.len());
     let mut commands = Vec::new();
     for raw in &request.tasks {
-        let built = decode::<ScheduleRequest>(raw.get().as_bytes()).and_then(|r| build_task(&state, &queue, r, now_ms));
+        let built = decode::<ScheduleRequest>(raw.get().as_bytes())
+            .and_then(|r| build_task(&state, &queue, r, now_ms));
         results.push(built.map(|task| {
             commands.push(Command::Schedule(Box::new(task)));
             commands.len() - 1
@@ -594,7 +666,11 @@ async fn batch(
         .map(|result| {
             result.and_then(|n| {
                 let outcome = outcomes.get_mut(n).and_then(Option::take).ok_or_else(|| {
-                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "missing outcome")
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "missing outcome",
+                    )
                 })?;
                 schedule_answer(outcome)
             })
@@ -681,7 +757,12 @@ async fn reschedule(
     }
     let now_ms = state.clock.now_ms();
     let run_at_ms = if request.delay_ms.is_some() || request.run_at.is_some() {
-        Some(due_time(&state, now_ms, request.delay_ms, request.run_at.as_deref())?)
+        Some(due_time(
+            &state,
+            now_ms,
+            request.delay_ms,
+            request.run_at.as_deref(),
+        )?)
     } else {
         None
     };
@@ -741,11 +822,17 @@ async fn reserve(
     let limits = &state.config.limits;
     let max = request.max.unwrap_or(1);
     if max == 0 || max > limits.max_reserve {
-        return Err(ApiError::invalid(format!("max must be between 1 and {}", limits.max_reserve)));
+        return Err(ApiError::invalid(format!(
+            "max must be between 1 and {}",
+            limits.max_reserve
+        )));
     }
     let wait_ms = request.wait_ms.unwrap_or(0);
     if wait_ms > limits.max_wait_ms {
-        return Err(ApiError::invalid(format!("wait_ms must be at most {}", limits.max_wait_ms)));
+        return Err(ApiError::invalid(format!(
+            "wait_ms must be at most {}",
+            limits.max_wait_ms
+        )));
     }
     if let Some(lease_ms) = request.lease_ms {
         check_lease_ms(&state, lease_ms, "lease_ms")?;
@@ -854,7 +941,8 @@ async fn extend(
 ) -> Result<Response, ApiError> {
     let (queue, id) = path(p)?;
     check_queue(&state, &queue)?;
-    let request: ExtendRequest = decode(&read_body(body, state.config.limits.max_body_bytes).await?)?;
+    let request: ExtendRequest =
+        decode(&read_body(body, state.config.limits.max_body_bytes).await?)?;
     check_lease_ms(&state, request.lease_ms, "lease_ms")?;
     let command = Command::Extend {
         queue: queue.clone(),
@@ -904,8 +992,13 @@ async fn list_tasks(
     let queue = path(p)?;
     check_queue(&state, &queue)?;
     let Query(params) = q.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    if let Some(unknown) = params.keys().find(|k| !matches!(k.as_str(), "state" | "limit" | "cursor")) {
-        return Err(ApiError::invalid(format!("unknown query parameter {unknown:?}")));
+    if let Some(unknown) = params
+        .keys()
+        .find(|k| !matches!(k.as_str(), "state" | "limit" | "cursor"))
+    {
+        return Err(ApiError::invalid(format!(
+            "unknown query parameter {unknown:?}"
+        )));
     }
     let filter = match params.get("state") {
         Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
@@ -920,12 +1013,20 @@ async fn list_tasks(
             .parse::<usize>()
             .ok()
             .filter(|l| (1..=LIST_MAX_LIMIT).contains(l))
-            .ok_or_else(|| ApiError::invalid(format!("limit must be between 1 and {LIST_MAX_LIMIT}")))?,
+            .ok_or_else(|| {
+                ApiError::invalid(format!("limit must be between 1 and {LIST_MAX_LIMIT}"))
+            })?,
         None => LIST_DEFAULT_LIMIT,
     };
-    let page = state
-        .store
-        .list(&queue, filter, params.get("cursor").map(String::as_str), limit)?;
+    let page = state.store.list(
+        &queue,
+        filter,
+        params.get("cursor").map(String::as_str),
+        limit,
+    )?;
     let tasks: Vec<TaskView<'_>> = page.tasks.iter().map(|t| view(t, false)).collect();
-    Ok(axum::Json(serde_json::json!({ "tasks": tasks, "next_cursor": page.next_cursor })).into_response())
+    Ok(
+        axum::Json(serde_json::json!({ "tasks": tasks, "next_cursor": page.next_cursor }))
+            .into_response(),
+    )
 }

@@ -29,7 +29,11 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
     }
     pub fn not_found(queue: &str, id: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("no task {id:?} in queue {queue:?}"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no task {id:?} in queue {queue:?}"),
+        )
     }
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, code, message)
@@ -46,9 +50,10 @@ impl ApiError {
         use serde_json::error::Category;
         match error.classify() {
             Category::Data => Self::invalid(error.to_string()),
-            Category::Syntax | Category::Eof | Category::Io => {
-                Self::bad_request("malformed_json", format!("request body is not valid JSON: {error}"))
-            }
+            Category::Syntax | Category::Eof | Category::Io => Self::bad_request(
+                "malformed_json",
+                format!("request body is not valid JSON: {error}"),
+            ),
         }
     }
 
@@ -60,8 +65,16 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::Poisoned(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_poisoned", error.to_string()),
-            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "store_error", error.to_string()),
+            StoreError::Poisoned(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_poisoned",
+                error.to_string(),
+            ),
+            _ => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store_error",
+                error.to_string(),
+            ),
         }
     }
 }

@@ -85,7 +85,9 @@ impl App {
         let _ = self.shutdown.send(true);
         let _ = self.driver.await;
         let App {
-            state, writer_thread, ..
+            state,
+            writer_thread,
+            ..
         } = self;
         state.writer.stop();
         drop(state);

@@ -23,12 +23,17 @@ pub fn handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let seconds = [
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0, 60.0,
             ];
-            let commands = [1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0];
+            let commands = [
+                1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0,
+            ];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(COMMIT_COMMANDS.into()), &commands));
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(COMMIT_COMMANDS.into()), &commands)
+                });
             match builder.map(|b| b.install_recorder()) {
                 Ok(Ok(handle)) => handle,
                 // Another recorder is installed (embedding); render this one's (empty) view.

@@ -115,7 +115,8 @@ fn run(
         for job in &mut jobs {
             commands.append(&mut job.commands);
         }
-        #[allow(clippy::disallowed_methods)] // Measures commit duration only; never drives behavior.
+        #[allow(clippy::disallowed_methods)]
+        // Measures commit duration only; never drives behavior.
         let started = Instant::now();
         let now_ms = clock.now_ms();
         let result = store.apply(now_ms, &commands);
@@ -174,10 +175,12 @@ fn after_commit(effects: &Effects, now_ms: u64, commands: &[Command], outcomes: 
                 for task in tasks {
                     due_times.extend(task.due_at_ms());
                     let lateness_ms = now_ms.saturating_sub(task.run_at_ms);
-                    metrics::histogram!(m::LATENESS, "queue" => task.queue.clone()).record(lateness_ms as f64 / 1000.0);
+                    metrics::histogram!(m::LATENESS, "queue" => task.queue.clone())
+                        .record(lateness_ms as f64 / 1000.0);
                 }
                 if let Some(task) = tasks.first() {
-                    metrics::counter!(m::DELIVERED, "queue" => task.queue.clone()).increment(tasks.len() as u64);
+                    metrics::counter!(m::DELIVERED, "queue" => task.queue.clone())
+                        .increment(tasks.len() as u64);
                 }
             }
             Outcome::Cancelled(task) => {

@@ -27,7 +27,10 @@ impl Harness {
         };
         let app = App::start(store, config);
         let router = app.router();
-        Harness { app: Some(app), router }
+        Harness {
+            app: Some(app),
+            router,
+        }
     }
 
     async fn call(&self, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Value) {
@@ -43,7 +46,8 @@ impl Harness {
         let value = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
         };
         (status, value)
     }
@@ -74,7 +78,10 @@ fn temp_dir() -> std::path::PathBuf {
 fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
     vec![
         ("memory", Arc::new(MemoryStore::new())),
-        ("redb", Arc::new(RedbStore::open(&temp_dir(), &RedbOptions::default()).unwrap())),
+        (
+            "redb",
+            Arc::new(RedbStore::open(&temp_dir(), &RedbOptions::default()).unwrap()),
+        ),
     ]
 }
 
@@ -86,7 +93,11 @@ macro_rules! each_store {
             for (backend, store) in stores() {
                 eprintln!("backend: {backend}");
                 let h = Harness::new(store);
-                let f: fn(&Harness) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> = |h| Box::pin($body(h));
+                let f: fn(
+                    &Harness,
+                )
+                    -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> =
+                    |h| Box::pin($body(h));
                 f(&h).await;
                 h.stop().await;
             }
@@ -96,7 +107,9 @@ macro_rules! each_store {
 
 async fn schedule_idempotency(h: &Harness) {
     let spec = json!({"id": "o1", "payload": {"b": 2, "a": 1}, "delay_ms": 60_000, "backoff_ms": [10, 30]});
-    let (status, task) = h.json("POST", "/v1/queues/orders/tasks", spec.clone()).await;
+    let (status, task) = h
+        .json("POST", "/v1/queues/orders/tasks", spec.clone())
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{task}");
     assert_eq!(task["state"], "scheduled");
     assert_eq!(task["payload"], json!({"a": 1, "b": 2}));
@@ -107,98 +120,331 @@ async fn schedule_idempotency(h: &Harness) {
     let again = json!({"backoff_ms": [10, 30], "delay_ms": 60_000, "payload": {"a": 1, "b": 2}, "id": "o1"});
     let (status, repeat) = h.json("POST", "/v1/queues/orders/tasks", again).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(repeat["run_at_ms"], task["run_at_ms"], "an idempotent repeat does not move the task");
+    assert_eq!(
+        repeat["run_at_ms"], task["run_at_ms"],
+        "an idempotent repeat does not move the task"
+    );
     let (status, error) = h
-        .json("POST", "/v1/queues/orders/tasks", json!({"id": "o1", "payload": {"a": 2}, "delay_ms": 60_000}))
+        .json(
+            "POST",
+            "/v1/queues/orders/tasks",
+            json!({"id": "o1", "payload": {"a": 2}, "delay_ms": 60_000}),
+        )
         .await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(error["error"]["code"], "id_conflict");
     let (status, got) = h.call("GET", "/v1/queues/orders/tasks/o1", None).await;
-    assert_eq!((status, &got["payload"]), (StatusCode::OK, &json!({"a": 1, "b": 2})));
+    assert_eq!(
+        (status, &got["payload"]),
+        (StatusCode::OK, &json!({"a": 1, "b": 2}))
+    );
     let (status, error) = h.call("GET", "/v1/queues/orders/tasks/nope", None).await;
-    assert_eq!((status, error["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
     // A generated id.
-    let (status, generated) = h.json("POST", "/v1/queues/orders/tasks", json!({"delay_ms": 60_000})).await;
+    let (status, generated) = h
+        .json(
+            "POST",
+            "/v1/queues/orders/tasks",
+            json!({"delay_ms": 60_000}),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED);
     assert!(generated["id"].as_str().unwrap().len() >= 16);
 }
-each_store!(schedule_is_idempotent_and_conflicts_are_409, schedule_idempotency);
+each_store!(
+    schedule_is_idempotent_and_conflicts_are_409,
+    schedule_idempotency
+);
 
 async fn bad_input(h: &Harness) {
     let long_id = "x".repeat(257);
     let big_payload = format!("{{\"payload\":\"{}\"}}", "a".repeat((1 << 20) + 1));
     let cases: Vec<(&str, &str, String, StatusCode, &str)> = vec![
-        ("POST", "/v1/queues/q/tasks", "{not json".into(), StatusCode::BAD_REQUEST, "malformed_json"),
-        ("POST", "/v1/queues/q/tasks", "".into(), StatusCode::BAD_REQUEST, "malformed_json"),
-        ("POST", "/v1/queues/q/tasks", r#"{"delay_ms":"soon"}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/tasks", r#"{"delay_ms":-5}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/tasks", r#"{"delay_ms":5,"run_at":"2030-01-01T00:00:00Z"}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/tasks", r#"{"run_at":"tomorrow"}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/tasks", r#"{"run_at":"2030-02-30T00:00:00Z"}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/tasks", r#"{"dealy_ms":5}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/tasks", format!(r#"{{"id":"{long_id}"}}"#), StatusCode::UNPROCESSABLE_ENTITY, "invalid_id"),
-        ("POST", "/v1/queues/q/tasks", r#"{"max_attempts":0}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/tasks", r#"{"lease_ms":5}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/tasks", r#"{"backoff_ms":[1],"backoff":{}}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/tasks", r#"{"backoff":{"factor":0.1}}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/tasks", r#"{"webhook":{"url":"ftp://x"}}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/tasks", r#"{"webhook":{"url":"http:///nohost"}}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/tasks", big_payload, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-        ("POST", "/v1/queues/q/tasks", format!("{{\"payload\":\"{}\"}}", "a".repeat(2 << 20)), StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-        ("POST", "/v1/queues/bad%20queue/tasks", "{}".into(), StatusCode::BAD_REQUEST, "invalid_queue"),
-        ("POST", "/v1/queues/q/reserve", r#"{"max":0}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/reserve", r#"{"max":1001}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/reserve", r#"{"wait_ms":60001}"#.into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("POST", "/v1/queues/q/tasks/x/ack", "{}".into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("PATCH", "/v1/queues/q/tasks/x", "{}".into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("GET", "/v1/queues/q/tasks?state=sleeping", "".into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("GET", "/v1/queues/q/tasks?limit=0", "".into(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-        ("GET", "/v2/nothing", "".into(), StatusCode::NOT_FOUND, "no_route"),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            "{not json".into(),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            "".into(),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"delay_ms":"soon"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"delay_ms":-5}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"delay_ms":5,"run_at":"2030-01-01T00:00:00Z"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"run_at":"tomorrow"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"run_at":"2030-02-30T00:00:00Z"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"dealy_ms":5}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            format!(r#"{{"id":"{long_id}"}}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_id",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"max_attempts":0}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"lease_ms":5}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"backoff_ms":[1],"backoff":{}}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"backoff":{"factor":0.1}}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"webhook":{"url":"ftp://x"}}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"webhook":{"url":"http:///nohost"}}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            big_payload,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            format!("{{\"payload\":\"{}\"}}", "a".repeat(2 << 20)),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            "POST",
+            "/v1/queues/bad%20queue/tasks",
+            "{}".into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_queue",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/reserve",
+            r#"{"max":0}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/reserve",
+            r#"{"max":1001}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/reserve",
+            r#"{"wait_ms":60001}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks/x/ack",
+            "{}".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "PATCH",
+            "/v1/queues/q/tasks/x",
+            "{}".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "GET",
+            "/v1/queues/q/tasks?state=sleeping",
+            "".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "GET",
+            "/v1/queues/q/tasks?limit=0",
+            "".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "GET",
+            "/v2/nothing",
+            "".into(),
+            StatusCode::NOT_FOUND,
+            "no_route",
+        ),
     ];
     // One stored task that none of the bad requests may touch.
-    let (status, before) = h.json("POST", "/v1/queues/q/tasks", json!({"id": "keep", "delay_ms": 60_000})).await;
+    let (status, before) = h
+        .json(
+            "POST",
+            "/v1/queues/q/tasks",
+            json!({"id": "keep", "delay_ms": 60_000}),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED);
     for (method, uri, body, want_status, want_code) in cases {
         let body = (!body.is_empty() || method == "POST").then_some(body);
         let (status, answer) = h.call(method, uri, body.as_deref()).await;
         assert_eq!(status, want_status, "{method} {uri}: {answer}");
-        assert_eq!(answer["error"]["code"], want_code, "{method} {uri}: {answer}");
-        assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(
+            answer["error"]["code"], want_code,
+            "{method} {uri}: {answer}"
+        );
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
     }
     let (_, queues) = h.call("GET", "/v1/queues", None).await;
-    assert_eq!(queues["queues"], json!([{"queue": "q", "scheduled": 1, "ready": 0, "leased": 0, "succeeded": 0, "dead": 0, "total": 1}]));
+    assert_eq!(
+        queues["queues"],
+        json!([{"queue": "q", "scheduled": 1, "ready": 0, "leased": 0, "succeeded": 0, "dead": 0, "total": 1}])
+    );
     let (_, after) = h.call("GET", "/v1/queues/q/tasks/keep", None).await;
     assert_eq!(after, before, "bad input changed nothing stored");
 }
 each_store!(bad_input_is_refused_and_changes_nothing, bad_input);
 
-async fn reserve_one(h: &Harness, queue: &str, wait_ms: u64, lease_ms: Option<u64>) -> Option<Value> {
+async fn reserve_one(
+    h: &Harness,
+    queue: &str,
+    wait_ms: u64,
+    lease_ms: Option<u64>,
+) -> Option<Value> {
     let mut body = json!({"max": 1, "wait_ms": wait_ms});
     if let Some(lease_ms) = lease_ms {
         body["lease_ms"] = lease_ms.into();
     }
-    let (status, answer) = h.json("POST", &format!("/v1/queues/{queue}/reserve"), body).await;
+    let (status, answer) = h
+        .json("POST", &format!("/v1/queues/{queue}/reserve"), body)
+        .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     answer["tasks"].as_array().unwrap().first().cloned()
 }
 
 async fn deliver_on_time_and_ack(h: &Harness) {
-    let (status, _) = h.json("POST", "/v1/queues/q/tasks", json!({"id": "t", "payload": [1], "delay_ms": 300})).await;
+    let (status, _) = h
+        .json(
+            "POST",
+            "/v1/queues/q/tasks",
+            json!({"id": "t", "payload": [1], "delay_ms": 300}),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED);
-    assert!(reserve_one(h, "q", 0, None).await.is_none(), "not before its time");
+    assert!(
+        reserve_one(h, "q", 0, None).await.is_none(),
+        "not before its time"
+    );
     let started = Instant::now();
-    let task = reserve_one(h, "q", 5_000, None).await.expect("delivered within the long-poll");
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let task = reserve_one(h, "q", 5_000, None)
+        .await
+        .expect("delivered within the long-poll");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     let lateness = now_ms.saturating_sub(task["run_at_ms"].as_u64().unwrap());
     assert!(lateness < 1_000, "delivered {lateness} ms late");
     assert!(started.elapsed() < Duration::from_secs(4));
-    assert_eq!((task["attempt"].as_u64(), task["state"].as_str()), (Some(1), Some("leased")));
+    assert_eq!(
+        (task["attempt"].as_u64(), task["state"].as_str()),
+        (Some(1), Some("leased"))
+    );
     assert_eq!(task["payload"], json!([1]));
     let token = task["lease_token"].as_str().unwrap().to_owned();
-    let (status, _) = h.json("POST", "/v1/queues/q/tasks/t/ack", json!({"lease_token": token})).await;
+    let (status, _) = h
+        .json(
+            "POST",
+            "/v1/queues/q/tasks/t/ack",
+            json!({"lease_token": token}),
+        )
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, error) = h.json("POST", "/v1/queues/q/tasks/t/ack", json!({"lease_token": token})).await;
-    assert_eq!((status, error["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("lease_lost")));
+    let (status, error) = h
+        .json(
+            "POST",
+            "/v1/queues/q/tasks/t/ack",
+            json!({"lease_token": token}),
+        )
+        .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("lease_lost"))
+    );
     let (_, got) = h.call("GET", "/v1/queues/q/tasks/t", None).await;
     assert_eq!(got["state"], "succeeded");
     assert!(got["purge_at_ms"].as_u64().is_some());
@@ -211,70 +457,189 @@ each_store!(delivers_on_time_and_acks, deliver_on_time_and_ack);
 
 async fn nack_ladder_dead_retry(h: &Harness) {
     let spec = json!({"id": "n", "max_attempts": 2, "backoff_ms": [200]});
-    assert_eq!(h.json("POST", "/v1/queues/q/tasks", spec).await.0, StatusCode::CREATED);
+    assert_eq!(
+        h.json("POST", "/v1/queues/q/tasks", spec).await.0,
+        StatusCode::CREATED
+    );
     let first = reserve_one(h, "q", 2_000, None).await.unwrap();
     let (status, after) = h
-        .json("POST", "/v1/queues/q/tasks/n/nack", json!({"lease_token": first["lease_token"], "error": "boom"}))
+        .json(
+            "POST",
+            "/v1/queues/q/tasks/n/nack",
+            json!({"lease_token": first["lease_token"], "error": "boom"}),
+        )
         .await;
-    assert_eq!((status, after["state"].as_str()), (StatusCode::OK, Some("scheduled")));
+    assert_eq!(
+        (status, after["state"].as_str()),
+        (StatusCode::OK, Some("scheduled"))
+    );
     assert_eq!(after["last_error"], "boom");
-    assert!(reserve_one(h, "q", 0, None).await.is_none(), "waits for the backoff step");
-    let second = reserve_one(h, "q", 3_000, None).await.expect("redelivered after the backoff");
+    assert!(
+        reserve_one(h, "q", 0, None).await.is_none(),
+        "waits for the backoff step"
+    );
+    let second = reserve_one(h, "q", 3_000, None)
+        .await
+        .expect("redelivered after the backoff");
     assert_eq!(second["attempt"], 2);
     let spacing = second["run_at_ms"].as_u64().unwrap() - after["updated_at_ms"].as_u64().unwrap();
     assert_eq!(spacing, 200, "the ladder's step");
     let (_, dead) = h
-        .json("POST", "/v1/queues/q/tasks/n/nack", json!({"lease_token": second["lease_token"], "error": "again"}))
+        .json(
+            "POST",
+            "/v1/queues/q/tasks/n/nack",
+            json!({"lease_token": second["lease_token"], "error": "again"}),
+        )
         .await;
-    assert_eq!((dead["state"].as_str(), dead["last_error"].as_str()), (Some("dead"), Some("again")));
+    assert_eq!(
+        (dead["state"].as_str(), dead["last_error"].as_str()),
+        (Some("dead"), Some("again"))
+    );
     let (_, listed) = h.call("GET", "/v1/queues/q/tasks?state=dead", None).await;
     assert_eq!(listed["tasks"].as_array().unwrap().len(), 1);
     let (status, revived) = h.call("POST", "/v1/queues/q/tasks/n/retry", None).await;
-    assert_eq!((status, revived["state"].as_str(), revived["attempt"].as_u64()), (StatusCode::OK, Some("ready"), Some(0)));
+    assert_eq!(
+        (
+            status,
+            revived["state"].as_str(),
+            revived["attempt"].as_u64()
+        ),
+        (StatusCode::OK, Some("ready"), Some(0))
+    );
     let (status, _) = h.call("POST", "/v1/queues/q/tasks/n/retry", None).await;
-    assert_eq!(status, StatusCode::CONFLICT, "only a dead task can be retried");
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "only a dead task can be retried"
+    );
     assert!(reserve_one(h, "q", 1_000, None).await.is_some());
 }
-each_store!(nack_follows_the_ladder_then_dead_then_retry, nack_ladder_dead_retry);
+each_store!(
+    nack_follows_the_ladder_then_dead_then_retry,
+    nack_ladder_dead_retry
+);
 
 async fn lease_expiry(h: &Harness) {
-    assert_eq!(h.json("POST", "/v1/queues/q/tasks", json!({"id": "l", "backoff_ms": [0]})).await.0, StatusCode::CREATED);
+    assert_eq!(
+        h.json(
+            "POST",
+            "/v1/queues/q/tasks",
+            json!({"id": "l", "backoff_ms": [0]})
+        )
+        .await
+        .0,
+        StatusCode::CREATED
+    );
     let first = reserve_one(h, "q", 1_000, Some(300)).await.unwrap();
     let (status, extended) = h
-        .json("POST", "/v1/queues/q/tasks/l/extend", json!({"lease_token": first["lease_token"], "lease_ms": 400}))
+        .json(
+            "POST",
+            "/v1/queues/q/tasks/l/extend",
+            json!({"lease_token": first["lease_token"], "lease_ms": 400}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert!(extended["lease_expires_at_ms"].as_u64() > first["lease_expires_at_ms"].as_u64());
-    assert!(extended.get("lease_token").is_none(), "tokens are shown only to the reserver");
+    assert!(
+        extended.get("lease_token").is_none(),
+        "tokens are shown only to the reserver"
+    );
     let (status, _) = h.call("DELETE", "/v1/queues/q/tasks/l", None).await;
-    assert_eq!(status, StatusCode::CONFLICT, "a leased task cannot be cancelled");
-    let second = reserve_one(h, "q", 5_000, None).await.expect("redelivered after the lease expired");
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a leased task cannot be cancelled"
+    );
+    let second = reserve_one(h, "q", 5_000, None)
+        .await
+        .expect("redelivered after the lease expired");
     assert_eq!(second["attempt"], 2);
     assert_eq!(second["last_error"], "lease expired");
-    let (status, _) = h.json("POST", "/v1/queues/q/tasks/l/ack", json!({"lease_token": first["lease_token"]})).await;
-    assert_eq!(status, StatusCode::CONFLICT, "the expired lease is no longer yours");
-    let (status, _) = h.json("POST", "/v1/queues/q/tasks/l/ack", json!({"lease_token": second["lease_token"]})).await;
+    let (status, _) = h
+        .json(
+            "POST",
+            "/v1/queues/q/tasks/l/ack",
+            json!({"lease_token": first["lease_token"]}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "the expired lease is no longer yours"
+    );
+    let (status, _) = h
+        .json(
+            "POST",
+            "/v1/queues/q/tasks/l/ack",
+            json!({"lease_token": second["lease_token"]}),
+        )
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
 each_store!(an_expired_lease_redelivers, lease_expiry);
 
 async fn patch_and_delete(h: &Harness) {
-    h.json("POST", "/v1/queues/q/tasks", json!({"id": "p", "delay_ms": 3_600_000})).await;
-    h.json("POST", "/v1/queues/q/tasks", json!({"id": "d", "delay_ms": 3_600_000})).await;
-    let (status, moved) = h.json("PATCH", "/v1/queues/q/tasks/p", json!({"delay_ms": 0, "payload": {"v": 2}})).await;
-    assert_eq!((status, moved["state"].as_str()), (StatusCode::OK, Some("ready")));
-    let (status, _) = h.json("PATCH", "/v1/queues/q/tasks/p", json!({"run_at": "2030-01-01T00:00:00Z", "delay_ms": 1})).await;
+    h.json(
+        "POST",
+        "/v1/queues/q/tasks",
+        json!({"id": "p", "delay_ms": 3_600_000}),
+    )
+    .await;
+    h.json(
+        "POST",
+        "/v1/queues/q/tasks",
+        json!({"id": "d", "delay_ms": 3_600_000}),
+    )
+    .await;
+    let (status, moved) = h
+        .json(
+            "PATCH",
+            "/v1/queues/q/tasks/p",
+            json!({"delay_ms": 0, "payload": {"v": 2}}),
+        )
+        .await;
+    assert_eq!(
+        (status, moved["state"].as_str()),
+        (StatusCode::OK, Some("ready"))
+    );
+    let (status, _) = h
+        .json(
+            "PATCH",
+            "/v1/queues/q/tasks/p",
+            json!({"run_at": "2030-01-01T00:00:00Z", "delay_ms": 1}),
+        )
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let task = reserve_one(h, "q", 1_000, None).await.unwrap();
-    assert_eq!((task["id"].as_str(), &task["payload"]), (Some("p"), &json!({"v": 2})));
-    let (status, _) = h.json("PATCH", "/v1/queues/q/tasks/p", json!({"delay_ms": 10})).await;
-    assert_eq!(status, StatusCode::CONFLICT, "a leased task cannot be rescheduled");
-    let (status, _) = h.json("PATCH", "/v1/queues/q/tasks/zzz", json!({"delay_ms": 10})).await;
+    assert_eq!(
+        (task["id"].as_str(), &task["payload"]),
+        (Some("p"), &json!({"v": 2}))
+    );
+    let (status, _) = h
+        .json("PATCH", "/v1/queues/q/tasks/p", json!({"delay_ms": 10}))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a leased task cannot be rescheduled"
+    );
+    let (status, _) = h
+        .json("PATCH", "/v1/queues/q/tasks/zzz", json!({"delay_ms": 10}))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert_eq!(h.call("DELETE", "/v1/queues/q/tasks/d", None).await.0, StatusCode::NO_CONTENT);
-    assert_eq!(h.call("DELETE", "/v1/queues/q/tasks/d", None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        h.call("DELETE", "/v1/queues/q/tasks/d", None).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        h.call("DELETE", "/v1/queues/q/tasks/d", None).await.0,
+        StatusCode::NOT_FOUND
+    );
     let (_, stats) = h.call("GET", "/v1/queues/q", None).await;
-    assert_eq!((stats["leased"].as_u64(), stats["total"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(
+        (stats["leased"].as_u64(), stats["total"].as_u64()),
+        (Some(1), Some(1))
+    );
 }
 each_store!(patch_reschedules_and_delete_cancels, patch_and_delete);
 
@@ -289,22 +654,41 @@ async fn batch_and_listing(h: &Harness) {
     ]});
     let (status, answer) = h.json("POST", "/v1/queues/q/batch", body).await;
     assert_eq!(status, StatusCode::OK);
-    let statuses: Vec<u64> = answer["results"].as_array().unwrap().iter().map(|r| r["status"].as_u64().unwrap()).collect();
+    let statuses: Vec<u64> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
     assert_eq!(statuses, [201, 422, 200, 409, 201, 413]);
     assert_eq!(answer["results"][0]["task"]["id"], "a");
     assert_eq!(answer["results"][1]["error"]["code"], "invalid_field");
     let too_many = json!({"tasks": vec![json!({}); 1001]});
     let (status, error) = h.json("POST", "/v1/queues/q/batch", too_many).await;
-    assert_eq!((status, error["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("batch_too_large")));
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("batch_too_large"))
+    );
     for i in 0..7 {
-        h.json("POST", "/v1/queues/q/tasks", json!({"id": format!("z{i}"), "delay_ms": 60_000})).await;
+        h.json(
+            "POST",
+            "/v1/queues/q/tasks",
+            json!({"id": format!("z{i}"), "delay_ms": 60_000}),
+        )
+        .await;
     }
     let mut ids = Vec::new();
     let mut uri = "/v1/queues/q/tasks?limit=4".to_owned();
     loop {
         let (status, page) = h.call("GET", &uri, None).await;
         assert_eq!(status, StatusCode::OK);
-        ids.extend(page["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_owned()));
+        ids.extend(
+            page["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_str().unwrap().to_owned()),
+        );
         match page["next_cursor"].as_str() {
             Some(cursor) => uri = format!("/v1/queues/q/tasks?limit=4&cursor={cursor}"),
             None => break,
@@ -319,26 +703,43 @@ async fn batch_and_listing(h: &Harness) {
     assert_eq!(status, StatusCode::OK);
     let text = metrics.as_str().unwrap();
     assert!(text.contains("punctual_tasks_scheduled_total"), "{text}");
-    assert!(text.contains("punctual_tasks{queue=\"q\",state=\"scheduled\"} 8"), "{text}");
+    assert!(
+        text.contains("punctual_tasks{queue=\"q\",state=\"scheduled\"} 8"),
+        "{text}"
+    );
 }
 each_store!(batch_answers_per_item_and_listing_pages, batch_and_listing);
 
 async fn exclusive_consumers(h: &Harness) {
-    let tasks: Vec<Value> = (0..200).map(|i| json!({"id": format!("t{i}"), "delay_ms": 200 + i % 50})).collect();
-    let (status, _) = h.json("POST", "/v1/queues/q/batch", json!({"tasks": tasks})).await;
+    let tasks: Vec<Value> = (0..200)
+        .map(|i| json!({"id": format!("t{i}"), "delay_ms": 200 + i % 50}))
+        .collect();
+    let (status, _) = h
+        .json("POST", "/v1/queues/q/batch", json!({"tasks": tasks}))
+        .await;
     assert_eq!(status, StatusCode::OK);
     let consumers = (0..4).map(|_| async {
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while got.len() < 200 && Instant::now() < deadline {
-            let (_, answer) = h.json("POST", "/v1/queues/q/reserve", json!({"max": 7, "wait_ms": 300})).await;
+            let (_, answer) = h
+                .json(
+                    "POST",
+                    "/v1/queues/q/reserve",
+                    json!({"max": 7, "wait_ms": 300}),
+                )
+                .await;
             let batch = answer["tasks"].as_array().unwrap().clone();
             if batch.is_empty() {
                 break;
             }
             for task in batch {
                 let (status, _) = h
-                    .json("POST", &format!("/v1/queues/q/tasks/{}/ack", task["id"].as_str().unwrap()), json!({"lease_token": task["lease_token"]}))
+                    .json(
+                        "POST",
+                        &format!("/v1/queues/q/tasks/{}/ack", task["id"].as_str().unwrap()),
+                        json!({"lease_token": task["lease_token"]}),
+                    )
                     .await;
                 assert_eq!(status, StatusCode::NO_CONTENT);
                 got.push(task["id"].as_str().unwrap().to_owned());
@@ -369,7 +770,11 @@ async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Out
                 }
             }
         }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
     })
     .await;
     outputs.into_iter().map(|o| o.expect("all ready")).collect()

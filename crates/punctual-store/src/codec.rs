@@ -34,7 +34,10 @@ fn state_byte(state: TaskState) -> u8 {
 
 pub fn encode(task: &Task) -> Vec<u8> {
     let payload = task.payload.as_deref().map(str::as_bytes);
-    let webhook = task.webhook.as_ref().map(|w| serde_json::to_vec(w).unwrap_or_default());
+    let webhook = task
+        .webhook
+        .as_ref()
+        .map(|w| serde_json::to_vec(w).unwrap_or_default());
     let mut out = Vec::with_capacity(64 + payload.map_or(0, <[u8]>::len));
     let mut flags = 0;
     for (present, bit) in [
@@ -121,13 +124,19 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, String> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().map_err(|_| "u16")?))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().map_err(|_| "u16")?,
+        ))
     }
     fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| "u32")?))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().map_err(|_| "u32")?,
+        ))
     }
     fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| "u64")?))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().map_err(|_| "u64")?,
+        ))
     }
     fn text(&mut self, len: usize) -> Result<String, String> {
         String::from_utf8(self.take(len)?.to_vec()).map_err(|e| e.to_string())
@@ -151,7 +160,9 @@ fn decode_inner(queue: &str, id: &str, bytes: &[u8]) -> Result<Task, String> {
     let mut r = Reader { bytes, pos: 0 };
     let version = r.u8()?;
     if version != FORMAT_VERSION {
-        return Err(format!("record version {version} (expected {FORMAT_VERSION})"));
+        return Err(format!(
+            "record version {version} (expected {FORMAT_VERSION})"
+        ));
     }
     let state_index = r.u8()?;
     let state = *TaskState::ALL
@@ -178,8 +189,16 @@ fn decode_inner(queue: &str, id: &str, bytes: &[u8]) -> Result<Task, String> {
         },
         kind => return Err(format!("unknown backoff kind {kind}")),
     };
-    let lease_ms = if flags & HAS_LEASE_MS != 0 { Some(r.u64()?) } else { None };
-    let purge_at_ms = if flags & HAS_PURGE_AT != 0 { Some(r.u64()?) } else { None };
+    let lease_ms = if flags & HAS_LEASE_MS != 0 {
+        Some(r.u64()?)
+    } else {
+        None
+    };
+    let purge_at_ms = if flags & HAS_PURGE_AT != 0 {
+        Some(r.u64()?)
+    } else {
+        None
+    };
     let lease = if flags & HAS_LEASE != 0 {
         let len = usize::from(r.u16()?);
         let token = r.text(len)?;
@@ -241,7 +260,9 @@ mod tests {
             run_at_ms: 1,
             attempt: 2,
             max_attempts: 3,
-            backoff: Backoff::Ladder { steps_ms: vec![10, 20] },
+            backoff: Backoff::Ladder {
+                steps_ms: vec![10, 20],
+            },
             webhook: Some(Webhook {
                 url: "http://x/y".into(),
                 headers: BTreeMap::from([("k".into(), "v".into())]),
@@ -288,6 +309,11 @@ mod tests {
         assert!(decode("q", "i", &bytes[..10]).is_err());
         let mut wrong_version = bytes.clone();
         wrong_version[0] = 99;
-        assert!(decode("q", "i", &wrong_version).unwrap_err().to_string().contains("version 99"));
+        assert!(
+            decode("q", "i", &wrong_version)
+                .unwrap_err()
+                .to_string()
+                .contains("version 99")
+        );
     }
 }

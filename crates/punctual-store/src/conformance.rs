@@ -103,15 +103,25 @@ fn nack(store: &dyn Store, now_ms: u64, task: &Task, error: &str) -> Outcome {
 
 pub fn schedule_is_idempotent_by_fingerprint(store: &dyn Store) {
     let t = task("q", "a", 5_000, 3, &[10]);
-    assert!(matches!(schedule(store, 1_000, t.clone()), Outcome::Created(ref c) if c.state == TaskState::Scheduled && c.created_at_ms == 1_000));
-    assert!(matches!(schedule(store, 1_500, t.clone()), Outcome::Existing(ref e) if e.created_at_ms == 1_000));
+    assert!(
+        matches!(schedule(store, 1_000, t.clone()), Outcome::Created(ref c) if c.state == TaskState::Scheduled && c.created_at_ms == 1_000)
+    );
+    assert!(
+        matches!(schedule(store, 1_500, t.clone()), Outcome::Existing(ref e) if e.created_at_ms == 1_000)
+    );
     let mut different = t.clone();
     different.fingerprint += 1;
-    assert!(matches!(schedule(store, 1_600, different), Outcome::Conflict(_)));
+    assert!(matches!(
+        schedule(store, 1_600, different),
+        Outcome::Conflict(_)
+    ));
     // The same id in another queue is another task.
     let mut other_queue = t;
     other_queue.queue = "r".into();
-    assert!(matches!(schedule(store, 1_700, other_queue), Outcome::Created(_)));
+    assert!(matches!(
+        schedule(store, 1_700, other_queue),
+        Outcome::Created(_)
+    ));
     let got = store.get("q", "a").unwrap().unwrap();
     assert_eq!(got.payload.as_deref(), Some("{\"id\":\"a\"}"));
     assert_eq!(store.get("q", "missing").unwrap(), None);
@@ -121,49 +131,94 @@ pub fn fires_on_time_in_due_order(store: &dyn Store) {
     schedule(store, 0, task("q", "late", 3_000, 1, &[]));
     schedule(store, 0, task("q", "early", 2_000, 1, &[]));
     schedule(store, 0, task("q", "now", 0, 1, &[]));
-    assert_eq!(state(store, "q", "now"), Some(TaskState::Ready), "due at scheduling means ready at once");
+    assert_eq!(
+        state(store, "q", "now"),
+        Some(TaskState::Ready),
+        "due at scheduling means ready at once"
+    );
     assert_eq!(tick(store, 1_999).fired, 0);
     assert_eq!(state(store, "q", "early"), Some(TaskState::Scheduled));
     let report = tick(store, 3_000);
-    assert_eq!((report.fired, report.ready_queues.clone()), (2, vec!["q".to_owned()]));
-    let ids: Vec<String> = reserve(store, 3_000, "q", 2).into_iter().map(|t| t.id).collect();
+    assert_eq!(
+        (report.fired, report.ready_queues.clone()),
+        (2, vec!["q".to_owned()])
+    );
+    let ids: Vec<String> = reserve(store, 3_000, "q", 2)
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
     assert_eq!(ids, ["now", "early"], "oldest due first, at most max");
     let rest = reserve(store, 3_001, "q", 10);
     assert_eq!(rest.len(), 1);
-    assert_eq!((rest[0].id.as_str(), rest[0].attempt, rest[0].state), ("late", 1, TaskState::Leased));
-    assert!(reserve(store, 3_002, "q", 10).is_empty(), "a leased task is held by one consumer only");
+    assert_eq!(
+        (rest[0].id.as_str(), rest[0].attempt, rest[0].state),
+        ("late", 1, TaskState::Leased)
+    );
+    assert!(
+        reserve(store, 3_002, "q", 10).is_empty(),
+        "a leased task is held by one consumer only"
+    );
     assert!(reserve(store, 3_002, "other", 10).is_empty());
 }
 
 pub fn ack_succeeds_then_purges(store: &dyn Store) {
     schedule(store, 0, task("q", "a", 0, 1, &[]));
     let leased = reserve(store, 10, "q", 1).remove(0);
-    assert!(matches!(ack(store, 20, &leased), Outcome::Acked(ref t) if t.state == TaskState::Succeeded));
-    assert!(matches!(ack(store, 21, &leased), Outcome::LeaseLost(LeaseCheck::NotLeased(TaskState::Succeeded))));
+    assert!(
+        matches!(ack(store, 20, &leased), Outcome::Acked(ref t) if t.state == TaskState::Succeeded)
+    );
+    assert!(matches!(
+        ack(store, 21, &leased),
+        Outcome::LeaseLost(LeaseCheck::NotLeased(TaskState::Succeeded))
+    ));
     assert_eq!(tick(store, 10_019).purged, 0);
     assert_eq!(state(store, "q", "a"), Some(TaskState::Succeeded));
     assert_eq!(tick(store, 10_020).purged, 1);
     assert_eq!(state(store, "q", "a"), None);
-    assert!(store.queues().unwrap().is_empty(), "a queue with no tasks is not listed");
+    assert!(
+        store.queues().unwrap().is_empty(),
+        "a queue with no tasks is not listed"
+    );
 }
 
 pub fn nack_follows_the_ladder_then_dies_and_retries(store: &dyn Store) {
     schedule(store, 0, task("q", "a", 0, 3, &[100, 500]));
     let first = reserve(store, 0, "q", 1).remove(0);
-    assert!(matches!(nack(store, 10, &first, "e1"), Outcome::Updated(ref t) if t.run_at_ms == 110 && t.state == TaskState::Scheduled));
+    assert!(
+        matches!(nack(store, 10, &first, "e1"), Outcome::Updated(ref t) if t.run_at_ms == 110 && t.state == TaskState::Scheduled)
+    );
     tick(store, 110);
     let second = reserve(store, 110, "q", 1).remove(0);
     assert_eq!(second.attempt, 2);
-    assert!(matches!(nack(store, 120, &first, "stale"), Outcome::LeaseLost(LeaseCheck::NotYours)));
-    assert!(matches!(nack(store, 120, &second, "e2"), Outcome::Updated(ref t) if t.run_at_ms == 620));
+    assert!(matches!(
+        nack(store, 120, &first, "stale"),
+        Outcome::LeaseLost(LeaseCheck::NotYours)
+    ));
+    assert!(
+        matches!(nack(store, 120, &second, "e2"), Outcome::Updated(ref t) if t.run_at_ms == 620)
+    );
     tick(store, 620);
     let third = reserve(store, 620, "q", 1).remove(0);
-    assert!(matches!(nack(store, 630, &third, "e3"), Outcome::Updated(ref t) if t.state == TaskState::Dead));
+    assert!(
+        matches!(nack(store, 630, &third, "e3"), Outcome::Updated(ref t) if t.state == TaskState::Dead)
+    );
     let dead = store.get("q", "a").unwrap().unwrap();
     assert_eq!((dead.attempt, dead.last_error.as_deref()), (3, Some("e3")));
     assert!(reserve(store, 10_000, "q", 1).is_empty());
-    assert!(matches!(one(store, 700, Command::Retry { queue: "q".into(), id: "a".into() }), Outcome::Updated(ref t) if t.state == TaskState::Ready && t.attempt == 0));
-    assert!(matches!(one(store, 701, Command::Retry { queue: "q".into(), id: "a".into() }), Outcome::WrongState(TaskState::Ready)));
+    assert!(
+        matches!(one(store, 700, Command::Retry { queue: "q".into(), id: "a".into() }), Outcome::Updated(ref t) if t.state == TaskState::Ready && t.attempt == 0)
+    );
+    assert!(matches!(
+        one(
+            store,
+            701,
+            Command::Retry {
+                queue: "q".into(),
+                id: "a".into()
+            }
+        ),
+        Outcome::WrongState(TaskState::Ready)
+    ));
     assert_eq!(reserve(store, 702, "q", 1).len(), 1);
 }
 
@@ -173,14 +228,26 @@ pub fn lease_expiry_is_a_failed_attempt(store: &dyn Store) {
     assert_eq!(first.lease.as_ref().unwrap().expires_at_ms, 1_000);
     assert_eq!(tick(store, 999).expired, 0);
     let report = tick(store, 1_000);
-    assert_eq!((report.expired, report.ready_queues.clone()), (1, vec!["q".to_owned()]));
+    assert_eq!(
+        (report.expired, report.ready_queues.clone()),
+        (1, vec!["q".to_owned()])
+    );
     let expired = store.get("q", "a").unwrap().unwrap();
-    assert_eq!((expired.state, expired.last_error.as_deref()), (TaskState::Ready, Some("lease expired")));
-    assert!(matches!(ack(store, 1_001, &first), Outcome::LeaseLost(LeaseCheck::NotLeased(TaskState::Ready))));
+    assert_eq!(
+        (expired.state, expired.last_error.as_deref()),
+        (TaskState::Ready, Some("lease expired"))
+    );
+    assert!(matches!(
+        ack(store, 1_001, &first),
+        Outcome::LeaseLost(LeaseCheck::NotLeased(TaskState::Ready))
+    ));
     let second = reserve(store, 1_002, "q", 1).remove(0);
     assert_ne!(token(&first), token(&second));
     let report = tick(store, 2_002);
-    assert_eq!((report.expired, report.dead.clone()), (1, vec!["q".to_owned()]));
+    assert_eq!(
+        (report.expired, report.dead.clone()),
+        (1, vec!["q".to_owned()])
+    );
     assert_eq!(state(store, "q", "a"), Some(TaskState::Dead));
 }
 
@@ -193,7 +260,9 @@ pub fn extend_moves_the_lease(store: &dyn Store) {
         token: token(&leased),
         lease_ms: 5_000,
     };
-    assert!(matches!(one(store, 900, extend), Outcome::Updated(ref t) if t.lease.as_ref().unwrap().expires_at_ms == 5_900));
+    assert!(
+        matches!(one(store, 900, extend), Outcome::Updated(ref t) if t.lease.as_ref().unwrap().expires_at_ms == 5_900)
+    );
     assert_eq!(tick(store, 5_899).expired, 0);
     assert!(matches!(ack(store, 5_000, &leased), Outcome::Acked(_)));
 }
@@ -211,28 +280,77 @@ pub fn cancel_and_reschedule_respect_state(store: &dyn Store) {
             payload: Some(Some("[1]".into())),
         },
     );
-    assert!(matches!(moved, Outcome::Updated(ref t) if t.run_at_ms == 100 && t.payload.as_deref() == Some("[1]")));
-    assert_eq!(tick(store, 4_000).fired, 1, "fires at the new time, and only once");
+    assert!(
+        matches!(moved, Outcome::Updated(ref t) if t.run_at_ms == 100 && t.payload.as_deref() == Some("[1]"))
+    );
+    assert_eq!(
+        tick(store, 4_000).fired,
+        1,
+        "fires at the new time, and only once"
+    );
     assert_eq!(tick(store, 6_000).fired, 0, "the old due entry is gone");
     let leased = reserve(store, 6_000, "q", 1).remove(0);
     assert_eq!(leased.id, "b");
-    let cancel_leased = Command::Cancel { queue: "q".into(), id: "b".into() };
-    assert!(matches!(one(store, 6_001, cancel_leased), Outcome::WrongState(TaskState::Leased)));
+    let cancel_leased = Command::Cancel {
+        queue: "q".into(),
+        id: "b".into(),
+    };
+    assert!(matches!(
+        one(store, 6_001, cancel_leased),
+        Outcome::WrongState(TaskState::Leased)
+    ));
     let move_leased = Command::Reschedule {
         queue: "q".into(),
         id: "b".into(),
         run_at_ms: Some(9_000),
         payload: None,
     };
-    assert!(matches!(one(store, 6_001, move_leased), Outcome::WrongState(TaskState::Leased)));
-    assert!(matches!(one(store, 6_002, Command::Cancel { queue: "q".into(), id: "a".into() }), Outcome::Cancelled(_)));
-    assert!(matches!(one(store, 6_003, Command::Cancel { queue: "q".into(), id: "a".into() }), Outcome::NotFound));
-    assert_eq!(reserve(store, 6_004, "q", 10).len(), 0, "a cancelled ready task is not handed out");
+    assert!(matches!(
+        one(store, 6_001, move_leased),
+        Outcome::WrongState(TaskState::Leased)
+    ));
+    assert!(matches!(
+        one(
+            store,
+            6_002,
+            Command::Cancel {
+                queue: "q".into(),
+                id: "a".into()
+            }
+        ),
+        Outcome::Cancelled(_)
+    ));
+    assert!(matches!(
+        one(
+            store,
+            6_003,
+            Command::Cancel {
+                queue: "q".into(),
+                id: "a".into()
+            }
+        ),
+        Outcome::NotFound
+    ));
+    assert_eq!(
+        reserve(store, 6_004, "q", 10).len(),
+        0,
+        "a cancelled ready task is not handed out"
+    );
 }
 
 pub fn counts_and_listing(store: &dyn Store) {
     for i in 0..10 {
-        schedule(store, 0, task("q", &format!("t{i}"), if i < 4 { 0 } else { 1_000_000 }, 1, &[]));
+        schedule(
+            store,
+            0,
+            task(
+                "q",
+                &format!("t{i}"),
+                if i < 4 { 0 } else { 1_000_000 },
+                1,
+                &[],
+            ),
+        );
     }
     let leased = reserve(store, 1, "q", 1).remove(0);
     ack(store, 2, &leased);
@@ -266,9 +384,15 @@ pub fn due_times_are_distinct_and_bounded(store: &dyn Store) {
         schedule(store, 0, task("q", &format!("t{i}"), *due, 1, &[]));
     }
     let all = store.due_times(0, 1_000, 10).unwrap();
-    assert_eq!((all.times.as_slice(), all.truncated), ([100, 200, 300, 400].as_slice(), false));
+    assert_eq!(
+        (all.times.as_slice(), all.truncated),
+        ([100, 200, 300, 400].as_slice(), false)
+    );
     let some = store.due_times(150, 1_000, 2).unwrap();
-    assert_eq!((some.times.as_slice(), some.truncated), ([200, 300].as_slice(), true));
+    assert_eq!(
+        (some.times.as_slice(), some.truncated),
+        ([200, 300].as_slice(), true)
+    );
 }
 
 pub fn payloads_round_trip(store: &dyn Store) {
@@ -288,15 +412,30 @@ type Check = (&'static str, fn(&dyn Store));
 /// Every check, each on a fresh store.
 pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
     let checks: [Check; 10] = [
-        ("schedule_is_idempotent_by_fingerprint", schedule_is_idempotent_by_fingerprint),
+        (
+            "schedule_is_idempotent_by_fingerprint",
+            schedule_is_idempotent_by_fingerprint,
+        ),
         ("fires_on_time_in_due_order", fires_on_time_in_due_order),
         ("ack_succeeds_then_purges", ack_succeeds_then_purges),
-        ("nack_follows_the_ladder_then_dies_and_retries", nack_follows_the_ladder_then_dies_and_retries),
-        ("lease_expiry_is_a_failed_attempt", lease_expiry_is_a_failed_attempt),
+        (
+            "nack_follows_the_ladder_then_dies_and_retries",
+            nack_follows_the_ladder_then_dies_and_retries,
+        ),
+        (
+            "lease_expiry_is_a_failed_attempt",
+            lease_expiry_is_a_failed_attempt,
+        ),
         ("extend_moves_the_lease", extend_moves_the_lease),
-        ("cancel_and_reschedule_respect_state", cancel_and_reschedule_respect_state),
+        (
+            "cancel_and_reschedule_respect_state",
+            cancel_and_reschedule_respect_state,
+        ),
         ("counts_and_listing", counts_and_listing),
-        ("due_times_are_distinct_and_bounded", due_times_are_distinct_and_bounded),
+        (
+            "due_times_are_distinct_and_bounded",
+            due_times_are_distinct_and_bounded,
+        ),
         ("payloads_round_trip", payloads_round_trip),
     ];
     for (name, check) in checks {
@@ -308,14 +447,32 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
 /// A step of a generated workload, resolved against the store's state when it runs.
 #[derive(Debug, Clone)]
 pub enum Step {
-    Schedule { id: u8, delay_ms: u16, max_attempts: u8 },
-    Reserve { max: u8 },
+    Schedule {
+        id: u8,
+        delay_ms: u16,
+        max_attempts: u8,
+    },
+    Reserve {
+        max: u8,
+    },
     /// Ack, nack or extend the n-th task handed out so far (stale tokens included on purpose).
-    Settle { nth: u8, how: u8 },
-    Cancel { id: u8 },
-    Reschedule { id: u8, delay_ms: u16 },
-    Retry { id: u8 },
-    Advance { ms: u16 },
+    Settle {
+        nth: u8,
+        how: u8,
+    },
+    Cancel {
+        id: u8,
+    },
+    Reschedule {
+        id: u8,
+        delay_ms: u16,
+    },
+    Retry {
+        id: u8,
+    },
+    Advance {
+        ms: u16,
+    },
 }
 
 /// Replays `steps` against `store` and a fresh [`MemoryStore`], grouping them into batches of `batch`
@@ -362,24 +519,48 @@ pub fn compare_with_oracle(store: &dyn Store, steps: &[Step], batch: usize) {
             },
             Step::Settle { nth, how } => {
                 flush(&mut pending, now, &mut handed);
-                let Some(t) = (!handed.is_empty()).then(|| handed[usize::from(*nth) % handed.len()].clone()) else {
+                let Some(t) =
+                    (!handed.is_empty()).then(|| handed[usize::from(*nth) % handed.len()].clone())
+                else {
                     continue;
                 };
                 let (queue, id, token) = (t.queue.clone(), t.id.clone(), token(&t));
                 match how % 3 {
-                    0 => Command::Ack { queue, id, token, retention_ms: 500 },
-                    1 => Command::Nack { queue, id, token, error: Some("e".into()), delay_ms: None },
-                    _ => Command::Extend { queue, id, token, lease_ms: 400 },
+                    0 => Command::Ack {
+                        queue,
+                        id,
+                        token,
+                        retention_ms: 500,
+                    },
+                    1 => Command::Nack {
+                        queue,
+                        id,
+                        token,
+                        error: Some("e".into()),
+                        delay_ms: None,
+                    },
+                    _ => Command::Extend {
+                        queue,
+                        id,
+                        token,
+                        lease_ms: 400,
+                    },
                 }
             }
-            Step::Cancel { id: n } => Command::Cancel { queue: "q".into(), id: id(*n) },
+            Step::Cancel { id: n } => Command::Cancel {
+                queue: "q".into(),
+                id: id(*n),
+            },
             Step::Reschedule { id: n, delay_ms } => Command::Reschedule {
                 queue: "q".into(),
                 id: id(*n),
                 run_at_ms: Some(now + u64::from(*delay_ms)),
                 payload: None,
             },
-            Step::Retry { id: n } => Command::Retry { queue: "q".into(), id: id(*n) },
+            Step::Retry { id: n } => Command::Retry {
+                queue: "q".into(),
+                id: id(*n),
+            },
             Step::Advance { ms } => {
                 flush(&mut pending, now, &mut handed);
                 now += u64::from(*ms);
@@ -394,5 +575,9 @@ pub fn compare_with_oracle(store: &dyn Store, steps: &[Step], batch: usize) {
     flush(&mut pending, now, &mut handed);
     let all = |s: &dyn Store| s.list("q", None, None, 1_000).expect("list").tasks;
     assert_eq!(all(store), all(&oracle), "final task sets differ");
-    assert_eq!(store.queues().unwrap(), oracle.queues().unwrap(), "final counts differ");
+    assert_eq!(
+        store.queues().unwrap(),
+        oracle.queues().unwrap(),
+        "final counts differ"
+    );
 }

@@ -21,7 +21,11 @@ pub trait Txn {
     fn due_add(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError>;
     fn due_remove(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError>;
     /// The first `limit` due-index entries at or before `now_ms`.
-    fn due_upto(&mut self, now_ms: u64, limit: usize) -> Result<Vec<(u64, String, String)>, StoreError>;
+    fn due_upto(
+        &mut self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String, String)>, StoreError>;
     fn ready_add(&mut self, queue: &str, at_ms: u64, id: &str) -> Result<(), StoreError>;
     fn ready_remove(&mut self, queue: &str, at_ms: u64, id: &str) -> Result<(), StoreError>;
     /// Ids of the first `limit` ready tasks of a queue, oldest first.
@@ -30,7 +34,11 @@ pub trait Txn {
 }
 
 /// Replaces `old` by `new` (either may be absent), keeping indexes and counters in step.
-pub fn write<T: Txn + ?Sized>(txn: &mut T, old: Option<&Task>, new: Option<&Task>) -> Result<(), StoreError> {
+pub fn write<T: Txn + ?Sized>(
+    txn: &mut T,
+    old: Option<&Task>,
+    new: Option<&Task>,
+) -> Result<(), StoreError> {
     if let Some(old) = old {
         let (new_due, new_ready) = new.map_or((None, None), |n| (n.due_at_ms(), n.ready_at_ms()));
         if let Some(due) = old.due_at_ms().filter(|d| Some(*d) != new_due) {
@@ -43,10 +51,16 @@ pub fn write<T: Txn + ?Sized>(txn: &mut T, old: Option<&Task>, new: Option<&Task
     }
     match new {
         Some(new) => {
-            if let Some(due) = new.due_at_ms().filter(|d| old.and_then(Task::due_at_ms) != Some(*d)) {
+            if let Some(due) = new
+                .due_at_ms()
+                .filter(|d| old.and_then(Task::due_at_ms) != Some(*d))
+            {
                 txn.due_add(due, &new.queue, &new.id)?;
             }
-            if let Some(at) = new.ready_at_ms().filter(|a| old.and_then(Task::ready_at_ms) != Some(*a)) {
+            if let Some(at) = new
+                .ready_at_ms()
+                .filter(|a| old.and_then(Task::ready_at_ms) != Some(*a))
+            {
                 txn.ready_add(&new.queue, at, &new.id)?;
             }
             txn.count(&new.queue, new.state, 1);
@@ -60,7 +74,11 @@ pub fn write<T: Txn + ?Sized>(txn: &mut T, old: Option<&Task>, new: Option<&Task
 }
 
 /// Applies one command at `now_ms`.
-pub fn apply_one<T: Txn + ?Sized>(txn: &mut T, now_ms: u64, command: &Command) -> Result<Outcome, StoreError> {
+pub fn apply_one<T: Txn + ?Sized>(
+    txn: &mut T,
+    now_ms: u64,
+    command: &Command,
+) -> Result<Outcome, StoreError> {
     match command {
         Command::Schedule(task) => {
             if let Some(existing) = txn.get(&task.queue, &task.id)? {

@@ -35,8 +35,14 @@ pub enum StoreError {
         id: String,
         reason: String,
     },
-    #[error("data file {path} was written with format version {found}; this build reads version {expected}")]
-    FormatVersion { path: String, found: u64, expected: u64 },
+    #[error(
+        "data file {path} was written with format version {found}; this build reads version {expected}"
+    )]
+    FormatVersion {
+        path: String,
+        found: u64,
+        expected: u64,
+    },
     #[error("cannot open data file {path}: {reason}")]
     Open { path: String, reason: String },
 }

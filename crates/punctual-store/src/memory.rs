@@ -30,7 +30,9 @@ impl MemoryStore {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave a half-applied command that matters for a test oracle.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -39,7 +41,8 @@ impl Txn for Inner {
         Ok(self.tasks.get(&(queue.to_owned(), id.to_owned())).cloned())
     }
     fn put(&mut self, task: &Task) -> Result<(), StoreError> {
-        self.tasks.insert((task.queue.clone(), task.id.clone()), task.clone());
+        self.tasks
+            .insert((task.queue.clone(), task.id.clone()), task.clone());
         Ok(())
     }
     fn remove(&mut self, queue: &str, id: &str) -> Result<(), StoreError> {
@@ -54,7 +57,11 @@ impl Txn for Inner {
         self.due.remove(&(due_ms, queue.to_owned(), id.to_owned()));
         Ok(())
     }
-    fn due_upto(&mut self, now_ms: u64, limit: usize) -> Result<Vec<(u64, String, String)>, StoreError> {
+    fn due_upto(
+        &mut self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String, String)>, StoreError> {
         Ok(self
             .due
             .iter()
@@ -93,7 +100,9 @@ impl Store for MemoryStore {
             .iter()
             .map(|command| engine::apply_one(&mut *inner, now_ms, command))
             .collect::<Result<Vec<_>, _>>()?;
-        inner.counts.retain(|_, counts| counts.iter().any(|c| *c != 0));
+        inner
+            .counts
+            .retain(|_, counts| counts.iter().any(|c| *c != 0));
         Ok(outcomes)
     }
 
@@ -101,7 +110,13 @@ impl Store for MemoryStore {
         self.lock().get(queue, id)
     }
 
-    fn list(&self, queue: &str, state: Option<TaskState>, after: Option<&str>, limit: usize) -> Result<Page, StoreError> {
+    fn list(
+        &self,
+        queue: &str,
+        state: Option<TaskState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
         let inner = self.lock();
         let start = (queue.to_owned(), after.unwrap_or("").to_owned());
         let mut page = Page::default();

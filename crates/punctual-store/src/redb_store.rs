@@ -36,7 +36,9 @@ pub struct RedbOptions {
 
 impl Default for RedbOptions {
     fn default() -> Self {
-        RedbOptions { cache_bytes: 64 << 20 }
+        RedbOptions {
+            cache_bytes: 64 << 20,
+        }
     }
 }
 
@@ -59,11 +61,14 @@ impl RedbStore {
             path: path.display().to_string(),
             reason,
         };
-        std::fs::create_dir_all(dir).map_err(|e| open_error(format!("cannot create data dir: {e}")))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| open_error(format!("cannot create data dir: {e}")))?;
         // redb 3.1 asserts (panics) on some damaged files, e.g. one cut short, instead of returning an
         // error; turn that into the same clear startup error as any other unreadable file.
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Database::builder().set_cache_size(options.cache_bytes).create(&path)
+            Database::builder()
+                .set_cache_size(options.cache_bytes)
+                .create(&path)
         }));
         let db = match opened {
             Ok(result) => result.map_err(|e| open_error(e.to_string()))?,
@@ -101,7 +106,10 @@ impl RedbStore {
         wtx.set_two_phase_commit(true);
         {
             let mut meta = wtx.open_table(META).map_err(storage)?;
-            let found = meta.get("format_version").map_err(storage)?.map(|v| v.value());
+            let found = meta
+                .get("format_version")
+                .map_err(storage)?
+                .map(|v| v.value());
             match found {
                 Some(v) if v != u64::from(FORMAT_VERSION) => {
                     return Err(StoreError::FormatVersion {
@@ -223,7 +231,11 @@ impl Txn for RedbTxn<'_> {
         self.due.remove((due_ms, queue, id)).map_err(storage)?;
         Ok(())
     }
-    fn due_upto(&mut self, now_ms: u64, limit: usize) -> Result<Vec<(u64, String, String)>, StoreError> {
+    fn due_upto(
+        &mut self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String, String)>, StoreError> {
         let mut out = Vec::new();
         for entry in self.due.iter().map_err(storage)? {
             let (key, _) = entry.map_err(storage)?;
@@ -284,12 +296,21 @@ impl Store for RedbStore {
         }
     }
 
-    fn list(&self, queue: &str, state: Option<TaskState>, after: Option<&str>, limit: usize) -> Result<Page, StoreError> {
+    fn list(
+        &self,
+        queue: &str,
+        state: Option<TaskState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
         let rtx = self.db.begin_read().map_err(storage)?;
         let tasks = rtx.open_table(TASKS).map_err(storage)?;
         let mut page = Page::default();
         let mut scanned = 0;
-        for entry in tasks.range((queue, after.unwrap_or(""))..).map_err(storage)? {
+        for entry in tasks
+            .range((queue, after.unwrap_or(""))..)
+            .map_err(storage)?
+        {
             let (key, value) = entry.map_err(storage)?;
             let (q, id) = key.value();
             if q != queue {

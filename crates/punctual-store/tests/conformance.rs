@@ -5,7 +5,11 @@ use punctual_store::conformance::{self, Step};
 use punctual_store::{MemoryStore, RedbOptions, RedbStore, Store};
 
 fn temp_dir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("punctual-store-{tag}-{}-{}", std::process::id(), unique()));
+    let dir = std::env::temp_dir().join(format!(
+        "punctual-store-{tag}-{}-{}",
+        std::process::id(),
+        unique()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -32,7 +36,13 @@ fn redb_store_conforms() {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        (any::<u8>(), 0u16..600, any::<u8>()).prop_map(|(id, delay_ms, max_attempts)| Step::Schedule { id, delay_ms, max_attempts }),
+        (any::<u8>(), 0u16..600, any::<u8>()).prop_map(|(id, delay_ms, max_attempts)| {
+            Step::Schedule {
+                id,
+                delay_ms,
+                max_attempts,
+            }
+        }),
         any::<u8>().prop_map(|max| Step::Reserve { max }),
         (any::<u8>(), any::<u8>()).prop_map(|(nth, how)| Step::Settle { nth, how }),
         any::<u8>().prop_map(|id| Step::Cancel { id }),
@@ -69,7 +79,10 @@ fn redb_keeps_everything_across_reopen() {
 fn garbage_data_file_is_a_clear_error() {
     let dir = temp_dir("garbage");
     std::fs::write(dir.join("punctual.redb"), vec![0x5a; 64 * 1024]).unwrap();
-    let error = RedbStore::open(&dir, &RedbOptions::default()).err().expect("must refuse").to_string();
+    let error = RedbStore::open(&dir, &RedbOptions::default())
+        .err()
+        .expect("must refuse")
+        .to_string();
     assert!(error.contains("punctual.redb"), "{error}");
 }
 

@@ -101,7 +101,8 @@ impl Server {
     }
 
     fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -174,7 +175,10 @@ fn bodies(first: u64, count: u64, batch: usize, due: impl Fn(u64) -> String) -> 
             if n > i {
                 body.push(',');
             }
-            body.push_str(&format!("{{\"id\":\"t{n}\",\"payload\":{{\"n\":{n}}},{}}}", due(n)));
+            body.push_str(&format!(
+                "{{\"id\":\"t{n}\",\"payload\":{{\"n\":{n}}},{}}}",
+                due(n)
+            ));
         }
         body.push_str("]}");
         out.push(body.into_bytes());
@@ -184,16 +188,28 @@ fn bodies(first: u64, count: u64, batch: usize, due: impl Fn(u64) -> String) -> 
 }
 
 /// Sends the bodies over `connections` concurrent connections; returns (tasks accepted, seconds).
-async fn ingest(http: &reqwest::Client, url: &str, bodies: Vec<Vec<u8>>, connections: usize) -> Result<(u64, f64)> {
+async fn ingest(
+    http: &reqwest::Client,
+    url: &str,
+    bodies: Vec<Vec<u8>>,
+    connections: usize,
+) -> Result<(u64, f64)> {
     let queue = Arc::new(Mutex::new(bodies));
     let accepted = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..connections.max(1) {
-        let (http, url, queue, accepted) = (http.clone(), url.to_owned(), queue.clone(), accepted.clone());
+        let (http, url, queue, accepted) = (
+            http.clone(),
+            url.to_owned(),
+            queue.clone(),
+            accepted.clone(),
+        );
         workers.push(tokio::spawn(async move {
             loop {
-                let Some(body) = queue.lock().await.pop() else { return Ok::<(), anyhow::Error>(()) };
+                let Some(body) = queue.lock().await.pop() else {
+                    return Ok::<(), anyhow::Error>(());
+                };
                 let response = http
                     .post(format!("{url}/v1/queues/bench/batch"))
                     .header("content-type", "application/json")
@@ -204,9 +220,11 @@ async fn ingest(http: &reqwest::Client, url: &str, bodies: Vec<Vec<u8>>, connect
                     bail!("batch answered {}", response.status());
                 }
                 let answer: Value = response.json().await?;
-                let ok = answer["results"]
-                    .as_array()
-                    .map_or(0, |r| r.iter().filter(|x| x["status"] == 201 || x["status"] == 200).count());
+                let ok = answer["results"].as_array().map_or(0, |r| {
+                    r.iter()
+                        .filter(|x| x["status"] == 201 || x["status"] == 200)
+                        .count()
+                });
                 accepted.fetch_add(ok as u64, Ordering::Relaxed);
             }
         }));
@@ -214,7 +232,10 @@ async fn ingest(http: &reqwest::Client, url: &str, bodies: Vec<Vec<u8>>, connect
     for worker in workers {
         worker.await??;
     }
-    Ok((accepted.load(Ordering::Relaxed), started.elapsed().as_secs_f64()))
+    Ok((
+        accepted.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+    ))
 }
 
 const THIRTY_DAYS_MS: u64 = 30 * 86_400_000;
@@ -288,12 +309,21 @@ async fn consume(
     let seen = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
     let received = Arc::new(AtomicU64::new(0));
     let duplicates = Arc::new(AtomicU64::new(0));
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1,
+        600_000_000,
+        3,
+    )?));
     let deadline = Instant::now() + give_up_after;
     let mut workers = Vec::new();
     for _ in 0..consumers {
         let (http, url) = (http.clone(), url.to_owned());
-        let (seen, received, duplicates, hist) = (seen.clone(), received.clone(), duplicates.clone(), hist.clone());
+        let (seen, received, duplicates, hist) = (
+            seen.clone(),
+            received.clone(),
+            duplicates.clone(),
+            hist.clone(),
+        );
         workers.push(tokio::spawn(async move {
             let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
             let acker = {
@@ -325,7 +355,9 @@ async fn consume(
                     continue;
                 };
                 let at_us = now_us();
-                let Ok(body) = response.json::<Value>().await else { continue };
+                let Ok(body) = response.json::<Value>().await else {
+                    continue;
+                };
                 let tasks = body["tasks"].as_array().cloned().unwrap_or_default();
                 let mut lateness = Vec::with_capacity(tasks.len());
                 for task in &tasks {
@@ -335,7 +367,8 @@ async fn consume(
                     if !seen.lock().await.insert(id.clone()) {
                         duplicates.fetch_add(1, Ordering::Relaxed);
                     }
-                    let _ = ack_tx.send((id, task["lease_token"].as_str().unwrap_or("").to_owned()));
+                    let _ =
+                        ack_tx.send((id, task["lease_token"].as_str().unwrap_or("").to_owned()));
                 }
                 received.fetch_add(tasks.len() as u64, Ordering::Relaxed);
                 let mut h = hist.lock().await;
@@ -371,9 +404,13 @@ async fn scenario_burst(opts: &BenchOpts, http: &reqwest::Client, extra: &[Strin
     let start_ms = now_us() / 1000 + lead_ms;
     let burst_bodies = bodies(opts.tasks, opts.burst, opts.batch, |n| {
         let at = start_ms + (n - opts.tasks) * over_ms / opts.burst.max(1);
-        format!("\"run_at\":\"{}\"", punctual_core::time::format_rfc3339_ms(at))
+        format!(
+            "\"run_at\":\"{}\"",
+            punctual_core::time::format_rfc3339_ms(at)
+        )
     });
-    let (burst_accepted, burst_secs) = ingest(http, &server.url, burst_bodies, opts.connections).await?;
+    let (burst_accepted, burst_secs) =
+        ingest(http, &server.url, burst_bodies, opts.connections).await?;
     let slack_ms = (start_ms * 1000).saturating_sub(now_us()) / 1000;
     println!(
         "burst: {burst_accepted} tasks due over {over_ms} ms scheduled in {burst_secs:.1} s; first due in {slack_ms} ms"
@@ -408,12 +445,19 @@ async fn scenario_burst(opts: &BenchOpts, http: &reqwest::Client, extra: &[Strin
         ms(h.value_at_quantile(0.999)),
         ms(h.max())
     );
-    println!("burst: server RSS {:.1} MiB", server.rss_bytes() as f64 / 1048576.0);
+    println!(
+        "burst: server RSS {:.1} MiB",
+        server.rss_bytes() as f64 / 1048576.0
+    );
     server.stop();
     Ok(())
 }
 
-async fn scenario_restart(opts: &BenchOpts, http: &reqwest::Client, extra: &[String]) -> Result<()> {
+async fn scenario_restart(
+    opts: &BenchOpts,
+    http: &reqwest::Client,
+    extra: &[String],
+) -> Result<()> {
     let dir = work_dir(opts, "restart")?;
     let mut server = Server::start(&dir, extra)?;
     wait_healthy(http, &server.url, Duration::from_secs(30)).await?;
@@ -451,8 +495,14 @@ async fn scenario_restart(opts: &BenchOpts, http: &reqwest::Client, extra: &[Str
 }
 
 pub async fn run(opts: BenchOpts) -> Result<()> {
-    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
-    let extra: Vec<String> = opts.serve_args.split_whitespace().map(str::to_owned).collect();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let extra: Vec<String> = opts
+        .serve_args
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
     println!(
         "punctual bench {} on {} cores (server and load generator share the machine)",
         env!("CARGO_PKG_VERSION"),

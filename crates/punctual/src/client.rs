@@ -14,7 +14,10 @@ pub struct Client {
 
 /// A non-2xx answer, with the server's error code and message.
 fn describe_error(status: reqwest::StatusCode, body: &Value) -> String {
-    match (body["error"]["code"].as_str(), body["error"]["message"].as_str()) {
+    match (
+        body["error"]["code"].as_str(),
+        body["error"]["message"].as_str(),
+    ) {
         (Some(code), Some(message)) => format!("{status}: {code}: {message}"),
         _ => format!("{status}: {body}"),
     }
@@ -46,7 +49,12 @@ impl Client {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<(reqwest::StatusCode, Value)> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(reqwest::StatusCode, Value)> {
         let url = format!("{}{path}", self.base);
         let mut request = self.http.request(method, &url);
         if let Some(body) = body {
@@ -57,7 +65,10 @@ impl Client {
             .await
             .with_context(|| format!("cannot reach the Punctual server at {}", self.base))?;
         let status = response.status();
-        let text = response.text().await.context("reading the server's answer")?;
+        let text = response
+            .text()
+            .await
+            .context("reading the server's answer")?;
         let body = if text.is_empty() {
             Value::Null
         } else {
@@ -78,7 +89,10 @@ impl Client {
         println!("id           {}", task["id"].as_str().unwrap_or(""));
         println!("state        {}", task["state"].as_str().unwrap_or(""));
         println!("run_at       {}", task["run_at"].as_str().unwrap_or(""));
-        println!("attempt      {} of {}", task["attempt"], task["max_attempts"]);
+        println!(
+            "attempt      {} of {}",
+            task["attempt"], task["max_attempts"]
+        );
         if let Some(error) = task["last_error"].as_str() {
             println!("last_error   {error}");
         }
@@ -94,12 +108,17 @@ impl Client {
         }
         match (spec.in_, spec.at) {
             (Some(_), Some(_)) => bail!("give --in or --at, not both"),
-            (Some(delay), None) => body["delay_ms"] = parse_duration_ms(&delay).map_err(anyhow::Error::msg)?.into(),
+            (Some(delay), None) => {
+                body["delay_ms"] = parse_duration_ms(&delay)
+                    .map_err(anyhow::Error::msg)?
+                    .into()
+            }
             (None, Some(at)) => body["run_at"] = at.into(),
             (None, None) => {}
         }
         if let Some(payload) = spec.payload {
-            body["payload"] = serde_json::from_str(&payload).context("--payload must be JSON (quote strings: '\"text\"')")?;
+            body["payload"] = serde_json::from_str(&payload)
+                .context("--payload must be JSON (quote strings: '\"text\"')")?;
         }
         if let Some(n) = spec.max_attempts {
             body["max_attempts"] = n.into();
@@ -116,12 +135,20 @@ impl Client {
             body["webhook"] = json!({ "url": url });
         }
         let (status, task) = self
-            .call(reqwest::Method::POST, &format!("/v1/queues/{}/tasks", segment(queue)), Some(body))
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/queues/{}/tasks", segment(queue)),
+                Some(body),
+            )
             .await?;
         if !self.json {
             println!(
                 "{} {} in {} at {}",
-                if status == reqwest::StatusCode::CREATED { "scheduled" } else { "already scheduled:" },
+                if status == reqwest::StatusCode::CREATED {
+                    "scheduled"
+                } else {
+                    "already scheduled:"
+                },
                 task["id"].as_str().unwrap_or(""),
                 queue,
                 task["run_at"].as_str().unwrap_or("")
@@ -134,15 +161,23 @@ impl Client {
 
     pub async fn get(&self, queue: &str, id: &str) -> Result<()> {
         let (_, task) = self
-            .call(reqwest::Method::GET, &format!("/v1/queues/{}/tasks/{}", segment(queue), segment(id)), None)
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/queues/{}/tasks/{}", segment(queue), segment(id)),
+                None,
+            )
             .await?;
         self.print_task(&task);
         Ok(())
     }
 
     pub async fn cancel(&self, queue: &str, id: &str) -> Result<()> {
-        self.call(reqwest::Method::DELETE, &format!("/v1/queues/{}/tasks/{}", segment(queue), segment(id)), None)
-            .await?;
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/queues/{}/tasks/{}", segment(queue), segment(id)),
+            None,
+        )
+        .await?;
         if self.json {
             println!("{}", json!({"cancelled": id}));
         } else {
@@ -151,11 +186,22 @@ impl Client {
         Ok(())
     }
 
-    pub async fn reschedule(&self, queue: &str, id: &str, in_: Option<String>, at: Option<String>, payload: Option<String>) -> Result<()> {
+    pub async fn reschedule(
+        &self,
+        queue: &str,
+        id: &str,
+        in_: Option<String>,
+        at: Option<String>,
+        payload: Option<String>,
+    ) -> Result<()> {
         let mut body = json!({});
         match (in_, at) {
             (Some(_), Some(_)) => bail!("give --in or --at, not both"),
-            (Some(delay), None) => body["delay_ms"] = parse_duration_ms(&delay).map_err(anyhow::Error::msg)?.into(),
+            (Some(delay), None) => {
+                body["delay_ms"] = parse_duration_ms(&delay)
+                    .map_err(anyhow::Error::msg)?
+                    .into()
+            }
             (None, Some(at)) => body["run_at"] = at.into(),
             (None, None) => {}
         }
@@ -163,7 +209,11 @@ impl Client {
             body["payload"] = serde_json::from_str(&payload).context("--payload must be JSON")?;
         }
         let (_, task) = self
-            .call(reqwest::Method::PATCH, &format!("/v1/queues/{}/tasks/{}", segment(queue), segment(id)), Some(body))
+            .call(
+                reqwest::Method::PATCH,
+                &format!("/v1/queues/{}/tasks/{}", segment(queue), segment(id)),
+                Some(body),
+            )
             .await?;
         self.print_task(&task);
         Ok(())
@@ -173,10 +223,17 @@ impl Client {
         let mut printed = 0usize;
         let mut cursor: Option<String> = None;
         if !self.json {
-            println!("{:<36} {:<10} {:<25} {:>8}", "ID", "STATE", "RUN_AT", "ATTEMPT");
+            println!(
+                "{:<36} {:<10} {:<25} {:>8}",
+                "ID", "STATE", "RUN_AT", "ATTEMPT"
+            );
         }
         while printed < limit {
-            let mut path = format!("/v1/queues/{}/tasks?limit={}", segment(queue), (limit - printed).min(1000));
+            let mut path = format!(
+                "/v1/queues/{}/tasks?limit={}",
+                segment(queue),
+                (limit - printed).min(1000)
+            );
             if let Some(state) = &state {
                 path.push_str(&format!("&state={}", segment(state)));
             }
@@ -210,7 +267,13 @@ impl Client {
     pub async fn stats(&self, queue: Option<&str>) -> Result<()> {
         let queues = match queue {
             Some(queue) => {
-                let (_, counts) = self.call(reqwest::Method::GET, &format!("/v1/queues/{}", segment(queue)), None).await?;
+                let (_, counts) = self
+                    .call(
+                        reqwest::Method::GET,
+                        &format!("/v1/queues/{}", segment(queue)),
+                        None,
+                    )
+                    .await?;
                 vec![counts]
             }
             None => {

@@ -27,7 +27,12 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct ClientOpts {
     /// The server to talk to.
-    #[arg(long, env = "PUNCTUAL_URL", default_value = "http://127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "PUNCTUAL_URL",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
     server: String,
     /// Print JSON instead of tables (one object per line).
     #[arg(long, global = true)]
@@ -231,9 +236,21 @@ async fn main() {
             }
             Err(e) => Err(e),
         },
-        Cmd::Get { queue, id, client } => async { Client::new(&client.server, client.json)?.get(&queue, &id).await }.await,
+        Cmd::Get { queue, id, client } => {
+            async {
+                Client::new(&client.server, client.json)?
+                    .get(&queue, &id)
+                    .await
+            }
+            .await
+        }
         Cmd::Cancel { queue, id, client } => {
-            async { Client::new(&client.server, client.json)?.cancel(&queue, &id).await }.await
+            async {
+                Client::new(&client.server, client.json)?
+                    .cancel(&queue, &id)
+                    .await
+            }
+            .await
         }
         Cmd::Reschedule {
             queue,
@@ -255,9 +272,21 @@ async fn main() {
             state,
             limit,
             client,
-        } => async { Client::new(&client.server, client.json)?.ls(&queue, state, limit).await }.await,
+        } => {
+            async {
+                Client::new(&client.server, client.json)?
+                    .ls(&queue, state, limit)
+                    .await
+            }
+            .await
+        }
         Cmd::Stats { queue, client } => {
-            async { Client::new(&client.server, client.json)?.stats(queue.as_deref()).await }.await
+            async {
+                Client::new(&client.server, client.json)?
+                    .stats(queue.as_deref())
+                    .await
+            }
+            .await
         }
         Cmd::Bench(opts) => bench::run(opts).await,
     };

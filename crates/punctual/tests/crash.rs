@@ -28,7 +28,13 @@ struct Model {
 
 type Shared = Arc<Mutex<Model>>;
 
-async fn schedule_some(http: &reqwest::Client, url: &str, model: &Shared, first: u64, rng_bits: u64) {
+async fn schedule_some(
+    http: &reqwest::Client,
+    url: &str,
+    model: &Shared,
+    first: u64,
+    rng_bits: u64,
+) {
     let tasks: Vec<Value> = (0..20)
         .map(|i| {
             let n = first + i;
@@ -45,17 +51,26 @@ async fn schedule_some(http: &reqwest::Client, url: &str, model: &Shared, first:
     else {
         return;
     };
-    let Ok(answer) = response.json::<Value>().await else { return };
+    let Ok(answer) = response.json::<Value>().await else {
+        return;
+    };
     let mut m = model.lock().unwrap();
     for item in answer["results"].as_array().into_iter().flatten() {
         if item["status"] == 201 || item["status"] == 200 {
-            m.scheduled.insert(item["task"]["id"].as_str().unwrap().to_owned());
+            m.scheduled
+                .insert(item["task"]["id"].as_str().unwrap().to_owned());
         }
     }
 }
 
 /// Reserves and settles tasks: ack most, nack some, abandon a few (their lease must expire).
-async fn consume_some(http: &reqwest::Client, url: &str, model: &Shared, choice: u64, max: usize) -> usize {
+async fn consume_some(
+    http: &reqwest::Client,
+    url: &str,
+    model: &Shared,
+    choice: u64,
+    max: usize,
+) -> usize {
     let Ok(response) = http
         .post(format!("{url}/v1/queues/crash/reserve"))
         .json(&json!({"max": max, "wait_ms": 100, "lease_ms": 400}))
@@ -64,7 +79,9 @@ async fn consume_some(http: &reqwest::Client, url: &str, model: &Shared, choice:
     else {
         return 0;
     };
-    let Ok(answer) = response.json::<Value>().await else { return 0 };
+    let Ok(answer) = response.json::<Value>().await else {
+        return 0;
+    };
     let tasks = answer["tasks"].as_array().cloned().unwrap_or_default();
     let mut settles = Vec::new();
     for (i, task) in tasks.iter().enumerate() {
@@ -113,13 +130,20 @@ async fn consume_some(http: &reqwest::Client, url: &str, model: &Shared, choice:
 async fn cancel_one(http: &reqwest::Client, url: &str, model: &Shared, pick: u64) {
     let id = {
         let m = model.lock().unwrap();
-        let candidates: Vec<&String> = m.scheduled.iter().filter(|id| !m.acked.contains(*id)).collect();
+        let candidates: Vec<&String> = m
+            .scheduled
+            .iter()
+            .filter(|id| !m.acked.contains(*id))
+            .collect();
         if candidates.is_empty() {
             return;
         }
         candidates[(pick as usize) % candidates.len()].clone()
     };
-    if let Ok(r) = http.delete(format!("{url}/v1/queues/crash/tasks/{id}")).send().await
+    if let Ok(r) = http
+        .delete(format!("{url}/v1/queues/crash/tasks/{id}"))
+        .send()
+        .await
         && r.status() == 204
     {
         model.lock().unwrap().cancelled.insert(id);
@@ -133,16 +157,27 @@ async fn verify(http: &reqwest::Client, url: &str, model: &Shared) {
         (m.scheduled.clone(), m.cancelled.clone(), m.acked.clone())
     };
     for id in &scheduled {
-        let response = http.get(format!("{url}/v1/queues/crash/tasks/{id}")).send().await.unwrap();
+        let response = http
+            .get(format!("{url}/v1/queues/crash/tasks/{id}"))
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         if cancelled.contains(id) {
             assert_eq!(status, 404, "cancelled task {id} came back");
             continue;
         }
-        assert_eq!(status, 200, "acknowledged task {id} is missing after the crash");
+        assert_eq!(
+            status, 200,
+            "acknowledged task {id} is missing after the crash"
+        );
         let task: Value = response.json().await.unwrap();
         if acked.contains(id) {
-            assert_eq!(task["state"], "succeeded", "acked task {id} is {}", task["state"]);
+            assert_eq!(
+                task["state"], "succeeded",
+                "acked task {id} is {}",
+                task["state"]
+            );
         }
     }
 }
@@ -152,7 +187,10 @@ async fn sigkill_at_random_moments_loses_and_resurrects_nothing() {
     let mut rng = Rng::from_env_or_time();
     let dir = temp_dir("crash");
     let mut server = Server::start(&dir, &[]).await;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
     let model: Shared = Arc::default();
     let mut next_id = 0u64;
 
@@ -203,7 +241,11 @@ async fn sigkill_at_random_moments_loses_and_resurrects_nothing() {
             m.acked.len(),
             m.cancelled.len()
         );
-        assert!(m.redelivered_after_ack.is_empty(), "acked tasks delivered again: {:?}", m.redelivered_after_ack);
+        assert!(
+            m.redelivered_after_ack.is_empty(),
+            "acked tasks delivered again: {:?}",
+            m.redelivered_after_ack
+        );
     }
 
     // Drain: every task that was not cancelled must eventually be delivered and acked, including those
@@ -221,12 +263,19 @@ async fn sigkill_at_random_moments_loses_and_resurrects_nothing() {
         if outstanding.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "{} tasks never completed, e.g. {:?}", outstanding.len(), &outstanding[..outstanding.len().min(5)]);
+        assert!(
+            Instant::now() < deadline,
+            "{} tasks never completed, e.g. {:?}",
+            outstanding.len(),
+            &outstanding[..outstanding.len().min(5)]
+        );
         // Ack everything from here on, with four consumers.
         let drains: Vec<_> = (0..4)
             .map(|_| {
                 let (http, url, model) = (http.clone(), server.url.clone(), model.clone());
-                tokio::spawn(async move { consume_some(&http, &url, &model, 0x3333_3333_3333_3333, 100).await })
+                tokio::spawn(async move {
+                    consume_some(&http, &url, &model, 0x3333_3333_3333_3333, 100).await
+                })
             })
             .collect();
         for drain in drains {
@@ -235,7 +284,15 @@ async fn sigkill_at_random_moments_loses_and_resurrects_nothing() {
     }
     verify(&http, &server.url, &model).await;
     let m = model.lock().unwrap();
-    assert!(m.redelivered_after_ack.is_empty(), "acked tasks delivered again: {:?}", m.redelivered_after_ack);
-    assert!(m.acked.len() > 100, "the load did too little to mean anything: {} acked", m.acked.len());
+    assert!(
+        m.redelivered_after_ack.is_empty(),
+        "acked tasks delivered again: {:?}",
+        m.redelivered_after_ack
+    );
+    assert!(
+        m.acked.len() > 100,
+        "the load did too little to mean anything: {} acked",
+        m.acked.len()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

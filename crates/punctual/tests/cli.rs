@@ -1,0 +1,196 @@
+//! The binary end to end: client commands against a real server, clean stop on SIGTERM, and a clear
+//! startup error for a damaged data file.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{Server, bin, temp_dir};
+
+fn punctual(server: &Server, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env("PUNCTUAL_URL", &server.url)
+        .output()
+        .expect("run punctual")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_work_against_a_real_server() {
+    let dir = temp_dir("cli");
+    let server = Server::start(&dir, &[]).await;
+
+    let out = stdout(&punctual(
+        &server,
+        &[
+            "schedule",
+            "orders",
+            "--in",
+            "30m",
+            "--id",
+            "o-1",
+            "--payload",
+            r#"{"order":1}"#,
+            "--max-attempts",
+            "3",
+            "--backoff",
+            "10s,30s,1m",
+        ],
+    ));
+    assert!(out.starts_with("scheduled o-1 in orders at "), "{out}");
+    let again = stdout(&punctual(
+        &server,
+        &[
+            "schedule",
+            "orders",
+            "--in",
+            "30m",
+            "--id",
+            "o-1",
+            "--payload",
+            r#"{"order":1}"#,
+            "--max-attempts",
+            "3",
+            "--backoff",
+            "10s,30s,1m",
+        ],
+    ));
+    assert!(again.starts_with("already scheduled"), "{again}");
+
+    let json = stdout(&punctual(&server, &["get", "orders", "o-1", "--json"]));
+    let task: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(task["state"], "scheduled");
+    assert_eq!(
+        task["backoff_ms"],
+        serde_json::json!([10_000, 30_000, 60_000])
+    );
+    assert_eq!(task["max_attempts"], 3);
+
+    let moved = stdout(&punctual(
+        &server,
+        &[
+            "reschedule",
+            "orders",
+            "o-1",
+            "--at",
+            "2030-01-01T00:00:00Z",
+            "--json",
+        ],
+    ));
+    assert!(moved.contains("2030-01-01T00:00:00.000Z"), "{moved}");
+
+    stdout(&punctual(
+        &server,
+        &["schedule", "orders", "--in", "1h", "--id", "o-2"],
+    ));
+    let listing = stdout(&punctual(
+        &server,
+        &["ls", "orders", "--state", "scheduled"],
+    ));
+    assert!(
+        listing.contains("o-1") && listing.contains("o-2"),
+        "{listing}"
+    );
+
+    let stats = stdout(&punctual(&server, &["stats"]));
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("orders") && l.split_whitespace().nth(1) == Some("2")),
+        "{stats}"
+    );
+
+    stdout(&punctual(&server, &["cancel", "orders", "o-2"]));
+    let missing = punctual(&server, &["get", "orders", "o-2"]);
+    assert!(!missing.status.success());
+    let error = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        error.contains("404") && error.contains("not_found"),
+        "{error}"
+    );
+
+    let bad = punctual(&server, &["schedule", "orders", "--in", "soon"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid duration"));
+
+    let away = Command::new(bin())
+        .args(["get", "orders", "o-1", "--server", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&away.stderr).contains("cannot reach"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_and_data_survives() {
+    let dir = temp_dir("term");
+    let mut server = Server::start(&dir, &[]).await;
+    stdout(&punctual(
+        &server,
+        &["schedule", "q", "--in", "1h", "--id", "keep"],
+    ));
+    // A long-poll in flight must not hold up the shutdown.
+    let url = server.url.clone();
+    let poll = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{url}/v1/queues/q/reserve"))
+            .body(r#"{"wait_ms": 60000}"#)
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    assert!(
+        Command::new("kill")
+            .arg(server.child.id().to_string())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    let answer = poll.await.unwrap().expect("the long-poll got an answer");
+    assert!(answer.status().is_success());
+    server.restart().await;
+    let got = stdout(&punctual(&server, &["get", "q", "keep"]));
+    assert!(got.contains("scheduled"), "{got}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_damaged_data_file_is_a_clear_startup_error() {
+    let dir = temp_dir("damaged");
+    std::fs::write(
+        dir.join("punctual.redb"),
+        b"this is not a database at all, not even close".repeat(100),
+    )
+    .unwrap();
+    let output = Command::new(bin())
+        .args(["serve", "--http", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.contains("punctual.redb") && error.contains("error"),
+        "{error}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
