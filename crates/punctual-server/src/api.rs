@@ -25,14 +25,12 @@ use tokio::sync::watch;
 use crate::clock::Clock;
 use crate::config::ServerConfig;
 use crate::error::ApiError;
-use crate::waiters::Waiters;
-use crate::writer::Writer;
+use crate::writer::{Park, Writer};
 
 /// Everything a handler needs.
 pub struct Shared {
     pub store: Arc<dyn Store>,
     pub writer: Writer,
-    pub waiters: Arc<Waiters>,
     pub config: ServerConfig,
     pub clock: Clock,
     pub shutdown: watch::Receiver<bool>,
@@ -837,35 +835,53 @@ async fn reserve(
     if let Some(lease_ms) = request.lease_ms {
         check_lease_ms(&state, lease_ms, "lease_ms")?;
     }
-    let deadline_ms = state.clock.now_ms() + wait_ms;
-    let notify = state.waiters.get(&queue);
-    let mut shutdown = state.shutdown.clone();
-    loop {
-        // Register for wake-ups before looking, so a task that becomes ready in between is not missed.
-        let notified = notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let command = Command::Reserve {
-            queue: queue.clone(),
-            max,
-            lease_ms: request.lease_ms,
-            default_lease_ms: state.config.default_lease_ms,
-            token_prefix: format!("{}.", state.ids.next()),
-        };
-        let tasks = match state.writer.submit_one(command).await? {
-            Outcome::Reserved(tasks) => tasks,
-            other => return Err(unexpected(&other)),
-        };
-        if !tasks.is_empty() || state.clock.now_ms() >= deadline_ms || *shutdown.borrow() {
-            let views: Vec<TaskView<'_>> = tasks.iter().map(|t| view(t, true)).collect();
-            return Ok(axum::Json(TasksAnswer { tasks: views }).into_response());
-        }
-        tokio::select! {
-            _ = &mut notified => {}
-            _ = tokio::time::sleep_until(state.clock.instant_at(deadline_ms)) => {}
-            _ = shutdown.changed() => {}
-        }
+    let command = Command::Reserve {
+        queue: queue.clone(),
+        max,
+        lease_ms: request.lease_ms,
+        default_lease_ms: state.config.default_lease_ms,
+        token_prefix: format!("{}.", state.ids.next()),
+    };
+    let tasks = match state.writer.submit_one(command).await? {
+        Outcome::Reserved(tasks) => tasks,
+        other => return Err(unexpected(&other)),
+    };
+    if !tasks.is_empty() || wait_ms == 0 || *state.shutdown.borrow() {
+        return Ok(reserve_answer(&tasks));
     }
+    // Nothing ready: park in the writer, which leases tasks to this request the moment they are ready.
+    let deadline_ms = state.clock.now_ms() + wait_ms;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    state.writer.park(Park {
+        queue,
+        max,
+        lease_ms: request.lease_ms,
+        default_lease_ms: state.config.default_lease_ms,
+        token_prefix: format!("{}.", state.ids.next()),
+        deadline_ms,
+        reply,
+    })?;
+    let mut shutdown = state.shutdown.clone();
+    // The writer stops serving the park at its deadline; waiting a little longer here means a lease
+    // made just before the deadline still reaches this client.
+    let give_up = state.clock.instant_at(deadline_ms + PARK_GRACE_MS);
+    tokio::select! {
+        answer = answer => match answer {
+            Ok(Ok(tasks)) => Ok(reserve_answer(&tasks)),
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Ok(reserve_answer(&[])),
+        },
+        _ = tokio::time::sleep_until(give_up) => Ok(reserve_answer(&[])),
+        _ = shutdown.changed() => Ok(reserve_answer(&[])),
+    }
+}
+
+/// How long after a long-poll's deadline the handler still waits for the writer's answer.
+const PARK_GRACE_MS: u64 = 250;
+
+fn reserve_answer(tasks: &[Task]) -> Response {
+    let views: Vec<TaskView<'_>> = tasks.iter().map(|t| view(t, true)).collect();
+    axum::Json(TasksAnswer { tasks: views }).into_response()
 }
 
 #[derive(Deserialize)]

@@ -15,10 +15,19 @@ impl Clock {
             .unwrap_or(0)
     }
 
+    /// Wall-clock time in unix microseconds, for precise sleeps.
+    #[allow(clippy::disallowed_methods)]
+    pub fn now_us(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0)
+    }
+
     /// The tokio instant at which the wall clock reads `at_ms` (now, if that is in the past).
     #[allow(clippy::disallowed_methods)]
     pub fn instant_at(&self, at_ms: u64) -> tokio::time::Instant {
-        let now_ms = self.now_ms();
-        tokio::time::Instant::now() + Duration::from_millis(at_ms.saturating_sub(now_ms))
+        let now_us = self.now_us();
+        tokio::time::Instant::now() + Duration::from_micros((at_ms * 1000).saturating_sub(now_us))
     }
 }

@@ -7,7 +7,6 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod timer;
-pub mod waiters;
 pub mod writer;
 
 use std::future::Future;
@@ -22,14 +21,14 @@ pub use config::ServerConfig;
 
 use crate::api::{IdGen, Shared};
 use crate::timer::Timer;
-use crate::waiters::Waiters;
 use crate::writer::{Effects, Writer};
 
 /// A running server core: writer thread and timer driver, ready to serve its router.
 pub struct App {
     state: api::AppState,
     shutdown: watch::Sender<bool>,
-    driver: tokio::task::JoinHandle<()>,
+    timer: Arc<Timer>,
+    driver: std::thread::JoinHandle<()>,
     writer_thread: std::thread::JoinHandle<()>,
 }
 
@@ -40,29 +39,25 @@ impl App {
         let _ = metrics::handle();
         let clock = Clock;
         let timer = Arc::new(Timer::new(config.window_span_ms, config.window_capacity));
-        let waiters = Arc::new(Waiters::default());
         let (writer, writer_thread) = Writer::start(
             store.clone(),
             clock,
             Effects {
                 timer: timer.clone(),
-                waiters: waiters.clone(),
             },
             config.max_commit_commands,
         );
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let driver = tokio::spawn(timer::drive(
-            timer,
+        let driver = timer::start(
+            timer.clone(),
             store.clone(),
             writer.clone(),
             clock,
             config.tick_limit,
-            shutdown_rx.clone(),
-        ));
+        );
         let state = Arc::new(Shared {
             store,
             writer,
-            waiters,
             config,
             clock,
             shutdown: shutdown_rx,
@@ -71,6 +66,7 @@ impl App {
         App {
             state,
             shutdown,
+            timer,
             driver,
             writer_thread,
         }
@@ -83,15 +79,20 @@ impl App {
     /// Ends long-polls and the timer driver, then waits for the writer to finish what it holds.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
-        let _ = self.driver.await;
+        self.timer.stop();
         let App {
             state,
             writer_thread,
+            driver,
             ..
         } = self;
         state.writer.stop();
         drop(state);
-        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = driver.join();
+            let _ = writer_thread.join();
+        })
+        .await;
     }
 
     /// Signals shutdown without consuming the app (used by graceful HTTP shutdown).

@@ -1,34 +1,62 @@
-//! The timer driver: one tokio task that sleeps until the next due time (or a wake-up), then asks the
+//! The timer driver: one OS thread that sleeps until the next due time (or a wake-up), then asks the
 //! writer to process everything due. Firing, lease expiry and purging all go through this one path.
+//!
+//! It is a plain thread rather than a tokio task because tokio's timer rounds every deadline up to the
+//! next whole millisecond of its own clock, which alone adds up to a millisecond of lateness; a condvar
+//! wait with a timeout sleeps on a high-resolution timer (tens of microseconds here).
 //!
 //! The driver holds only a [`DueWindow`] of distinct upcoming due times, refilled from the store's
 //! due-time index as time advances; the store stays the source of truth.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use punctual_core::DueWindow;
 use punctual_store::{Command, Outcome, Store};
-use tokio::sync::{Notify, watch};
 
 use crate::clock::Clock;
 use crate::writer::Writer;
 
+#[derive(Default)]
+struct Signal {
+    /// Something changed (an earlier due time, or shutdown): re-plan the sleep.
+    woken: bool,
+    stopping: bool,
+}
+
 /// The window shared by the writer (which inserts committed due times) and the driver.
 pub struct Timer {
     window: Mutex<DueWindow>,
-    wake: Notify,
+    signal: Mutex<Signal>,
+    condvar: Condvar,
 }
 
 impl Timer {
     pub fn new(span_ms: u64, capacity: usize) -> Self {
         Timer {
             window: Mutex::new(DueWindow::new(span_ms, capacity)),
-            wake: Notify::new(),
+            signal: Mutex::new(Signal::default()),
+            condvar: Condvar::new(),
         }
     }
 
     fn window(&self) -> MutexGuard<'_, DueWindow> {
         self.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn signal(&self) -> MutexGuard<'_, Signal> {
+        self.signal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake(&self) {
+        self.signal().woken = true;
+        self.condvar.notify_one();
+    }
+
+    /// Ends the driver thread.
+    pub fn stop(&self) {
+        self.signal().stopping = true;
+        self.condvar.notify_one();
     }
 
     /// Records due times that were just committed; wakes the driver if one is earlier than its plan.
@@ -44,7 +72,7 @@ impl Timer {
             }
         }
         if earliest {
-            self.wake.notify_one();
+            self.wake();
         }
     }
 
@@ -63,36 +91,67 @@ impl Timer {
         }
         true
     }
+
+    /// Sleeps until the wall clock reaches `wake_ms`, a wake-up, or shutdown. Returns false on shutdown.
+    fn sleep_until(&self, clock: &Clock, wake_ms: u64) -> bool {
+        let mut signal = self.signal();
+        loop {
+            if signal.stopping {
+                return false;
+            }
+            if signal.woken {
+                signal.woken = false;
+                return true;
+            }
+            let remaining_us = (wake_ms * 1000).saturating_sub(clock.now_us());
+            if remaining_us == 0 {
+                return true;
+            }
+            signal = self
+                .condvar
+                .wait_timeout(signal, Duration::from_micros(remaining_us))
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.signal().stopping
+    }
 }
 
-/// Runs until `shutdown` turns true.
-pub async fn drive(
+/// Starts the driver thread; it runs until [`Timer::stop`].
+pub fn start(
     timer: Arc<Timer>,
     store: Arc<dyn Store>,
     writer: Writer,
     clock: Clock,
     tick_limit: usize,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("punctual-timer".into())
+        .spawn(move || drive(&timer, store.as_ref(), &writer, clock, tick_limit))
+        .expect("spawn timer thread")
+}
+
+fn drive(timer: &Timer, store: &dyn Store, writer: &Writer, clock: Clock, tick_limit: usize) {
+    while !timer.stopping() {
         let now_ms = clock.now_ms();
-        if !timer.refill(store.as_ref(), now_ms) {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if !timer.refill(store, now_ms) {
+            timer.sleep_until(&clock, now_ms + 100);
             continue;
         }
-        let fired = timer.window().poll(now_ms);
-        if fired {
+        if timer.window().poll(now_ms) {
             // Process everything due, in bounded ticks so other writes interleave.
             loop {
-                match writer.submit_one(Command::Tick { limit: tick_limit }).await {
-                    Ok(Outcome::Ticked(report)) if report.more => continue,
-                    Ok(_) => break,
+                match writer.submit_blocking(vec![Command::Tick { limit: tick_limit }]) {
+                    Ok(mut outcomes) => match outcomes.pop() {
+                        Some(Outcome::Ticked(report)) if report.more => continue,
+                        _ => break,
+                    },
                     Err(error) => {
                         tracing::error!(message = %error.message, "timer tick failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        timer.sleep_until(&clock, now_ms + 100);
                         break;
                     }
                 }
@@ -103,10 +162,8 @@ pub async fn drive(
         if wake_ms <= now_ms {
             continue;
         }
-        tokio::select! {
-            _ = tokio::time::sleep_until(clock.instant_at(wake_ms)) => {}
-            _ = timer.wake.notified() => {}
-            _ = shutdown.changed() => {}
+        if !timer.sleep_until(&clock, wake_ms) {
+            return;
         }
     }
 }

@@ -6,10 +6,11 @@
 //! After a commit it applies the side effects: new due times go to the timer window, queues with new
 //! ready tasks wake their long-polls, counters are bumped.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use punctual_core::TaskState;
+use punctual_core::{Task, TaskState};
 use punctual_store::{Command, Outcome, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
@@ -17,7 +18,6 @@ use crate::clock::Clock;
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::timer::Timer;
-use crate::waiters::Waiters;
 
 struct Job {
     commands: Vec<Command>,
@@ -26,6 +26,7 @@ struct Job {
 
 enum Message {
     Job(Job),
+    Park(Park),
     /// Commit what is queued, then end the thread (later submissions get "shutting down").
     Stop,
 }
@@ -39,7 +40,6 @@ pub struct Writer {
 /// What the writer touches after each commit.
 pub struct Effects {
     pub timer: Arc<Timer>,
-    pub waiters: Arc<Waiters>,
 }
 
 impl Writer {
@@ -69,6 +69,26 @@ impl Writer {
         }
     }
 
+    /// Parks a reserve in the writer: it is answered as soon as tasks of its queue are leased to it,
+    /// or with an empty list at shutdown. The caller times out on its own after `deadline_ms`.
+    pub fn park(&self, park: Park) -> Result<(), ApiError> {
+        self.tx
+            .send(Message::Park(park))
+            .map_err(|_| ApiError::unavailable("the server is shutting down"))
+    }
+
+    /// [`submit`](Self::submit) for a plain thread (the timer driver).
+    pub fn submit_blocking(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Message::Job(Job { commands, reply }))
+            .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+        match answer.blocking_recv() {
+            Ok(result) => result.map_err(ApiError::from),
+            Err(_) => Err(ApiError::unavailable("the server is shutting down")),
+        }
+    }
+
     /// Asks the thread to finish what is queued and stop, even while other handles are alive.
     pub fn stop(&self) {
         let _ = self.tx.send(Message::Stop);
@@ -82,6 +102,123 @@ impl Writer {
     }
 }
 
+/// A reserve that found nothing and waits in the writer for tasks of its queue to become ready.
+///
+/// Parking it here, rather than waking the HTTP handler to ask again, lets the writer lease newly ready
+/// tasks to it right after the commit that made them ready: no second trip through the queue of
+/// requests, where it could wait behind another request's fsync.
+pub struct Park {
+    pub queue: String,
+    pub max: usize,
+    pub lease_ms: Option<u64>,
+    pub default_lease_ms: u64,
+    pub token_prefix: String,
+    /// After this the writer no longer serves it; the handler answers empty a little later.
+    pub deadline_ms: u64,
+    pub reply: oneshot::Sender<Result<Vec<Task>, StoreError>>,
+}
+
+impl Park {
+    fn command(&self) -> Command {
+        Command::Reserve {
+            queue: self.queue.clone(),
+            max: self.max,
+            lease_ms: self.lease_ms,
+            default_lease_ms: self.default_lease_ms,
+            token_prefix: self.token_prefix.clone(),
+        }
+    }
+}
+
+struct Loop<'a> {
+    store: &'a dyn Store,
+    clock: Clock,
+    effects: &'a Effects,
+    parked: HashMap<String, VecDeque<Park>>,
+}
+
+fn copy_error(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Poisoned(message) => StoreError::Poisoned(message.clone()),
+        other => StoreError::Storage(other.to_string()),
+    }
+}
+
+impl Loop<'_> {
+    /// Applies one transaction and its side effects; returns the outcomes and the queues that got
+    /// ready tasks.
+    fn apply(&mut self, commands: &[Command]) -> Result<(Vec<Outcome>, Vec<String>), StoreError> {
+        #[allow(clippy::disallowed_methods)]
+        // Measures commit duration only; never drives behavior.
+        let started = Instant::now();
+        let now_ms = self.clock.now_ms();
+        let result = self.store.apply(now_ms, commands);
+        metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::COMMIT_COMMANDS).record(commands.len() as f64);
+        match result {
+            Ok(outcomes) => {
+                let ready = after_commit(self.effects, now_ms, commands, &outcomes);
+                Ok((outcomes, ready))
+            }
+            Err(error) => {
+                tracing::error!(%error, commands = commands.len(), "store commit failed");
+                Err(error)
+            }
+        }
+    }
+
+    /// Applies a transaction, then serves parked reserves of the queues it made ready.
+    fn commit(&mut self, commands: &[Command]) -> Result<Vec<Outcome>, StoreError> {
+        let (outcomes, ready) = self.apply(commands)?;
+        self.serve_parked(&ready);
+        Ok(outcomes)
+    }
+
+    fn park(&mut self, park: Park) {
+        let queue = self.parked.entry(park.queue.clone()).or_default();
+        queue.retain(|p| !p.reply.is_closed());
+        queue.push_back(park);
+    }
+
+    fn serve_parked(&mut self, queues: &[String]) {
+        let now_ms = self.clock.now_ms();
+        let mut waiting: Vec<Park> = Vec::new();
+        for queue in queues {
+            if let Some(list) = self.parked.get_mut(queue) {
+                waiting.extend(
+                    list.drain(..)
+                        .filter(|p| !p.reply.is_closed() && p.deadline_ms > now_ms),
+                );
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        let commands: Vec<Command> = waiting.iter().map(Park::command).collect();
+        match self.apply(&commands) {
+            Ok((outcomes, _)) => {
+                for (park, outcome) in waiting.into_iter().zip(outcomes) {
+                    match outcome {
+                        Outcome::Reserved(tasks) if !tasks.is_empty() => {
+                            if park.reply.send(Ok(tasks)).is_err() {
+                                // The client left between the check and the commit; its leases expire
+                                // and the tasks are handed out again.
+                                tracing::debug!("a long-poll left while being served");
+                            }
+                        }
+                        _ => self.park(park),
+                    }
+                }
+            }
+            Err(error) => {
+                for park in waiting {
+                    let _ = park.reply.send(Err(copy_error(&error)));
+                }
+            }
+        }
+    }
+}
+
 fn run(
     mut rx: mpsc::UnboundedReceiver<Message>,
     store: &dyn Store,
@@ -89,20 +226,37 @@ fn run(
     effects: &Effects,
     max_commit_commands: usize,
 ) {
+    let mut state = Loop {
+        store,
+        clock,
+        effects,
+        parked: HashMap::new(),
+    };
     let mut jobs: Vec<Job> = Vec::new();
-    let mut commands: Vec<Command> = Vec::new();
+    let mut parks: Vec<Park> = Vec::new();
     let mut stopping = false;
     while !stopping {
-        match rx.blocking_recv() {
-            Some(Message::Job(first)) => jobs.push(first),
+        let mut total = match rx.blocking_recv() {
+            Some(Message::Job(first)) => {
+                let n = first.commands.len();
+                jobs.push(first);
+                n
+            }
+            Some(Message::Park(park)) => {
+                parks.push(park);
+                1
+            }
             Some(Message::Stop) | None => break,
-        }
-        let mut total = jobs[0].commands.len();
+        };
         while total < max_commit_commands {
             match rx.try_recv() {
                 Ok(Message::Job(job)) => {
                     total += job.commands.len();
                     jobs.push(job);
+                }
+                Ok(Message::Park(park)) => {
+                    total += 1;
+                    parks.push(park);
                 }
                 Ok(Message::Stop) => {
                     stopping = true;
@@ -111,46 +265,77 @@ fn run(
                 Err(_) => break,
             }
         }
-        let sizes: Vec<usize> = jobs.iter().map(|j| j.commands.len()).collect();
-        for job in &mut jobs {
-            commands.append(&mut job.commands);
+        // Everything gathered was in flight at the same time, so any order is a valid serialization.
+        // Non-durable work (leases, timer ticks) goes first in its own commit so that it never waits
+        // for the fsync of durable work gathered with it.
+        let (durable, fast): (Vec<Job>, Vec<Job>) = jobs
+            .drain(..)
+            .partition(|job| job.commands.iter().any(Command::is_durable));
+        if !fast.is_empty() || !parks.is_empty() {
+            run_jobs(&mut state, fast, std::mem::take(&mut parks));
         }
-        #[allow(clippy::disallowed_methods)]
-        // Measures commit duration only; never drives behavior.
-        let started = Instant::now();
-        let now_ms = clock.now_ms();
-        let result = store.apply(now_ms, &commands);
-        metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(m::COMMIT_COMMANDS).record(commands.len() as f64);
-        match result {
-            Ok(outcomes) => {
-                after_commit(effects, now_ms, &commands, &outcomes);
-                let mut outcomes = outcomes.into_iter();
-                for (job, size) in jobs.drain(..).zip(sizes) {
-                    let _ = job.reply.send(Ok(outcomes.by_ref().take(size).collect()));
-                }
-            }
-            Err(error) => {
-                tracing::error!(%error, commands = commands.len(), "store commit failed");
-                let message = error.to_string();
-                let poisoned = matches!(error, StoreError::Poisoned(_));
-                for job in jobs.drain(..) {
-                    let copy = if poisoned {
-                        StoreError::Poisoned(message.clone())
-                    } else {
-                        StoreError::Storage(message.clone())
-                    };
-                    let _ = job.reply.send(Err(copy));
-                }
-            }
+        if !durable.is_empty() {
+            run_jobs(&mut state, durable, Vec::new());
         }
-        commands.clear();
+    }
+    // Shutting down: long-polls end empty.
+    for (_, list) in state.parked.drain() {
+        for park in list {
+            let _ = park.reply.send(Ok(Vec::new()));
+        }
     }
 }
 
-fn after_commit(effects: &Effects, now_ms: u64, commands: &[Command], outcomes: &[Outcome]) {
+/// Commits the jobs' commands and the parks' reserves in one transaction and answers them.
+fn run_jobs(state: &mut Loop<'_>, jobs: Vec<Job>, parks: Vec<Park>) {
+    let mut commands: Vec<Command> = Vec::with_capacity(jobs.len() + parks.len());
+    let mut sizes = Vec::with_capacity(jobs.len());
+    let mut jobs = jobs;
+    for job in &mut jobs {
+        sizes.push(job.commands.len());
+        commands.append(&mut job.commands);
+    }
+    commands.extend(parks.iter().map(Park::command));
+    match state.commit(&commands) {
+        Ok(outcomes) => {
+            let mut outcomes = outcomes.into_iter();
+            for (job, size) in jobs.into_iter().zip(sizes) {
+                let _ = job.reply.send(Ok(outcomes.by_ref().take(size).collect()));
+            }
+            for (park, outcome) in parks.into_iter().zip(outcomes) {
+                match outcome {
+                    Outcome::Reserved(tasks) if !tasks.is_empty() => {
+                        let _ = park.reply.send(Ok(tasks));
+                    }
+                    _ => state.park(park),
+                }
+            }
+        }
+        Err(error) => {
+            for job in jobs {
+                let _ = job.reply.send(Err(copy_error(&error)));
+            }
+            for park in parks {
+                let _ = park.reply.send(Err(copy_error(&error)));
+            }
+        }
+    }
+}
+
+/// Feeds new due times to the timer and bumps counters; returns the queues that got ready tasks.
+fn after_commit<'a>(
+    effects: &Effects,
+    now_ms: u64,
+    commands: &'a [Command],
+    outcomes: &'a [Outcome],
+) -> Vec<String> {
     let mut due_times: Vec<u64> = Vec::new();
     let mut wake_queues: Vec<&str> = Vec::new();
+    // Counters are summed per (metric, queue) and recorded once per commit: a batch of 1000 schedules
+    // is one registry lookup, not a thousand.
+    let mut counts: HashMap<(&'static str, &str), u64> = HashMap::new();
+    let mut count =
+        |name: &'static str, queue: &'a str, n: u64| *counts.entry((name, queue)).or_default() += n;
     for (command, outcome) in commands.iter().zip(outcomes) {
         match outcome {
             Outcome::Created(task) | Outcome::Updated(task) | Outcome::Acked(task) => {
@@ -165,27 +350,24 @@ fn after_commit(effects: &Effects, now_ms: u64, commands: &[Command], outcomes: 
                     _ => None,
                 };
                 if let Some(name) = counter {
-                    metrics::counter!(name, "queue" => task.queue.clone()).increment(1);
+                    count(name, &task.queue, 1);
                 }
                 if matches!(command, Command::Nack { .. }) && task.state == TaskState::Dead {
-                    metrics::counter!(m::DEAD, "queue" => task.queue.clone()).increment(1);
+                    count(m::DEAD, &task.queue, 1);
                 }
             }
             Outcome::Reserved(tasks) => {
-                for task in tasks {
-                    due_times.extend(task.due_at_ms());
-                    let lateness_ms = now_ms.saturating_sub(task.run_at_ms);
-                    metrics::histogram!(m::LATENESS, "queue" => task.queue.clone())
-                        .record(lateness_ms as f64 / 1000.0);
-                }
-                if let Some(task) = tasks.first() {
-                    metrics::counter!(m::DELIVERED, "queue" => task.queue.clone())
-                        .increment(tasks.len() as u64);
+                if let Some(first) = tasks.first() {
+                    let lateness = metrics::histogram!(m::LATENESS, "queue" => first.queue.clone());
+                    for task in tasks {
+                        due_times.extend(task.due_at_ms());
+                        let lateness_ms = now_ms.saturating_sub(task.run_at_ms);
+                        lateness.record(lateness_ms as f64 / 1000.0);
+                    }
+                    count(m::DELIVERED, &first.queue, tasks.len() as u64);
                 }
             }
-            Outcome::Cancelled(task) => {
-                metrics::counter!(m::CANCELLED, "queue" => task.queue.clone()).increment(1);
-            }
+            Outcome::Cancelled(task) => count(m::CANCELLED, &task.queue, 1),
             Outcome::Ticked(report) => {
                 due_times.extend(&report.due_times);
                 wake_queues.extend(report.ready_queues.iter().map(String::as_str));
@@ -193,16 +375,17 @@ fn after_commit(effects: &Effects, now_ms: u64, commands: &[Command], outcomes: 
                     metrics::counter!(m::EXPIRED).increment(report.expired);
                 }
                 for queue in &report.dead {
-                    metrics::counter!(m::DEAD, "queue" => queue.clone()).increment(1);
+                    count(m::DEAD, queue, 1);
                 }
             }
             _ => {}
         }
     }
+    for ((name, queue), n) in counts {
+        metrics::counter!(name, "queue" => queue.to_owned()).increment(n);
+    }
     effects.timer.insert_all(&due_times);
     wake_queues.sort_unstable();
     wake_queues.dedup();
-    for queue in wake_queues {
-        effects.waiters.wake(queue);
-    }
+    wake_queues.into_iter().map(str::to_owned).collect()
 }

@@ -17,6 +17,9 @@ pub const LEASE_EXPIRED: &str = "lease expired";
 pub trait Txn {
     fn get(&mut self, queue: &str, id: &str) -> Result<Option<Task>, StoreError>;
     fn put(&mut self, task: &Task) -> Result<(), StoreError>;
+    /// Stores `task` unless its id exists; then returns the existing task and changes nothing.
+    /// (One lookup instead of a `get` followed by a `put` on the hot path of scheduling.)
+    fn create(&mut self, task: &Task) -> Result<Option<Task>, StoreError>;
     fn remove(&mut self, queue: &str, id: &str) -> Result<(), StoreError>;
     fn due_add(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError>;
     fn due_remove(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError>;
@@ -39,6 +42,20 @@ pub fn write<T: Txn + ?Sized>(
     old: Option<&Task>,
     new: Option<&Task>,
 ) -> Result<(), StoreError> {
+    write_indexes(txn, old, new)?;
+    match (old, new) {
+        (_, Some(new)) => txn.put(new),
+        (Some(old), None) => txn.remove(&old.queue, &old.id),
+        (None, None) => Ok(()),
+    }
+}
+
+/// The index and counter part of [`write`], for a record that is stored (or removed) separately.
+fn write_indexes<T: Txn + ?Sized>(
+    txn: &mut T,
+    old: Option<&Task>,
+    new: Option<&Task>,
+) -> Result<(), StoreError> {
     if let Some(old) = old {
         let (new_due, new_ready) = new.map_or((None, None), |n| (n.due_at_ms(), n.ready_at_ms()));
         if let Some(due) = old.due_at_ms().filter(|d| Some(*d) != new_due) {
@@ -49,28 +66,22 @@ pub fn write<T: Txn + ?Sized>(
         }
         txn.count(&old.queue, old.state, -1);
     }
-    match new {
-        Some(new) => {
-            if let Some(due) = new
-                .due_at_ms()
-                .filter(|d| old.and_then(Task::due_at_ms) != Some(*d))
-            {
-                txn.due_add(due, &new.queue, &new.id)?;
-            }
-            if let Some(at) = new
-                .ready_at_ms()
-                .filter(|a| old.and_then(Task::ready_at_ms) != Some(*a))
-            {
-                txn.ready_add(&new.queue, at, &new.id)?;
-            }
-            txn.count(&new.queue, new.state, 1);
-            txn.put(new)
+    if let Some(new) = new {
+        if let Some(due) = new
+            .due_at_ms()
+            .filter(|d| old.and_then(Task::due_at_ms) != Some(*d))
+        {
+            txn.due_add(due, &new.queue, &new.id)?;
         }
-        None => match old {
-            Some(old) => txn.remove(&old.queue, &old.id),
-            None => Ok(()),
-        },
+        if let Some(at) = new
+            .ready_at_ms()
+            .filter(|a| old.and_then(Task::ready_at_ms) != Some(*a))
+        {
+            txn.ready_add(&new.queue, at, &new.id)?;
+        }
+        txn.count(&new.queue, new.state, 1);
     }
+    Ok(())
 }
 
 /// Applies one command at `now_ms`.
@@ -81,16 +92,16 @@ pub fn apply_one<T: Txn + ?Sized>(
 ) -> Result<Outcome, StoreError> {
     match command {
         Command::Schedule(task) => {
-            if let Some(existing) = txn.get(&task.queue, &task.id)? {
+            let mut new = (**task).clone();
+            new.start(now_ms);
+            if let Some(existing) = txn.create(&new)? {
                 return Ok(if existing.fingerprint == task.fingerprint {
                     Outcome::Existing(existing)
                 } else {
                     Outcome::Conflict(existing)
                 });
             }
-            let mut new = (**task).clone();
-            new.start(now_ms);
-            write(txn, None, Some(&new))?;
+            write_indexes(txn, None, Some(&new))?;
             Ok(Outcome::Created(new))
         }
         Command::Reschedule {

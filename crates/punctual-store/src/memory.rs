@@ -45,6 +45,14 @@ impl Txn for Inner {
             .insert((task.queue.clone(), task.id.clone()), task.clone());
         Ok(())
     }
+    fn create(&mut self, task: &Task) -> Result<Option<Task>, StoreError> {
+        let key = (task.queue.clone(), task.id.clone());
+        if let Some(existing) = self.tasks.get(&key) {
+            return Ok(Some(existing.clone()));
+        }
+        self.tasks.insert(key, task.clone());
+        Ok(None)
+    }
     fn remove(&mut self, queue: &str, id: &str) -> Result<(), StoreError> {
         self.tasks.remove(&(queue.to_owned(), id.to_owned()));
         Ok(())

@@ -1,11 +1,16 @@
 //! The embedded store: one redb file, crash-safe B-trees, one fsync per durable group commit.
 //!
 //! Tables (all keys ordered, so every index lookup is O(log n)):
-//! - `tasks`:  `(queue, id)` → encoded record (see `codec`)
-//! - `due`:    `(due_ms, queue, id)` → `()` — firing, lease expiry and purge times, one ordered index
-//! - `ready`:  `(queue, ready_at_ms, id)` → `()` — each queue's ready tasks, oldest first
+//! - `tasks`:  `queue 0x00 id` → encoded record (see `codec`)
+//! - `due`:    `due_ms (u64 BE) queue 0x00 id` → `()` — firing, lease expiry and purge times, one ordered index
+//! - `ready`:  `queue 0x00 ready_at_ms (u64 BE) id` → `()` — each queue's ready tasks, oldest first
 //! - `counts`: `queue` → five little-endian `i64` counters, one per state
 //! - `meta`:   `"format_version"` → [`FORMAT_VERSION`]
+//!
+//! Keys are plain bytes rather than redb tuples: comparing them is one `memcmp`, where tuple keys of
+//! `&str` decode lengths and check UTF-8 on every comparison (measured: a tenth of the writer's time).
+//! Queue names never contain `0x00` (only `[A-Za-z0-9._:-]`), so `queue 0x00` sorts exactly like the
+//! tuple `(queue, …)`, and ids never contain control characters.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,9 +23,63 @@ use crate::codec::{self, FORMAT_VERSION};
 use crate::engine::{self, Txn};
 use crate::{Command, DueTimes, LIST_SCAN_BUDGET, Outcome, Page, QueueCounts, Store, StoreError};
 
-const TASKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tasks");
-const DUE: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("due");
-const READY: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("ready");
+const TASKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tasks");
+const DUE: TableDefinition<&[u8], ()> = TableDefinition::new("due");
+const READY: TableDefinition<&[u8], ()> = TableDefinition::new("ready");
+
+fn task_key(out: &mut Vec<u8>, queue: &str, id: &str) {
+    out.clear();
+    out.extend_from_slice(queue.as_bytes());
+    out.push(0);
+    out.extend_from_slice(id.as_bytes());
+}
+
+fn due_key(out: &mut Vec<u8>, due_ms: u64, queue: &str, id: &str) {
+    out.clear();
+    out.extend_from_slice(&due_ms.to_be_bytes());
+    out.extend_from_slice(queue.as_bytes());
+    out.push(0);
+    out.extend_from_slice(id.as_bytes());
+}
+
+fn ready_key(out: &mut Vec<u8>, queue: &str, at_ms: u64, id: &str) {
+    out.clear();
+    out.extend_from_slice(queue.as_bytes());
+    out.push(0);
+    out.extend_from_slice(&at_ms.to_be_bytes());
+    out.extend_from_slice(id.as_bytes());
+}
+
+/// The first key after every key that starts with `queue 0x00`.
+fn queue_end(queue: &str) -> Vec<u8> {
+    let mut end = queue.as_bytes().to_vec();
+    end.push(1);
+    end
+}
+
+fn corrupt_key(key: &[u8]) -> StoreError {
+    StoreError::Storage(format!("malformed index key {key:02x?}"))
+}
+
+/// Splits `queue 0x00 id`.
+fn split_task_key(key: &[u8]) -> Result<(&str, &str), StoreError> {
+    let sep = key
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or_else(|| corrupt_key(key))?;
+    let queue = std::str::from_utf8(&key[..sep]).map_err(|_| corrupt_key(key))?;
+    let id = std::str::from_utf8(&key[sep + 1..]).map_err(|_| corrupt_key(key))?;
+    Ok((queue, id))
+}
+
+fn split_due_key(key: &[u8]) -> Result<(u64, &str, &str), StoreError> {
+    let time: [u8; 8] = key
+        .get(..8)
+        .and_then(|t| t.try_into().ok())
+        .ok_or_else(|| corrupt_key(key))?;
+    let (queue, id) = split_task_key(&key[8..])?;
+    Ok((u64::from_be_bytes(time), queue, id))
+}
 const COUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("counts");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -151,6 +210,7 @@ impl RedbStore {
                 due: wtx.open_table(DUE).map_err(storage)?,
                 ready: wtx.open_table(READY).map_err(storage)?,
                 counts: HashMap::new(),
+                key: Vec::with_capacity(128),
             };
             let outcomes = commands
                 .iter()
@@ -199,36 +259,62 @@ fn decode_counts(bytes: &[u8]) -> [i64; 5] {
 }
 
 struct RedbTxn<'t> {
-    tasks: Table<'t, (&'static str, &'static str), &'static [u8]>,
-    due: Table<'t, (u64, &'static str, &'static str), ()>,
-    ready: Table<'t, (&'static str, u64, &'static str), ()>,
+    tasks: Table<'t, &'static [u8], &'static [u8]>,
+    due: Table<'t, &'static [u8], ()>,
+    ready: Table<'t, &'static [u8], ()>,
     counts: HashMap<String, [i64; 5]>,
+    /// Scratch space for keys, reused across operations.
+    key: Vec<u8>,
 }
 
 impl Txn for RedbTxn<'_> {
     fn get(&mut self, queue: &str, id: &str) -> Result<Option<Task>, StoreError> {
-        match self.tasks.get((queue, id)).map_err(storage)? {
+        task_key(&mut self.key, queue, id);
+        match self.tasks.get(self.key.as_slice()).map_err(storage)? {
             Some(value) => codec::decode(queue, id, value.value()).map(Some),
             None => Ok(None),
         }
     }
     fn put(&mut self, task: &Task) -> Result<(), StoreError> {
         let bytes = codec::encode(task);
+        task_key(&mut self.key, &task.queue, &task.id);
         self.tasks
-            .insert((task.queue.as_str(), task.id.as_str()), bytes.as_slice())
+            .insert(self.key.as_slice(), bytes.as_slice())
             .map_err(storage)?;
         Ok(())
     }
+    fn create(&mut self, task: &Task) -> Result<Option<Task>, StoreError> {
+        let bytes = codec::encode(task);
+        task_key(&mut self.key, &task.queue, &task.id);
+        let previous = self
+            .tasks
+            .insert(self.key.as_slice(), bytes.as_slice())
+            .map_err(storage)?
+            .map(|old| old.value().to_vec());
+        match previous {
+            None => Ok(None),
+            Some(old) => {
+                // Rare path (a repeat): put the existing record back untouched.
+                self.tasks
+                    .insert(self.key.as_slice(), old.as_slice())
+                    .map_err(storage)?;
+                codec::decode(&task.queue, &task.id, &old).map(Some)
+            }
+        }
+    }
     fn remove(&mut self, queue: &str, id: &str) -> Result<(), StoreError> {
-        self.tasks.remove((queue, id)).map_err(storage)?;
+        task_key(&mut self.key, queue, id);
+        self.tasks.remove(self.key.as_slice()).map_err(storage)?;
         Ok(())
     }
     fn due_add(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError> {
-        self.due.insert((due_ms, queue, id), ()).map_err(storage)?;
+        due_key(&mut self.key, due_ms, queue, id);
+        self.due.insert(self.key.as_slice(), ()).map_err(storage)?;
         Ok(())
     }
     fn due_remove(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError> {
-        self.due.remove((due_ms, queue, id)).map_err(storage)?;
+        due_key(&mut self.key, due_ms, queue, id);
+        self.due.remove(self.key.as_slice()).map_err(storage)?;
         Ok(())
     }
     fn due_upto(
@@ -237,10 +323,14 @@ impl Txn for RedbTxn<'_> {
         limit: usize,
     ) -> Result<Vec<(u64, String, String)>, StoreError> {
         let mut out = Vec::new();
-        for entry in self.due.iter().map_err(storage)? {
+        let end = now_ms.saturating_add(1).to_be_bytes();
+        for entry in self.due.range(..end.as_slice()).map_err(storage)? {
+            if out.len() >= limit {
+                break;
+            }
             let (key, _) = entry.map_err(storage)?;
-            let (due, queue, id) = key.value();
-            if due > now_ms || out.len() >= limit {
+            let (due, queue, id) = split_due_key(key.value())?;
+            if due > now_ms {
                 break;
             }
             out.push((due, queue.to_owned(), id.to_owned()));
@@ -248,21 +338,37 @@ impl Txn for RedbTxn<'_> {
         Ok(out)
     }
     fn ready_add(&mut self, queue: &str, at_ms: u64, id: &str) -> Result<(), StoreError> {
-        self.ready.insert((queue, at_ms, id), ()).map_err(storage)?;
+        ready_key(&mut self.key, queue, at_ms, id);
+        self.ready
+            .insert(self.key.as_slice(), ())
+            .map_err(storage)?;
         Ok(())
     }
     fn ready_remove(&mut self, queue: &str, at_ms: u64, id: &str) -> Result<(), StoreError> {
-        self.ready.remove((queue, at_ms, id)).map_err(storage)?;
+        ready_key(&mut self.key, queue, at_ms, id);
+        self.ready.remove(self.key.as_slice()).map_err(storage)?;
         Ok(())
     }
     fn ready_first(&mut self, queue: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
-        for entry in self.ready.range((queue, 0u64, "")..).map_err(storage)? {
-            let (key, _) = entry.map_err(storage)?;
-            let (q, _, id) = key.value();
-            if q != queue || out.len() >= limit {
+        let mut start = queue.as_bytes().to_vec();
+        start.push(0);
+        let end = queue_end(queue);
+        let prefix = start.len() + 8;
+        for entry in self
+            .ready
+            .range(start.as_slice()..end.as_slice())
+            .map_err(storage)?
+        {
+            if out.len() >= limit {
                 break;
             }
+            let (key, _) = entry.map_err(storage)?;
+            let key = key.value();
+            let id = key
+                .get(prefix..)
+                .and_then(|id| std::str::from_utf8(id).ok())
+                .ok_or_else(|| corrupt_key(key))?;
             out.push(id.to_owned());
         }
         Ok(out)
@@ -290,7 +396,9 @@ impl Store for RedbStore {
     fn get(&self, queue: &str, id: &str) -> Result<Option<Task>, StoreError> {
         let rtx = self.db.begin_read().map_err(storage)?;
         let tasks = rtx.open_table(TASKS).map_err(storage)?;
-        match tasks.get((queue, id)).map_err(storage)? {
+        let mut key = Vec::new();
+        task_key(&mut key, queue, id);
+        match tasks.get(key.as_slice()).map_err(storage)? {
             Some(value) => codec::decode(queue, id, value.value()).map(Some),
             None => Ok(None),
         }
@@ -307,15 +415,15 @@ impl Store for RedbStore {
         let tasks = rtx.open_table(TASKS).map_err(storage)?;
         let mut page = Page::default();
         let mut scanned = 0;
+        let mut start = Vec::new();
+        task_key(&mut start, queue, after.unwrap_or(""));
+        let end = queue_end(queue);
         for entry in tasks
-            .range((queue, after.unwrap_or(""))..)
+            .range(start.as_slice()..end.as_slice())
             .map_err(storage)?
         {
             let (key, value) = entry.map_err(storage)?;
-            let (q, id) = key.value();
-            if q != queue {
-                break;
-            }
+            let (q, id) = split_task_key(key.value())?;
             if after == Some(id) {
                 continue;
             }
@@ -352,9 +460,10 @@ impl Store for RedbStore {
         let mut out = DueTimes::default();
         // Many tasks may share one millisecond; bound the scan, not only the distinct times.
         let budget = limit.saturating_mul(4).saturating_add(1_000);
-        for (scanned, entry) in due.range((from_ms, "", "")..).map_err(storage)?.enumerate() {
+        let start = from_ms.to_be_bytes();
+        for (scanned, entry) in due.range(start.as_slice()..).map_err(storage)?.enumerate() {
             let (key, _) = entry.map_err(storage)?;
-            let (time, _, _) = key.value();
+            let (time, _, _) = split_due_key(key.value())?;
             if time > to_ms {
                 break;
             }

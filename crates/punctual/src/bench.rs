@@ -246,6 +246,32 @@ fn spread_over_30_days(n: u64) -> String {
     format!("\"delay_ms\":{offset}")
 }
 
+/// Commit statistics from the server's /metrics: (commits, mean commands per commit, mean commit ms).
+async fn commit_stats(http: &reqwest::Client, url: &str) -> Option<(f64, f64, f64)> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let value = |name: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    let commits = value("punctual_store_commit_commands_count")?;
+    let commands = value("punctual_store_commit_commands_sum")?;
+    let seconds = value("punctual_store_commit_duration_seconds_sum")?;
+    Some((
+        commits,
+        commands / commits.max(1.0),
+        seconds * 1000.0 / commits.max(1.0),
+    ))
+}
+
 async fn scenario_ingest(opts: &BenchOpts, http: &reqwest::Client, extra: &[String]) -> Result<()> {
     let dir = work_dir(opts, "ingest")?;
     let server = Server::start(&dir, extra)?;
@@ -259,6 +285,11 @@ async fn scenario_ingest(opts: &BenchOpts, http: &reqwest::Client, extra: &[Stri
         secs,
         accepted as f64 / secs
     );
+    if let Some((commits, per_commit, commit_ms)) = commit_stats(http, &server.url).await {
+        println!(
+            "ingest: {commits:.0} commits, {per_commit:.0} commands per commit, {commit_ms:.2} ms per commit (apply + fsync)"
+        );
+    }
     println!(
         "ingest: server RSS {:.1} MiB, data file {:.1} MiB",
         server.rss_bytes() as f64 / 1048576.0,
@@ -445,6 +476,11 @@ async fn scenario_burst(opts: &BenchOpts, http: &reqwest::Client, extra: &[Strin
         ms(h.value_at_quantile(0.999)),
         ms(h.max())
     );
+    if let Some((commits, per_commit, commit_ms)) = commit_stats(http, &server.url).await {
+        println!(
+            "burst: server did {commits:.0} commits, {per_commit:.1} commands per commit, {commit_ms:.2} ms per commit"
+        );
+    }
     println!(
         "burst: server RSS {:.1} MiB",
         server.rss_bytes() as f64 / 1048576.0
