@@ -144,7 +144,10 @@ fn drive(timer: &Timer, store: &dyn Store, writer: &Writer, clock: Clock, tick_l
         if timer.window().poll(now_ms) {
             // Process everything due, in bounded ticks so other writes interleave.
             loop {
-                match writer.submit_blocking(vec![Command::Tick { limit: tick_limit }]) {
+                match writer.submit_blocking(vec![Command::Tick {
+                    limit: tick_limit,
+                    takers: Vec::new(),
+                }]) {
                     Ok(mut outcomes) => match outcomes.pop() {
                         Some(Outcome::Ticked(report)) if report.more => continue,
                         _ => break,

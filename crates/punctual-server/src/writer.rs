@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use punctual_core::{Task, TaskState};
-use punctual_store::{Command, Outcome, Store, StoreError};
+use punctual_store::{Command, Outcome, Store, StoreError, Taker};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Clock;
@@ -119,6 +119,16 @@ pub struct Park {
 }
 
 impl Park {
+    fn taker(&self) -> Taker {
+        Taker {
+            queue: self.queue.clone(),
+            max: self.max,
+            lease_ms: self.lease_ms,
+            default_lease_ms: self.default_lease_ms,
+            token_prefix: self.token_prefix.clone(),
+        }
+    }
+
     fn command(&self) -> Command {
         Command::Reserve {
             queue: self.queue.clone(),
@@ -167,11 +177,14 @@ impl Loop<'_> {
         }
     }
 
-    /// Applies a transaction, then serves parked reserves of the queues it made ready.
-    fn commit(&mut self, commands: &[Command]) -> Result<Vec<Outcome>, StoreError> {
-        let (outcomes, ready) = self.apply(commands)?;
-        self.serve_parked(&ready);
-        Ok(outcomes)
+    /// Takes every live parked reserve (for a tick to serve).
+    fn take_parked(&mut self) -> Vec<Park> {
+        let now_ms = self.clock.now_ms();
+        self.parked
+            .drain()
+            .flat_map(|(_, list)| list)
+            .filter(|p| !p.reply.is_closed() && p.deadline_ms > now_ms)
+            .collect()
     }
 
     fn park(&mut self, park: Park) {
@@ -296,8 +309,35 @@ fn run_jobs(state: &mut Loop<'_>, jobs: Vec<Job>, parks: Vec<Park>) {
         commands.append(&mut job.commands);
     }
     commands.extend(parks.iter().map(Park::command));
-    match state.commit(&commands) {
-        Ok(outcomes) => {
+    // Waiting consumers ride along with a tick: the commit that fires tasks also leases them.
+    let mut tick_parks: Vec<Park> = Vec::new();
+    if let Some(Command::Tick { takers, .. }) = commands
+        .iter_mut()
+        .find(|c| matches!(c, Command::Tick { .. }))
+    {
+        tick_parks = state.take_parked();
+        takers.extend(tick_parks.iter().map(Park::taker));
+    }
+    match state.apply(&commands) {
+        Ok((mut outcomes, ready)) => {
+            let taken = outcomes
+                .iter_mut()
+                .find_map(|o| match o {
+                    Outcome::Ticked(report) => Some(std::mem::take(&mut report.taken)),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let mut taken = taken.into_iter();
+            for park in tick_parks {
+                match taken.next() {
+                    Some(tasks) if !tasks.is_empty() => {
+                        if park.reply.send(Ok(tasks)).is_err() {
+                            tracing::debug!("a long-poll left while being served");
+                        }
+                    }
+                    _ => state.park(park),
+                }
+            }
             let mut outcomes = outcomes.into_iter();
             for (job, size) in jobs.into_iter().zip(sizes) {
                 let _ = job.reply.send(Ok(outcomes.by_ref().take(size).collect()));
@@ -310,12 +350,14 @@ fn run_jobs(state: &mut Loop<'_>, jobs: Vec<Job>, parks: Vec<Park>) {
                     _ => state.park(park),
                 }
             }
+            // Only now, with every unserved long-poll parked again, serve those whose queues got ready tasks.
+            state.serve_parked(&ready);
         }
         Err(error) => {
             for job in jobs {
                 let _ = job.reply.send(Err(copy_error(&error)));
             }
-            for park in parks {
+            for park in parks.into_iter().chain(tick_parks) {
                 let _ = park.reply.send(Err(copy_error(&error)));
             }
         }
@@ -370,6 +412,15 @@ fn after_commit<'a>(
             Outcome::Cancelled(task) => count(m::CANCELLED, &task.queue, 1),
             Outcome::Ticked(report) => {
                 due_times.extend(&report.due_times);
+                for tasks in report.taken.iter().filter(|t| !t.is_empty()) {
+                    let lateness =
+                        metrics::histogram!(m::LATENESS, "queue" => tasks[0].queue.clone());
+                    for task in tasks {
+                        due_times.extend(task.due_at_ms());
+                        lateness.record(now_ms.saturating_sub(task.run_at_ms) as f64 / 1000.0);
+                    }
+                    count(m::DELIVERED, &tasks[0].queue, tasks.len() as u64);
+                }
                 wake_queues.extend(report.ready_queues.iter().map(String::as_str));
                 if report.expired > 0 {
                     metrics::counter!(m::EXPIRED).increment(report.expired);

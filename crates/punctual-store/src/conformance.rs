@@ -6,7 +6,7 @@
 
 use punctual_core::{Backoff, LeaseCheck, Task, TaskState};
 
-use crate::{Command, MemoryStore, Outcome, Store};
+use crate::{Command, MemoryStore, Outcome, Store, Taker};
 
 /// Builds a task as the server would before scheduling it.
 pub fn task(queue: &str, id: &str, run_at_ms: u64, max_attempts: u32, steps_ms: &[u64]) -> Task {
@@ -60,7 +60,14 @@ fn reserve(store: &dyn Store, now_ms: u64, queue: &str, max: usize) -> Vec<Task>
 }
 
 fn tick(store: &dyn Store, now_ms: u64) -> crate::TickReport {
-    match one(store, now_ms, Command::Tick { limit: 10_000 }) {
+    match one(
+        store,
+        now_ms,
+        Command::Tick {
+            limit: 10_000,
+            takers: Vec::new(),
+        },
+    ) {
         Outcome::Ticked(report) => report,
         other => panic!("tick answered {other:?}"),
     }
@@ -406,12 +413,73 @@ pub fn payloads_round_trip(store: &dyn Store) {
     assert_eq!(store.get("q", "big").unwrap().unwrap().payload, big.payload);
 }
 
+pub fn tick_hands_due_tasks_to_takers(store: &dyn Store) {
+    schedule(store, 0, task("q", "old", 0, 1, &[]));
+    schedule(store, 0, task("q", "b", 100, 1, &[]));
+    schedule(store, 0, task("q", "c", 100, 1, &[]));
+    schedule(store, 0, task("r", "other", 100, 1, &[]));
+    let taker = |max: usize| Taker {
+        queue: "q".into(),
+        max,
+        lease_ms: Some(700),
+        default_lease_ms: 1_000,
+        token_prefix: format!("k{max}-"),
+    };
+    let Outcome::Ticked(report) = one(
+        store,
+        100,
+        Command::Tick {
+            limit: 100,
+            takers: vec![taker(2), taker(5)],
+        },
+    ) else {
+        panic!("tick answered something else")
+    };
+    let ids: Vec<Vec<&str>> = report
+        .taken
+        .iter()
+        .map(|t| t.iter().map(|t| t.id.as_str()).collect())
+        .collect();
+    assert_eq!(
+        ids,
+        [vec!["old", "b"], vec!["c"]],
+        "older ready tasks first, each taker up to its max"
+    );
+    assert!(
+        report
+            .taken
+            .iter()
+            .flatten()
+            .all(|t| t.state == TaskState::Leased && t.attempt == 1)
+    );
+    assert_eq!(
+        report.taken[0][0].lease.as_ref().unwrap().expires_at_ms,
+        800
+    );
+    assert_ne!(token(&report.taken[0][0]), token(&report.taken[1][0]));
+    assert_eq!(
+        report.ready_queues,
+        vec!["r".to_owned()],
+        "only the queue without a taker is left ready"
+    );
+    assert_eq!(state(store, "q", "c"), Some(TaskState::Leased));
+    assert_eq!(state(store, "r", "other"), Some(TaskState::Ready));
+    assert!(matches!(
+        ack(store, 101, &report.taken[1][0]),
+        Outcome::Acked(_)
+    ));
+}
+
 /// A named conformance check.
 type Check = (&'static str, fn(&dyn Store));
 
 /// Every check, each on a fresh store.
 pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
-    let checks: [Check; 10] = [
+    let checks: [Check; 11] = [
+        (
+            "tick_hands_due_tasks_to_takers",
+            tick_hands_due_tasks_to_takers,
+        ),
         (
             "schedule_is_idempotent_by_fingerprint",
             schedule_is_idempotent_by_fingerprint,
@@ -491,8 +559,10 @@ pub fn compare_with_oracle(store: &dyn Store, steps: &[Step], batch: usize) {
         let want = oracle.apply(now, pending).expect("oracle error");
         assert_eq!(got, want, "backend and oracle disagree on {pending:?}");
         for outcome in got {
-            if let Outcome::Reserved(tasks) = outcome {
-                handed.extend(tasks);
+            match outcome {
+                Outcome::Reserved(tasks) => handed.extend(tasks),
+                Outcome::Ticked(report) => handed.extend(report.taken.into_iter().flatten()),
+                _ => {}
             }
         }
         pending.clear();
@@ -564,7 +634,20 @@ pub fn compare_with_oracle(store: &dyn Store, steps: &[Step], batch: usize) {
             Step::Advance { ms } => {
                 flush(&mut pending, now, &mut handed);
                 now += u64::from(*ms);
-                Command::Tick { limit: 7 }
+                Command::Tick {
+                    limit: 7,
+                    takers: if ms % 2 == 0 {
+                        vec![Taker {
+                            queue: "q".into(),
+                            max: usize::from(*ms % 3) + 1,
+                            lease_ms: None,
+                            default_lease_ms: 300,
+                            token_prefix: format!("{now}-tick-"),
+                        }]
+                    } else {
+                        Vec::new()
+                    },
+                }
             }
         };
         pending.push(command);

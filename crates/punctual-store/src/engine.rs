@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use punctual_core::{FailOutcome, LeaseCheck, Task, TaskState};
 
-use crate::{Command, Outcome, StoreError, TickReport};
+use crate::{Command, Outcome, StoreError, Taker, TickReport};
 
 /// Error text recorded when a lease runs out.
 pub const LEASE_EXPIRED: &str = "lease expired";
@@ -195,7 +195,7 @@ pub fn apply_one<T: Txn + ?Sized>(
             write(txn, Some(&old), Some(&new))?;
             Ok(Outcome::Updated(new))
         }
-        Command::Tick { limit } => tick(txn, now_ms, *limit).map(Outcome::Ticked),
+        Command::Tick { limit, takers } => tick(txn, now_ms, *limit, takers).map(Outcome::Ticked),
     }
 }
 
@@ -220,7 +220,52 @@ fn with_lease<T: Txn + ?Sized>(
     }
 }
 
-fn tick<T: Txn + ?Sized>(txn: &mut T, now_ms: u64, limit: usize) -> Result<TickReport, StoreError> {
+/// Leases `new` (already `ready`) to the first taker of its queue with room, if any.
+fn hand_over(takers: &[Taker], taken: &mut [Vec<Task>], now_ms: u64, new: &mut Task) -> bool {
+    let Some(i) = takers
+        .iter()
+        .zip(taken.iter())
+        .position(|(t, got)| t.queue == new.queue && got.len() < t.max)
+    else {
+        return false;
+    };
+    let taker = &takers[i];
+    let lease_ms = taker
+        .lease_ms
+        .or(new.lease_ms)
+        .unwrap_or(taker.default_lease_ms);
+    new.lease(
+        now_ms,
+        lease_ms,
+        format!("{}{:x}", taker.token_prefix, taken[i].len()),
+    );
+    taken[i].push(new.clone());
+    true
+}
+
+fn tick<T: Txn + ?Sized>(
+    txn: &mut T,
+    now_ms: u64,
+    limit: usize,
+    takers: &[Taker],
+) -> Result<TickReport, StoreError> {
+    let mut taken: Vec<Vec<Task>> = takers.iter().map(|_| Vec::new()).collect();
+    // Tasks that were already ready are older than anything firing now: they go first.
+    for (i, taker) in takers.iter().enumerate() {
+        let room = taker.max.saturating_sub(taken[i].len());
+        for id in txn.ready_first(&taker.queue, room)? {
+            let Some(old) = txn.get(&taker.queue, &id)? else {
+                continue;
+            };
+            if old.state != TaskState::Ready {
+                continue;
+            }
+            let mut new = old.clone();
+            if hand_over(takers, &mut taken, now_ms, &mut new) {
+                write(txn, Some(&old), Some(&new))?;
+            }
+        }
+    }
     let entries = txn.due_upto(now_ms, limit)?;
     let mut report = TickReport {
         more: entries.len() >= limit,
@@ -242,16 +287,15 @@ fn tick<T: Txn + ?Sized>(txn: &mut T, now_ms: u64, limit: usize) -> Result<TickR
             TaskState::Scheduled => {
                 new.promote(now_ms);
                 report.fired += 1;
-                ready_queues.insert(queue.clone());
             }
             TaskState::Leased => {
                 report.expired += 1;
                 match new.fail(now_ms, LEASE_EXPIRED, None) {
                     FailOutcome::Dead => report.dead.push(queue.clone()),
-                    FailOutcome::Retry { run_at_ms } if run_at_ms <= now_ms => {
-                        ready_queues.insert(queue.clone());
+                    FailOutcome::Retry { run_at_ms } if run_at_ms > now_ms => {
+                        report.due_times.push(run_at_ms)
                     }
-                    FailOutcome::Retry { run_at_ms } => report.due_times.push(run_at_ms),
+                    FailOutcome::Retry { .. } => {}
                 }
             }
             TaskState::Succeeded => {
@@ -261,8 +305,12 @@ fn tick<T: Txn + ?Sized>(txn: &mut T, now_ms: u64, limit: usize) -> Result<TickR
             }
             TaskState::Ready | TaskState::Dead => unreachable!("due_at_ms is None in these states"),
         }
+        if new.state == TaskState::Ready && !hand_over(takers, &mut taken, now_ms, &mut new) {
+            ready_queues.insert(queue.clone());
+        }
         write(txn, Some(&old), Some(&new))?;
     }
     report.ready_queues = ready_queues.into_iter().collect();
+    report.taken = taken;
     Ok(report)
 }

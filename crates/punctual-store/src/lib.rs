@@ -93,7 +93,19 @@ pub enum Command {
     /// A dead task back to ready.
     Retry { queue: String, id: String },
     /// Process due-index entries at or before now: fire, expire leases, purge. At most `limit`.
-    Tick { limit: usize },
+    /// Tasks that become ready go straight to `takers` (waiting consumers) while they have room,
+    /// after each taker first got its queue's older ready tasks: one commit fires and leases them.
+    Tick { limit: usize, takers: Vec<Taker> },
+}
+
+/// A waiting consumer to whom a tick hands tasks directly, like a [`Command::Reserve`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Taker {
+    pub queue: String,
+    pub max: usize,
+    pub lease_ms: Option<u64>,
+    pub default_lease_ms: u64,
+    pub token_prefix: String,
 }
 
 impl Command {
@@ -127,6 +139,8 @@ pub struct TickReport {
     pub due_times: Vec<u64>,
     /// The limit was hit: tick again at once.
     pub more: bool,
+    /// Tasks leased to each taker, in the order of `Command::Tick::takers`.
+    pub taken: Vec<Vec<Task>>,
 }
 
 /// The answer to one command.

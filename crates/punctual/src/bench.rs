@@ -499,8 +499,8 @@ async fn scenario_restart(
     wait_healthy(http, &server.url, Duration::from_secs(30)).await?;
     let pending = bodies(0, opts.tasks, opts.batch, spread_over_30_days);
     ingest(http, &server.url, pending, opts.connections).await?;
-    // A few tasks due right after the crash.
-    let soon = bodies(opts.tasks, 10, 10, |_| "\"delay_ms\":500".to_owned());
+    // A few tasks already due (and not yet delivered) when the server dies.
+    let soon = bodies(opts.tasks, 10, 10, |_| "\"delay_ms\":0".to_owned());
     ingest(http, &server.url, soon, 1).await?;
     server.kill9();
     let started = Instant::now();

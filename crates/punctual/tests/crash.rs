@@ -263,6 +263,23 @@ async fn sigkill_at_random_moments_loses_and_resurrects_nothing() {
         if outstanding.is_empty() {
             break;
         }
+        if outstanding.len() <= 50 {
+            // An ack that committed but whose answer was cut off by a kill leaves a task `succeeded`
+            // that the model does not know was acked; that is correct, so count it as done.
+            for id in &outstanding {
+                let task: Value = http
+                    .get(format!("{}/v1/queues/crash/tasks/{id}", server.url))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if task["state"] == "succeeded" {
+                    model.lock().unwrap().acked.insert(id.clone());
+                }
+            }
+        }
         assert!(
             Instant::now() < deadline,
             "{} tasks never completed, e.g. {:?}",
