@@ -664,3 +664,31 @@ pub fn compare_with_oracle(store: &dyn Store, steps: &[Step], batch: usize) {
         "final counts differ"
     );
 }
+
+/// An in-memory redb backend whose fsync fails while `fail` is set: for testing poisoning.
+#[derive(Debug, Default)]
+pub struct FailingSync {
+    inner: redb::backends::InMemoryBackend,
+    pub fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl redb::StorageBackend for FailingSync {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected fsync failure"));
+        }
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.inner.write(offset, data)
+    }
+}

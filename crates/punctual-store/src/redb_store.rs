@@ -155,6 +155,26 @@ impl RedbStore {
         Ok(store)
     }
 
+    /// Opens a store on a caller-supplied redb backend instead of a file: for fault-injection tests
+    /// (a backend whose fsync fails on demand), never for serving.
+    pub fn open_with_backend(backend: impl redb::StorageBackend, options: &RedbOptions) -> Result<Self, StoreError> {
+        let path = PathBuf::from("<custom backend>");
+        let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
+            .create_with_backend(backend)
+            .map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let store = RedbStore {
+            db,
+            path,
+            poisoned: Mutex::new(None),
+        };
+        store.init()?;
+        Ok(store)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
