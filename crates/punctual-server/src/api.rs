@@ -133,6 +133,16 @@ fn path<T>(result: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request("bad_path", e.body_text()))
 }
 
+/// Extracts `{queue}/…/{id}` and checks the queue name.
+fn task_path(
+    state: &Shared,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<(String, String), ApiError> {
+    let (queue, id) = path(p)?;
+    check_queue(state, &queue)?;
+    Ok((queue, id))
+}
+
 fn check_queue(state: &Shared, queue: &str) -> Result<(), ApiError> {
     state
         .config
@@ -724,8 +734,7 @@ async fn get_task(
     State(state): State<AppState>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let (queue, id) = path(p)?;
-    check_queue(&state, &queue)?;
+    let (queue, id) = task_path(&state, p)?;
     match state.store.get(&queue, &id)? {
         Some(task) => Ok(task_response(StatusCode::OK, &task)),
         None => Err(ApiError::not_found(&queue, &id)),
@@ -746,8 +755,7 @@ async fn reschedule(
     p: Result<Path<(String, String)>, PathRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (queue, id) = path(p)?;
-    check_queue(&state, &queue)?;
+    let (queue, id) = task_path(&state, p)?;
     let bytes = read_body(body, state.config.limits.max_body_bytes).await?;
     let request: PatchRequest = decode(&bytes)?;
     if request.delay_ms.is_none() && request.run_at.is_none() && request.payload.is_none() {
@@ -774,30 +782,29 @@ async fn reschedule(
         run_at_ms,
         payload,
     };
-    match state.writer.submit_one(command).await? {
-        Outcome::Updated(task) => Ok(task_response(StatusCode::OK, &task)),
-        Outcome::NotFound => Err(ApiError::not_found(&queue, &id)),
-        Outcome::WrongState(s) => Err(wrong_state(&queue, &id, s, "reschedule")),
-        other => Err(unexpected(&other)),
-    }
+    answer(
+        &queue,
+        &id,
+        "reschedule",
+        state.writer.submit_one(command).await?,
+    )
 }
 
 async fn cancel(
     State(state): State<AppState>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let (queue, id) = path(p)?;
-    check_queue(&state, &queue)?;
+    let (queue, id) = task_path(&state, p)?;
     let command = Command::Cancel {
         queue: queue.clone(),
         id: id.clone(),
     };
-    match state.writer.submit_one(command).await? {
-        Outcome::Cancelled(_) => Ok(StatusCode::NO_CONTENT.into_response()),
-        Outcome::NotFound => Err(ApiError::not_found(&queue, &id)),
-        Outcome::WrongState(s) => Err(wrong_state(&queue, &id, s, "cancel")),
-        other => Err(unexpected(&other)),
-    }
+    answer(
+        &queue,
+        &id,
+        "cancel",
+        state.writer.submit_one(command).await?,
+    )
 }
 
 #[derive(Default, Deserialize)]
@@ -895,8 +902,7 @@ async fn ack(
     p: Result<Path<(String, String)>, PathRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (queue, id) = path(p)?;
-    check_queue(&state, &queue)?;
+    let (queue, id) = task_path(&state, p)?;
     let request: AckRequest = decode(&read_body(body, state.config.limits.max_body_bytes).await?)?;
     let command = Command::Ack {
         queue: queue.clone(),
@@ -904,12 +910,7 @@ async fn ack(
         token: request.lease_token,
         retention_ms: state.config.retention_ms,
     };
-    match state.writer.submit_one(command).await? {
-        Outcome::Acked(_) => Ok(StatusCode::NO_CONTENT.into_response()),
-        Outcome::NotFound => Err(ApiError::not_found(&queue, &id)),
-        Outcome::LeaseLost(check) => Err(lease_lost(check)),
-        other => Err(unexpected(&other)),
-    }
+    answer(&queue, &id, "ack", state.writer.submit_one(command).await?)
 }
 
 #[derive(Deserialize)]
@@ -925,8 +926,7 @@ async fn nack(
     p: Result<Path<(String, String)>, PathRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (queue, id) = path(p)?;
-    check_queue(&state, &queue)?;
+    let (queue, id) = task_path(&state, p)?;
     let request: NackRequest = decode(&read_body(body, state.config.limits.max_body_bytes).await?)?;
     if let Some(delay) = request.delay_ms
         && delay > state.config.limits.max_delay_ms
@@ -940,7 +940,12 @@ async fn nack(
         error: request.error,
         delay_ms: request.delay_ms,
     };
-    lease_answer(&queue, &id, state.writer.submit_one(command).await?)
+    answer(
+        &queue,
+        &id,
+        "settle",
+        state.writer.submit_one(command).await?,
+    )
 }
 
 #[derive(Deserialize)]
@@ -955,8 +960,7 @@ async fn extend(
     p: Result<Path<(String, String)>, PathRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (queue, id) = path(p)?;
-    check_queue(&state, &queue)?;
+    let (queue, id) = task_path(&state, p)?;
     let request: ExtendRequest =
         decode(&read_body(body, state.config.limits.max_body_bytes).await?)?;
     check_lease_ms(&state, request.lease_ms, "lease_ms")?;
@@ -966,13 +970,21 @@ async fn extend(
         token: request.lease_token,
         lease_ms: request.lease_ms,
     };
-    lease_answer(&queue, &id, state.writer.submit_one(command).await?)
+    answer(
+        &queue,
+        &id,
+        "settle",
+        state.writer.submit_one(command).await?,
+    )
 }
 
-fn lease_answer(queue: &str, id: &str, outcome: Outcome) -> Result<Response, ApiError> {
+/// The one mapping from a by-id command's outcome to an answer; `action` names it in 409 messages.
+fn answer(queue: &str, id: &str, action: &str, outcome: Outcome) -> Result<Response, ApiError> {
     match outcome {
         Outcome::Updated(task) => Ok(task_response(StatusCode::OK, &task)),
+        Outcome::Cancelled(_) | Outcome::Acked(_) => Ok(StatusCode::NO_CONTENT.into_response()),
         Outcome::NotFound => Err(ApiError::not_found(queue, id)),
+        Outcome::WrongState(s) => Err(wrong_state(queue, id, s, action)),
         Outcome::LeaseLost(check) => Err(lease_lost(check)),
         other => Err(unexpected(&other)),
     }
@@ -982,18 +994,17 @@ async fn retry(
     State(state): State<AppState>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let (queue, id) = path(p)?;
-    check_queue(&state, &queue)?;
+    let (queue, id) = task_path(&state, p)?;
     let command = Command::Retry {
         queue: queue.clone(),
         id: id.clone(),
     };
-    match state.writer.submit_one(command).await? {
-        Outcome::Updated(task) => Ok(task_response(StatusCode::OK, &task)),
-        Outcome::NotFound => Err(ApiError::not_found(&queue, &id)),
-        Outcome::WrongState(s) => Err(wrong_state(&queue, &id, s, "retry")),
-        other => Err(unexpected(&other)),
-    }
+    answer(
+        &queue,
+        &id,
+        "retry",
+        state.writer.submit_one(command).await?,
+    )
 }
 
 /// Default and largest page of a listing.

@@ -786,17 +786,43 @@ async fn a_failed_commit_turns_healthz_red_and_refuses_writes() {
     let fail = backend.fail.clone();
     let store = RedbStore::open_with_backend(backend, &RedbOptions::default()).unwrap();
     let h = Harness::new(Arc::new(store));
-    assert_eq!(h.json("POST", "/v1/queues/q/tasks", json!({"id": "a"})).await.0, StatusCode::CREATED);
+    assert_eq!(
+        h.json("POST", "/v1/queues/q/tasks", json!({"id": "a"}))
+            .await
+            .0,
+        StatusCode::CREATED
+    );
     fail.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (status, error) = h.json("POST", "/v1/queues/q/tasks", json!({"id": "b"})).await;
-    assert_eq!((status, error["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("store_poisoned")));
+    let (status, error) = h
+        .json("POST", "/v1/queues/q/tasks", json!({"id": "b"}))
+        .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("store_poisoned"))
+    );
     fail.store(false, std::sync::atomic::Ordering::SeqCst);
     let (status, health) = h.call("GET", "/healthz", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(health["error"].as_str().unwrap().contains("injected fsync failure"), "{health}");
-    let (status, _) = h.json("POST", "/v1/queues/q/tasks", json!({"id": "c"})).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "no write is accepted after a failed fsync");
+    assert!(
+        health["error"]
+            .as_str()
+            .unwrap()
+            .contains("injected fsync failure"),
+        "{health}"
+    );
+    let (status, _) = h
+        .json("POST", "/v1/queues/q/tasks", json!({"id": "c"}))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no write is accepted after a failed fsync"
+    );
     let (status, task) = h.call("GET", "/v1/queues/q/tasks/a", None).await;
-    assert_eq!((status, task["id"].as_str()), (StatusCode::OK, Some("a")), "reads still work");
+    assert_eq!(
+        (status, task["id"].as_str()),
+        (StatusCode::OK, Some("a")),
+        "reads still work"
+    );
     h.stop().await;
 }

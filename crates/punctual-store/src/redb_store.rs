@@ -157,7 +157,10 @@ impl RedbStore {
 
     /// Opens a store on a caller-supplied redb backend instead of a file: for fault-injection tests
     /// (a backend whose fsync fails on demand), never for serving.
-    pub fn open_with_backend(backend: impl redb::StorageBackend, options: &RedbOptions) -> Result<Self, StoreError> {
+    pub fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        options: &RedbOptions,
+    ) -> Result<Self, StoreError> {
         let path = PathBuf::from("<custom backend>");
         let db = Database::builder()
             .set_cache_size(options.cache_bytes)

@@ -114,17 +114,27 @@ fn a_failed_fsync_poisons_the_store_for_good() {
     let fail = backend.fail.clone();
     let store = RedbStore::open_with_backend(backend, &RedbOptions::default()).unwrap();
     let schedule = |id: &str| Command::Schedule(Box::new(conformance::task("q", id, 0, 1, &[])));
-    store.apply(0, &[schedule("a")]).expect("healthy store writes");
+    store
+        .apply(0, &[schedule("a")])
+        .expect("healthy store writes");
     assert!(store.health().is_ok());
 
     fail.store(true, std::sync::atomic::Ordering::SeqCst);
-    let error = store.apply(1, &[schedule("b")]).expect_err("the fsync failed");
+    let error = store
+        .apply(1, &[schedule("b")])
+        .expect_err("the fsync failed");
     assert!(matches!(error, StoreError::Poisoned(_)), "{error}");
-    assert!(error.to_string().contains("injected fsync failure"), "{error}");
+    assert!(
+        error.to_string().contains("injected fsync failure"),
+        "{error}"
+    );
 
     // Even once the disk "recovers", the store never retries: it refuses every write until restarted.
     fail.store(false, std::sync::atomic::Ordering::SeqCst);
-    assert!(matches!(store.apply(2, &[schedule("c")]), Err(StoreError::Poisoned(_))));
+    assert!(matches!(
+        store.apply(2, &[schedule("c")]),
+        Err(StoreError::Poisoned(_))
+    ));
     assert!(store.health().is_err());
     // Reads still answer, and the task acknowledged before the failure is there.
     assert!(store.get("q", "a").unwrap().is_some());
