@@ -12,9 +12,7 @@ use std::time::Instant;
 
 use punctual_core::{Task, TaskState};
 use punctual_store::{Command, Outcome, Store, StoreError, Taker};
-use std::sync::mpsc;
-
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Clock;
 use crate::error::ApiError;
@@ -36,7 +34,7 @@ enum Message {
 /// A handle to the writer thread. Cloning is cheap; the thread ends when every handle is dropped.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::UnboundedSender<Message>,
 }
 
 /// What the writer touches after each commit.
@@ -51,7 +49,7 @@ impl Writer {
         effects: Effects,
         max_commit_commands: usize,
     ) -> (Writer, std::thread::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
             .name("punctual-writer".into())
             .spawn(move || run(rx, store.as_ref(), clock, &effects, max_commit_commands))
@@ -234,14 +232,8 @@ impl Loop<'_> {
     }
 }
 
-/// How long durable work may wait for more durable work to share its fsync, when the previous durable
-/// commit was recent (the server is under write load). Under light load nothing waits.
-const DURABLE_LINGER_US: u64 = 1_000;
-/// A lingering durable batch this large is committed at once.
-const DURABLE_LINGER_COMMANDS: usize = 1_000;
-
 fn run(
-    rx: mpsc::Receiver<Message>,
+    mut rx: mpsc::UnboundedReceiver<Message>,
     store: &dyn Store,
     clock: Clock,
     effects: &Effects,
@@ -253,88 +245,51 @@ fn run(
         effects,
         parked: HashMap::new(),
     };
+    let mut jobs: Vec<Job> = Vec::new();
     let mut parks: Vec<Park> = Vec::new();
-    let mut fast: Vec<Job> = Vec::new();
-    // Durable jobs waiting for company, and when the first of them arrived (µs).
-    let mut durable: Vec<Job> = Vec::new();
-    let mut durable_commands = 0usize;
-    let mut durable_since_us = 0u64;
-    let mut last_durable_commit_us = 0u64;
     let mut stopping = false;
     while !stopping {
-        let first = if durable.is_empty() {
-            rx.recv().ok()
-        } else {
-            let deadline_us = durable_since_us + DURABLE_LINGER_US;
-            let wait_us = deadline_us.saturating_sub(clock.now_us());
-            match rx.recv_timeout(std::time::Duration::from_micros(wait_us)) {
-                Ok(message) => Some(message),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    stopping = true;
-                    None
-                }
+        let mut total = match rx.blocking_recv() {
+            Some(Message::Job(first)) => {
+                let n = first.commands.len();
+                jobs.push(first);
+                n
             }
+            Some(Message::Park(park)) => {
+                parks.push(park);
+                1
+            }
+            Some(Message::Stop) | None => break,
         };
-        let mut message = match first {
-            Some(message) => Some(message),
-            None if durable.is_empty() => break,
-            None => None,
-        };
-        let mut total = 0usize;
-        while let Some(next) = message.take() {
-            match next {
-                Message::Job(job) => {
-                    let n = job.commands.len();
-                    total += n;
-                    if job.commands.iter().any(Command::is_durable) {
-                        if durable.is_empty() {
-                            durable_since_us = clock.now_us();
-                        }
-                        durable_commands += n;
-                        durable.push(job);
-                    } else {
-                        fast.push(job);
-                    }
+        while total < max_commit_commands {
+            match rx.try_recv() {
+                Ok(Message::Job(job)) => {
+                    total += job.commands.len();
+                    jobs.push(job);
                 }
-                Message::Park(park) => {
+                Ok(Message::Park(park)) => {
                     total += 1;
                     parks.push(park);
                 }
-                Message::Stop => {
+                Ok(Message::Stop) => {
                     stopping = true;
                     break;
                 }
-            }
-            if total < max_commit_commands {
-                message = rx.try_recv().ok();
+                Err(_) => break,
             }
         }
         // Everything gathered was in flight at the same time, so any order is a valid serialization.
         // Non-durable work (leases, timer ticks) goes first in its own commit so that it never waits
         // for the fsync of durable work gathered with it.
+        let (durable, fast): (Vec<Job>, Vec<Job>) = jobs
+            .drain(..)
+            .partition(|job| job.commands.iter().any(Command::is_durable));
         if !fast.is_empty() || !parks.is_empty() {
-            run_jobs(
-                &mut state,
-                std::mem::take(&mut fast),
-                std::mem::take(&mut parks),
-            );
+            run_jobs(&mut state, fast, std::mem::take(&mut parks));
         }
-        if durable.is_empty() {
-            continue;
+        if !durable.is_empty() {
+            run_jobs(&mut state, durable, Vec::new());
         }
-        let now_us = clock.now_us();
-        let under_load = now_us.saturating_sub(last_durable_commit_us) < 2 * DURABLE_LINGER_US;
-        let lingered_enough = now_us >= durable_since_us + DURABLE_LINGER_US;
-        if stopping || !under_load || lingered_enough || durable_commands >= DURABLE_LINGER_COMMANDS
-        {
-            run_jobs(&mut state, std::mem::take(&mut durable), Vec::new());
-            durable_commands = 0;
-            last_durable_commit_us = clock.now_us();
-        }
-    }
-    if !durable.is_empty() {
-        run_jobs(&mut state, durable, Vec::new());
     }
     // Shutting down: long-polls end empty.
     for (_, list) in state.parked.drain() {

@@ -272,6 +272,41 @@ async fn commit_stats(http: &reqwest::Client, url: &str) -> Option<(f64, f64, f6
     ))
 }
 
+/// The server's own view of delivery lateness (reserve commit time − run_at), from its histogram:
+/// the share of deliveries within each bucket bound.
+async fn server_lateness(http: &reqwest::Client, url: &str) -> Option<String> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let prefix = "punctual_delivery_lateness_seconds_bucket{queue=\"bench\",le=\"";
+    let buckets: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            Some((le.to_owned(), count.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.iter().find(|(le, _)| le == "+Inf")?.1;
+    let shares: Vec<String> = buckets
+        .iter()
+        .filter(|(le, _)| ["0.001", "0.002", "0.005", "0.01", "0.02"].contains(&le.as_str()))
+        .map(|(le, n)| {
+            format!(
+                "≤{} ms {:.2}%",
+                le.parse::<f64>().unwrap_or(0.0) * 1000.0,
+                n * 100.0 / total.max(1.0)
+            )
+        })
+        .collect();
+    Some(shares.join(", "))
+}
+
 async fn scenario_ingest(opts: &BenchOpts, http: &reqwest::Client, extra: &[String]) -> Result<()> {
     let dir = work_dir(opts, "ingest")?;
     let server = Server::start(&dir, extra)?;
@@ -476,6 +511,9 @@ async fn scenario_burst(opts: &BenchOpts, http: &reqwest::Client, extra: &[Strin
         ms(h.value_at_quantile(0.999)),
         ms(h.max())
     );
+    if let Some(shares) = server_lateness(http, &server.url).await {
+        println!("burst: server-side lateness (lease commit - run_at): {shares}");
+    }
     if let Some((commits, per_commit, commit_ms)) = commit_stats(http, &server.url).await {
         println!(
             "burst: server did {commits:.0} commits, {per_commit:.1} commands per commit, {commit_ms:.2} ms per commit"
