@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod duration;
+mod work;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -142,6 +143,8 @@ enum Cmd {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Run a shell command for each task of a queue: exit 0 acks, anything else nacks.
+    Work(work::WorkOpts),
     /// Measure Punctual on this machine (see docs/benchmarks.md).
     Bench(bench::BenchOpts),
 }
@@ -156,7 +159,7 @@ fn init_logging() {
         .init();
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -288,6 +291,7 @@ async fn main() {
             }
             .await
         }
+        Cmd::Work(opts) => work::run(opts).await,
         Cmd::Bench(opts) => bench::run(opts).await,
     };
     if let Err(error) = result {
