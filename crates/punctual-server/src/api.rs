@@ -83,6 +83,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/tasks/{id}/nack", post(nack))
         .route("/v1/queues/{queue}/tasks/{id}/extend", post(extend))
         .route("/v1/queues/{queue}/tasks/{id}/retry", post(retry))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -91,6 +95,59 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .with_state(state)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authorization
+
+/// Compares in time that depends only on the lengths, so a token cannot be guessed byte by byte.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// With tokens configured, every `/v1` route (and `/metrics` if protected) needs
+/// `Authorization: Bearer <token>`; `/healthz` is always open.
+async fn authorize(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let tokens = &state.config.auth_tokens;
+    let path = request.uri().path();
+    let guarded = path.starts_with("/v1/")
+        || path == "/v1"
+        || (path == "/metrics" && state.config.protect_metrics);
+    if tokens.is_empty() || !guarded {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token)
+            if tokens
+                .iter()
+                .any(|t| same_secret(t.as_bytes(), token.as_bytes())) =>
+        {
+            next.run(request).await
+        }
+        _ => {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this server needs an Authorization: Bearer <token> header with a configured token",
+            )
+            .into_response();
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            response
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

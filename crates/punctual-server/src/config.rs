@@ -20,6 +20,10 @@ pub struct ServerConfig {
     pub tick_limit: usize,
     /// Most commands one group commit gathers.
     pub max_commit_commands: usize,
+    /// Bearer tokens accepted on `/v1` routes; empty means no authorization.
+    pub auth_tokens: Vec<String>,
+    /// Whether `/metrics` also needs a token (when tokens are configured).
+    pub protect_metrics: bool,
 }
 
 impl Default for ServerConfig {
@@ -33,6 +37,8 @@ impl Default for ServerConfig {
             window_capacity: 100_000,
             tick_limit: 2_000,
             max_commit_commands: 10_000,
+            auth_tokens: Vec::new(),
+            protect_metrics: false,
         }
     }
 }

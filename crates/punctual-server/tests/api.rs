@@ -21,10 +21,16 @@ struct Harness {
 
 impl Harness {
     fn new(store: Arc<dyn Store>) -> Harness {
-        let config = ServerConfig {
-            retention_ms: 60_000,
-            ..ServerConfig::default()
-        };
+        Self::with_config(
+            store,
+            ServerConfig {
+                retention_ms: 60_000,
+                ..ServerConfig::default()
+            },
+        )
+    }
+
+    fn with_config(store: Arc<dyn Store>, config: ServerConfig) -> Harness {
         let app = App::start(store, config);
         let router = app.router();
         Harness {
@@ -34,10 +40,24 @@ impl Harness {
     }
 
     async fn call(&self, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Value) {
-        let request = Request::builder()
+        self.call_as(None, method, uri, body).await
+    }
+
+    async fn call_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        uri: &str,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut request = Request::builder()
             .method(method)
             .uri(uri)
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request
             .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
             .unwrap();
         let response = self.router.clone().oneshot(request).await.unwrap();
@@ -825,4 +845,60 @@ async fn a_failed_commit_turns_healthz_red_and_refuses_writes() {
         "reads still work"
     );
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_guard_the_api_but_not_healthz() {
+    for protect_metrics in [false, true] {
+        let config = ServerConfig {
+            auth_tokens: vec!["s3cret".into(), "rotated".into()],
+            protect_metrics,
+            ..ServerConfig::default()
+        };
+        let h = Harness::with_config(Arc::new(MemoryStore::new()), config);
+        let (status, error) = h.call("GET", "/v1/queues", None).await;
+        assert_eq!(
+            (status, error["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+        );
+        assert_eq!(
+            h.call_as(Some("s3cre"), "GET", "/v1/queues", None).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            h.call_as(Some("wrong!"), "POST", "/v1/queues/q/tasks", Some("{}"))
+                .await
+                .0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            h.call_as(Some("s3cret"), "POST", "/v1/queues/q/tasks", Some("{}"))
+                .await
+                .0,
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            h.call_as(Some("rotated"), "GET", "/v1/queues", None)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            h.call("GET", "/healthz", None).await.0,
+            StatusCode::OK,
+            "health checks need no token"
+        );
+        let metrics = h.call("GET", "/metrics", None).await.0;
+        let want = if protect_metrics {
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(metrics, want, "protect_metrics = {protect_metrics}");
+        assert_eq!(
+            h.call_as(Some("s3cret"), "GET", "/metrics", None).await.0,
+            StatusCode::OK
+        );
+        h.stop().await;
+    }
 }

@@ -12,6 +12,20 @@ pub struct Client {
     pub json: bool,
 }
 
+/// An HTTP client that sends `Authorization: Bearer <token>` when a token is given.
+pub fn http_client(token: Option<&str>) -> Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("the token must be printable ASCII")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
+}
+
 /// A non-2xx answer, with the server's error code and message.
 fn describe_error(status: reqwest::StatusCode, body: &Value) -> String {
     match (
@@ -37,14 +51,14 @@ pub fn segment(text: &str) -> String {
 }
 
 impl Client {
-    pub fn new(server: &str, json: bool) -> Result<Client> {
+    pub fn new(server: &str, json: bool, token: Option<&str>) -> Result<Client> {
         let base = server.trim_end_matches('/').to_owned();
         if !base.starts_with("http://") && !base.starts_with("https://") {
             bail!("--server must be an http:// URL, got {server:?}");
         }
         Ok(Client {
             base,
-            http: reqwest::Client::new(),
+            http: http_client(token)?,
             json,
         })
     }

@@ -38,6 +38,9 @@ struct ClientOpts {
     /// Print JSON instead of tables (one object per line).
     #[arg(long, global = true)]
     json: bool,
+    /// Bearer token for a server started with --auth-token.
+    #[arg(long, env = "PUNCTUAL_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -66,6 +69,18 @@ struct ServeOpts {
     /// Most tasks in one batch request.
     #[arg(long, env = "PUNCTUAL_MAX_BATCH", default_value_t = 1000)]
     max_batch: usize,
+    /// Require `Authorization: Bearer <token>` on /v1 routes; repeat for several tokens
+    /// (the env var takes a comma-separated list). /healthz stays open.
+    #[arg(
+        long = "auth-token",
+        env = "PUNCTUAL_AUTH_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    auth_tokens: Vec<String>,
+    /// With --auth-token, require a token on /metrics too.
+    #[arg(long, env = "PUNCTUAL_PROTECT_METRICS")]
+    protect_metrics: bool,
 }
 
 #[derive(Subcommand)]
@@ -183,6 +198,12 @@ async fn serve(opts: ServeOpts) -> Result<()> {
         default_lease_ms: opts.default_lease_ms,
         default_max_attempts: opts.default_max_attempts,
         retention_ms: opts.retention_ms,
+        auth_tokens: opts
+            .auth_tokens
+            .into_iter()
+            .filter(|t| !t.is_empty())
+            .collect(),
+        protect_metrics: opts.protect_metrics,
         ..ServerConfig::default()
     };
     config.limits.max_payload_bytes = opts.max_payload_bytes;
@@ -221,7 +242,7 @@ async fn main() {
             backoff,
             webhook,
             client,
-        } => match Client::new(&client.server, client.json) {
+        } => match Client::new(&client.server, client.json, client.token.as_deref()) {
             Ok(c) => {
                 c.schedule(
                     &queue,
@@ -241,7 +262,7 @@ async fn main() {
         },
         Cmd::Get { queue, id, client } => {
             async {
-                Client::new(&client.server, client.json)?
+                Client::new(&client.server, client.json, client.token.as_deref())?
                     .get(&queue, &id)
                     .await
             }
@@ -249,7 +270,7 @@ async fn main() {
         }
         Cmd::Cancel { queue, id, client } => {
             async {
-                Client::new(&client.server, client.json)?
+                Client::new(&client.server, client.json, client.token.as_deref())?
                     .cancel(&queue, &id)
                     .await
             }
@@ -264,7 +285,7 @@ async fn main() {
             client,
         } => {
             async {
-                Client::new(&client.server, client.json)?
+                Client::new(&client.server, client.json, client.token.as_deref())?
                     .reschedule(&queue, &id, in_, at, payload)
                     .await
             }
@@ -277,7 +298,7 @@ async fn main() {
             client,
         } => {
             async {
-                Client::new(&client.server, client.json)?
+                Client::new(&client.server, client.json, client.token.as_deref())?
                     .ls(&queue, state, limit)
                     .await
             }
@@ -285,7 +306,7 @@ async fn main() {
         }
         Cmd::Stats { queue, client } => {
             async {
-                Client::new(&client.server, client.json)?
+                Client::new(&client.server, client.json, client.token.as_deref())?
                     .stats(queue.as_deref())
                     .await
             }

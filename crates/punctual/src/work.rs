@@ -37,6 +37,9 @@ pub struct WorkOpts {
     /// The server to talk to.
     #[arg(long, env = "PUNCTUAL_URL", default_value = "http://127.0.0.1:7070")]
     server: String,
+    /// Bearer token for a server started with --auth-token.
+    #[arg(long, env = "PUNCTUAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 struct Worker {
@@ -192,7 +195,7 @@ pub async fn run(opts: WorkOpts) -> Result<()> {
     }
     let lease_ms = parse_duration_ms(&opts.lease).map_err(anyhow::Error::msg)?;
     let worker = Arc::new(Worker {
-        http: reqwest::Client::new(),
+        http: crate::client::http_client(opts.token.as_deref())?,
         base: opts.server.trim_end_matches('/').to_owned(),
         queue: opts.queue,
         exec: opts.exec,

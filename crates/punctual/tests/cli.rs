@@ -173,6 +173,26 @@ async fn sigterm_stops_cleanly_and_data_survives() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_send_the_token() {
+    let dir = temp_dir("auth");
+    let server = Server::start(&dir, &["--auth-token", "t0k3n"]).await;
+    let refused = punctual(&server, &["schedule", "q", "--in", "1h", "--id", "a"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+    let accepted = Command::new(bin())
+        .args(["schedule", "q", "--in", "1h", "--id", "a"])
+        .env("PUNCTUAL_URL", &server.url)
+        .env("PUNCTUAL_TOKEN", "t0k3n")
+        .output()
+        .unwrap();
+    assert!(stdout(&accepted).starts_with("scheduled a"));
+    assert!(
+        stdout(&punctual(&server, &["get", "q", "a", "--token", "t0k3n"])).contains("scheduled")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_damaged_data_file_is_a_clear_startup_error() {
     let dir = temp_dir("damaged");
