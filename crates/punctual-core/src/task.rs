@@ -399,4 +399,124 @@ pub(crate) mod tests {
         let kept = t.last_error.unwrap();
         assert!(kept.len() <= MAX_ERROR_BYTES && kept.len() >= MAX_ERROR_BYTES - 1);
     }
+
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// What the engine may do to a task, with its arguments.
+        #[derive(Debug, Clone)]
+        enum Op {
+            Advance(u64),
+            Promote,
+            Lease(u64),
+            Fail(Option<u64>),
+            Succeed,
+            Revive,
+            Reschedule(u64),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (0u64..500).prop_map(Op::Advance),
+                Just(Op::Promote),
+                (1u64..300).prop_map(Op::Lease),
+                proptest::option::of(0u64..200).prop_map(Op::Fail),
+                Just(Op::Succeed),
+                Just(Op::Revive),
+                (0u64..600).prop_map(Op::Reschedule),
+            ]
+        }
+
+        /// A deliberately naive model of the lifecycle, written from the API documentation.
+        #[derive(Debug)]
+        struct Model {
+            state: TaskState,
+            attempt: u32,
+            run_at: u64,
+            lease_until: Option<u64>,
+        }
+
+        proptest! {
+            #[test]
+            fn transitions_match_a_simple_model(
+                ops in proptest::collection::vec(op(), 1..80),
+                steps in proptest::collection::vec(0u64..100, 0..4),
+                max_attempts in 1u32..5,
+                first_run_at in 0u64..300,
+            ) {
+                let mut now = 100u64;
+                let mut t = task(first_run_at, max_attempts, Backoff::Ladder { steps_ms: steps.clone() });
+                t.start(now);
+                let ready_at_start = first_run_at <= now;
+                let mut m = Model {
+                    state: if ready_at_start { TaskState::Ready } else { TaskState::Scheduled },
+                    attempt: 0,
+                    run_at: first_run_at,
+                    lease_until: None,
+                };
+                for op in ops {
+                    match op {
+                        Op::Advance(ms) => now += ms,
+                        Op::Promote => {
+                            t.promote(now);
+                            if m.state == TaskState::Scheduled && m.run_at <= now {
+                                m.state = TaskState::Ready;
+                            }
+                        }
+                        Op::Lease(ms) if m.state == TaskState::Ready => {
+                            t.lease(now, ms, format!("tok{now}"));
+                            m.state = TaskState::Leased;
+                            m.attempt += 1;
+                            m.lease_until = Some(now + ms);
+                        }
+                        Op::Fail(delay) if m.state == TaskState::Leased => {
+                            t.fail(now, "e", delay);
+                            m.lease_until = None;
+                            if m.attempt >= max_attempts {
+                                m.state = TaskState::Dead;
+                            } else {
+                                let step = if steps.is_empty() { 0 } else { steps[(m.attempt as usize - 1).min(steps.len() - 1)] };
+                                m.run_at = now + delay.unwrap_or(step);
+                                m.state = if m.run_at <= now { TaskState::Ready } else { TaskState::Scheduled };
+                            }
+                        }
+                        Op::Succeed if m.state == TaskState::Leased => {
+                            t.succeed(now, 1_000);
+                            m.state = TaskState::Succeeded;
+                            m.lease_until = None;
+                        }
+                        Op::Revive if m.state == TaskState::Dead => {
+                            t.revive(now);
+                            m.state = TaskState::Ready;
+                            m.attempt = 0;
+                            m.run_at = now;
+                        }
+                        Op::Reschedule(at) if matches!(m.state, TaskState::Scheduled | TaskState::Ready) => {
+                            t.reschedule(now, Some(at), None);
+                            m.run_at = at;
+                            m.state = if at <= now { TaskState::Ready } else { TaskState::Scheduled };
+                        }
+                        _ => {} // not allowed in this state: the engine never calls it
+                    }
+                    prop_assert_eq!(t.state, m.state);
+                    prop_assert_eq!(t.attempt, m.attempt);
+                    prop_assert!(t.attempt <= max_attempts);
+                    prop_assert_eq!(t.lease.as_ref().map(|l| l.expires_at_ms), m.lease_until);
+                    if matches!(m.state, TaskState::Scheduled | TaskState::Ready) {
+                        prop_assert_eq!(t.run_at_ms, m.run_at);
+                    }
+                    // The indexes a store derives from the task agree with its state.
+                    let expected_due = match m.state {
+                        TaskState::Scheduled => Some(m.run_at),
+                        TaskState::Leased => m.lease_until,
+                        TaskState::Succeeded => t.purge_at_ms,
+                        TaskState::Ready | TaskState::Dead => None,
+                    };
+                    prop_assert_eq!(t.due_at_ms(), expected_due);
+                    prop_assert_eq!(t.ready_at_ms(), (m.state == TaskState::Ready).then_some(m.run_at));
+                }
+            }
+        }
+    }
 }
