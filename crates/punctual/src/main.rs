@@ -2,11 +2,10 @@
 
 mod bench;
 mod client;
+mod config;
 mod duration;
 mod work;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -15,6 +14,7 @@ use punctual_server::ServerConfig;
 use punctual_store::{RedbOptions, RedbStore, Store};
 
 use crate::client::{Client, ScheduleSpec};
+use crate::config::ServeOpts;
 
 /// Punctual: a durable delayed-task server.
 #[derive(Parser)]
@@ -41,46 +41,6 @@ struct ClientOpts {
     /// Bearer token for a server started with --auth-token.
     #[arg(long, env = "PUNCTUAL_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
-}
-
-#[derive(clap::Args)]
-struct ServeOpts {
-    /// Directory of the data file (created if missing).
-    #[arg(long, env = "PUNCTUAL_DATA_DIR", default_value = "./punctual-data")]
-    data_dir: PathBuf,
-    /// Address to serve HTTP on.
-    #[arg(long, env = "PUNCTUAL_HTTP", default_value = "127.0.0.1:7070")]
-    http: SocketAddr,
-    /// Memory for the store's page cache, in MiB. Bounds RSS whatever the number of pending tasks.
-    #[arg(long, env = "PUNCTUAL_CACHE_MB", default_value_t = 64)]
-    cache_mb: usize,
-    /// Lease length when neither the reserve nor the task names one, in ms.
-    #[arg(long, env = "PUNCTUAL_DEFAULT_LEASE_MS", default_value_t = 30_000)]
-    default_lease_ms: u64,
-    /// Attempts when a task does not say.
-    #[arg(long, env = "PUNCTUAL_DEFAULT_MAX_ATTEMPTS", default_value_t = 5)]
-    default_max_attempts: u32,
-    /// How long succeeded tasks stay readable, in ms (default 24 h).
-    #[arg(long, env = "PUNCTUAL_RETENTION_MS", default_value_t = 86_400_000)]
-    retention_ms: u64,
-    /// Largest payload in bytes (compact JSON).
-    #[arg(long, env = "PUNCTUAL_MAX_PAYLOAD_BYTES", default_value_t = 1 << 20)]
-    max_payload_bytes: usize,
-    /// Most tasks in one batch request.
-    #[arg(long, env = "PUNCTUAL_MAX_BATCH", default_value_t = 1000)]
-    max_batch: usize,
-    /// Require `Authorization: Bearer <token>` on /v1 routes; repeat for several tokens
-    /// (the env var takes a comma-separated list). /healthz stays open.
-    #[arg(
-        long = "auth-token",
-        env = "PUNCTUAL_AUTH_TOKENS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    auth_tokens: Vec<String>,
-    /// With --auth-token, require a token on /metrics too.
-    #[arg(long, env = "PUNCTUAL_PROTECT_METRICS")]
-    protect_metrics: bool,
 }
 
 #[derive(Subcommand)]
@@ -193,34 +153,36 @@ pub(crate) async fn shutdown_signal() {
 }
 
 async fn serve(opts: ServeOpts) -> Result<()> {
+    let print = opts.print_config;
+    let settings = opts.resolve()?;
+    if print {
+        println!("{}", serde_json::to_string_pretty(&settings)?);
+        return Ok(());
+    }
     init_logging();
     let mut config = ServerConfig {
-        default_lease_ms: opts.default_lease_ms,
-        default_max_attempts: opts.default_max_attempts,
-        retention_ms: opts.retention_ms,
-        auth_tokens: opts
-            .auth_tokens
-            .into_iter()
-            .filter(|t| !t.is_empty())
-            .collect(),
-        protect_metrics: opts.protect_metrics,
+        default_lease_ms: settings.default_lease_ms,
+        default_max_attempts: settings.default_max_attempts,
+        retention_ms: settings.retention_ms,
+        auth_tokens: settings.auth_tokens,
+        protect_metrics: settings.protect_metrics,
         ..ServerConfig::default()
     };
-    config.limits.max_payload_bytes = opts.max_payload_bytes;
-    config.limits.max_body_bytes = opts.max_payload_bytes + (64 << 10);
-    config.limits.max_batch = opts.max_batch;
+    config.limits.max_payload_bytes = settings.max_payload_bytes;
+    config.limits.max_body_bytes = settings.max_payload_bytes + (64 << 10);
+    config.limits.max_batch = settings.max_batch;
     let store = RedbStore::open(
-        &opts.data_dir,
+        &settings.data_dir,
         &RedbOptions {
-            cache_bytes: opts.cache_mb << 20,
+            cache_bytes: settings.cache_mb << 20,
         },
     )
     .context("opening the data directory")?;
     tracing::info!(path = %store.path().display(), "store open");
     let store: Arc<dyn Store> = Arc::new(store);
-    let listener = tokio::net::TcpListener::bind(opts.http)
+    let listener = tokio::net::TcpListener::bind(settings.http)
         .await
-        .with_context(|| format!("cannot listen on {}", opts.http))?;
+        .with_context(|| format!("cannot listen on {}", settings.http))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     punctual_server::serve(listener, store, config, shutdown_signal()).await?;
     tracing::info!("stopped");

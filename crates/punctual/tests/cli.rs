@@ -194,6 +194,47 @@ async fn client_commands_send_the_token() {
 }
 
 #[test]
+fn settings_come_from_flags_over_env_over_file() {
+    let dir = temp_dir("config");
+    let file = dir.join("punctual.toml");
+    std::fs::write(
+        &file,
+        "cache_mb = 10\nretention_ms = 1000\nmax_batch = 50\nhttp = \"127.0.0.1:7999\"\n",
+    )
+    .unwrap();
+    let output = Command::new(bin())
+        .args(["serve", "--print-config", "--cache-mb", "30", "--config"])
+        .arg(&file)
+        .env("PUNCTUAL_CACHE_MB", "20")
+        .env("PUNCTUAL_RETENTION_MS", "2000")
+        .output()
+        .unwrap();
+    let settings: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(
+        settings["cache_mb"], 30,
+        "the flag beats the env var and the file"
+    );
+    assert_eq!(settings["retention_ms"], 2000, "the env var beats the file");
+    assert_eq!(settings["max_batch"], 50, "the file beats the default");
+    assert_eq!(settings["http"], "127.0.0.1:7999");
+    assert_eq!(settings["default_lease_ms"], 30000, "the default");
+
+    std::fs::write(&file, "retention = 5\n").unwrap();
+    let bad = Command::new(bin())
+        .args(["serve", "--print-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let error = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        error.contains("retention") && error.contains("punctual.toml"),
+        "{error}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_damaged_data_file_is_a_clear_startup_error() {
     let dir = temp_dir("damaged");
     std::fs::write(

@@ -1,0 +1,248 @@
+//! `punctual serve` settings: flags over environment variables over the config file over defaults.
+//!
+//! Every setting is an optional flag (clap reads the flag, then its environment variable), a key of
+//! the TOML file given by `--config`, and a built-in default. An unknown key or a value of the wrong
+//! type in the file is an error that names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// The flags of `punctual serve`. Defaults are applied after the file is read, so they are in the
+/// help text rather than in clap.
+#[derive(clap::Args, Debug, Default)]
+pub struct ServeOpts {
+    /// TOML file with any of the settings below (keys as the flags, with '_' for '-').
+    #[arg(long, env = "PUNCTUAL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory of the data file, created if missing [default: ./punctual-data].
+    #[arg(long, env = "PUNCTUAL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to serve HTTP on [default: 127.0.0.1:7070].
+    #[arg(long, env = "PUNCTUAL_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Memory for the store's page cache in MiB; bounds RSS whatever the number of pending tasks [default: 64].
+    #[arg(long, env = "PUNCTUAL_CACHE_MB")]
+    pub cache_mb: Option<usize>,
+    /// Lease length in ms when neither the reserve nor the task names one [default: 30000].
+    #[arg(long, env = "PUNCTUAL_DEFAULT_LEASE_MS")]
+    pub default_lease_ms: Option<u64>,
+    /// Attempts when a task does not say [default: 5].
+    #[arg(long, env = "PUNCTUAL_DEFAULT_MAX_ATTEMPTS")]
+    pub default_max_attempts: Option<u32>,
+    /// How long succeeded tasks stay readable, in ms [default: 86400000, 24 h].
+    #[arg(long, env = "PUNCTUAL_RETENTION_MS")]
+    pub retention_ms: Option<u64>,
+    /// Largest payload in bytes, as compact JSON [default: 1048576].
+    #[arg(long, env = "PUNCTUAL_MAX_PAYLOAD_BYTES")]
+    pub max_payload_bytes: Option<usize>,
+    /// Most tasks in one batch request [default: 1000].
+    #[arg(long, env = "PUNCTUAL_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// Require `Authorization: Bearer <token>` on /v1 routes; repeat for several tokens (the env var
+    /// takes a comma-separated list). /healthz stays open [default: none, no authorization].
+    #[arg(
+        long = "auth-token",
+        env = "PUNCTUAL_AUTH_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub auth_tokens: Vec<String>,
+    /// With tokens configured, require one on /metrics too [default: false].
+    #[arg(long, env = "PUNCTUAL_PROTECT_METRICS")]
+    pub protect_metrics: Option<bool>,
+    /// Print the resolved settings as JSON and exit (tokens are not shown).
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// The config file: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    http: Option<SocketAddr>,
+    cache_mb: Option<usize>,
+    default_lease_ms: Option<u64>,
+    default_max_attempts: Option<u32>,
+    retention_ms: Option<u64>,
+    max_payload_bytes: Option<usize>,
+    max_batch: Option<usize>,
+    auth_tokens: Option<Vec<String>>,
+    protect_metrics: Option<bool>,
+}
+
+/// The settings `serve` runs with.
+#[derive(Debug, Serialize)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub http: SocketAddr,
+    pub cache_mb: usize,
+    pub default_lease_ms: u64,
+    pub default_max_attempts: u32,
+    pub retention_ms: u64,
+    pub max_payload_bytes: usize,
+    pub max_batch: usize,
+    #[serde(skip)]
+    pub auth_tokens: Vec<String>,
+    /// How many tokens are configured (the tokens themselves are never printed).
+    pub auth_token_count: usize,
+    pub protect_metrics: bool,
+}
+
+fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid config file {}: {}",
+            path.display(),
+            e.to_string().trim()
+        )
+    })
+}
+
+impl ServeOpts {
+    /// Resolves flags (and their env vars) over the file over the defaults.
+    pub fn resolve(self) -> Result<Settings> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let auth_tokens: Vec<String> = if self.auth_tokens.is_empty() {
+            file.auth_tokens.unwrap_or_default()
+        } else {
+            self.auth_tokens
+        }
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .collect();
+        let settings = Settings {
+            data_dir: self
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| "./punctual-data".into()),
+            http: self
+                .http
+                .or(file.http)
+                .unwrap_or_else(|| ([127, 0, 0, 1], 7070).into()),
+            cache_mb: self.cache_mb.or(file.cache_mb).unwrap_or(64),
+            default_lease_ms: self
+                .default_lease_ms
+                .or(file.default_lease_ms)
+                .unwrap_or(30_000),
+            default_max_attempts: self
+                .default_max_attempts
+                .or(file.default_max_attempts)
+                .unwrap_or(5),
+            retention_ms: self
+                .retention_ms
+                .or(file.retention_ms)
+                .unwrap_or(86_400_000),
+            max_payload_bytes: self
+                .max_payload_bytes
+                .or(file.max_payload_bytes)
+                .unwrap_or(1 << 20),
+            max_batch: self.max_batch.or(file.max_batch).unwrap_or(1000),
+            auth_token_count: auth_tokens.len(),
+            auth_tokens,
+            protect_metrics: self
+                .protect_metrics
+                .or(file.protect_metrics)
+                .unwrap_or(false),
+        };
+        settings.check()?;
+        Ok(settings)
+    }
+}
+
+impl Settings {
+    fn check(&self) -> Result<()> {
+        let limits = punctual_core::Limits::default();
+        if self.cache_mb == 0 {
+            bail!("cache_mb must be at least 1");
+        }
+        if !(limits.min_lease_ms..=limits.max_lease_ms).contains(&self.default_lease_ms) {
+            bail!(
+                "default_lease_ms must be between {} and {}",
+                limits.min_lease_ms,
+                limits.max_lease_ms
+            );
+        }
+        if !(1..=limits.max_attempts).contains(&self.default_max_attempts) {
+            bail!(
+                "default_max_attempts must be between 1 and {}",
+                limits.max_attempts
+            );
+        }
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > 64 << 20 {
+            bail!("max_payload_bytes must be between 1 and 67108864");
+        }
+        if !(1..=100_000).contains(&self.max_batch) {
+            bail!("max_batch must be between 1 and 100000");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "punctual-config-{}-{}.toml",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let path = file("cache_mb = 10\nretention_ms = 1000\nauth_tokens = [\"a\", \"b\"]\n");
+        let settings = ServeOpts {
+            config: Some(path),
+            cache_mb: Some(30),
+            ..ServeOpts::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            (settings.cache_mb, settings.retention_ms, settings.max_batch),
+            (30, 1000, 1000)
+        );
+        assert_eq!(settings.auth_tokens, ["a", "b"]);
+    }
+
+    #[test]
+    fn bad_files_name_the_key() {
+        let unknown = ServeOpts {
+            config: Some(file("cache_mbs = 10\n")),
+            ..ServeOpts::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(unknown.contains("cache_mbs"), "{unknown}");
+        let wrong_type = ServeOpts {
+            config: Some(file("retention_ms = \"a day\"\n")),
+            ..ServeOpts::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(wrong_type.contains("retention_ms"), "{wrong_type}");
+        let out_of_range = ServeOpts {
+            config: Some(file("default_lease_ms = 5\n")),
+            ..ServeOpts::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(out_of_range.contains("default_lease_ms"), "{out_of_range}");
+    }
+}
