@@ -233,6 +233,22 @@ impl Task {
         error: &str,
         delay_override_ms: Option<u64>,
     ) -> FailOutcome {
+        self.fail_with(now_ms, error, delay_override_ms, 0)
+    }
+
+    /// Like [`fail`](Self::fail) with the policy's delay, but waiting at least `min_delay_ms`
+    /// (a webhook target's `Retry-After` that is later than the policy's next step).
+    pub fn fail_at_least(&mut self, now_ms: u64, error: &str, min_delay_ms: u64) -> FailOutcome {
+        self.fail_with(now_ms, error, None, min_delay_ms)
+    }
+
+    fn fail_with(
+        &mut self,
+        now_ms: u64,
+        error: &str,
+        delay_override_ms: Option<u64>,
+        min_delay_ms: u64,
+    ) -> FailOutcome {
         self.lease = None;
         self.last_error = Some(truncate_error(error));
         self.updated_at_ms = now_ms;
@@ -241,10 +257,20 @@ impl Task {
             return FailOutcome::Dead;
         }
         let delay_ms = delay_override_ms
-            .unwrap_or_else(|| self.backoff.delay_ms(self.attempt, self.jitter_seed()));
+            .unwrap_or_else(|| self.backoff.delay_ms(self.attempt, self.jitter_seed()))
+            .max(min_delay_ms);
         let run_at_ms = now_ms.saturating_add(delay_ms);
         self.set_due(now_ms, run_at_ms);
         FailOutcome::Retry { run_at_ms }
+    }
+
+    /// Gives a leased task back without using up an attempt (a delivery that never started, e.g. at
+    /// shutdown or when its target is saturated): due again after `delay_ms`.
+    pub fn release(&mut self, now_ms: u64, delay_ms: u64) {
+        self.lease = None;
+        self.attempt = self.attempt.saturating_sub(1);
+        self.updated_at_ms = now_ms;
+        self.set_due(now_ms, now_ms.saturating_add(delay_ms));
     }
 
     /// Acknowledged: `succeeded`, removed after `retention_ms`.
@@ -387,6 +413,31 @@ pub(crate) mod tests {
             FailOutcome::Retry { run_at_ms: 5_030 }
         );
         assert_eq!(t.state, TaskState::Scheduled);
+    }
+
+    #[test]
+    fn retry_after_only_lengthens_and_release_keeps_the_attempt() {
+        let mut t = task(0, 5, ladder(&[1_000]));
+        t.start(0);
+        t.lease(0, 100, "a".into());
+        assert_eq!(
+            t.fail_at_least(10, "429", 300),
+            FailOutcome::Retry { run_at_ms: 1_010 }
+        );
+        t.promote(1_010);
+        t.lease(1_010, 100, "b".into());
+        assert_eq!(
+            t.fail_at_least(1_020, "429", 5_000),
+            FailOutcome::Retry { run_at_ms: 6_020 }
+        );
+        assert_eq!(t.attempt, 2);
+        t.promote(6_020);
+        t.lease(6_020, 100, "c".into());
+        t.release(6_030, 0);
+        assert_eq!(
+            (t.state, t.attempt, t.lease.is_none()),
+            (TaskState::Ready, 2, true)
+        );
     }
 
     #[test]

@@ -143,6 +143,42 @@ pub fn parse_rfc3339_ms(input: &str) -> Result<u64, TimeParseError> {
     Ok(secs as u64 * 1000 + millis)
 }
 
+/// Parses an HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`, the only form senders may use) into unix ms.
+pub fn parse_http_date_ms(input: &str) -> Option<u64> {
+    let mut parts = input.split_whitespace();
+    let _weekday = parts.next()?;
+    let day: u32 = parts.next()?.parse().ok()?;
+    let month = match parts.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year: i64 = parts.next()?.parse().ok()?;
+    let mut clock = parts.next()?.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, m, sec) = (clock.next()??, clock.next()??, clock.next()??);
+    if parts.next()? != "GMT"
+        || day == 0
+        || day > days_in_month(year, month)
+        || h > 23
+        || m > 59
+        || sec > 60
+    {
+        return None;
+    }
+    let secs = days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + sec;
+    u64::try_from(secs).ok().map(|s| s * 1000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +229,16 @@ mod tests {
         ] {
             assert!(parse_rfc3339_ms(bad).is_err(), "{bad} should be rejected");
         }
+    }
+
+    #[test]
+    fn parses_http_dates() {
+        assert_eq!(
+            parse_http_date_ms("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784_111_777_000)
+        );
+        assert_eq!(parse_http_date_ms("Sun, 06 Nov 1994 08:49:37 UTC"), None);
+        assert_eq!(parse_http_date_ms("120"), None);
     }
 
     #[test]

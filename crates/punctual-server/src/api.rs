@@ -996,6 +996,7 @@ async fn nack(
         token: request.lease_token,
         error: request.error,
         delay_ms: request.delay_ms,
+        min_delay_ms: None,
     };
     answer(
         &queue,

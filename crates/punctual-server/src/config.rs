@@ -2,6 +2,8 @@
 
 use punctual_core::Limits;
 
+use crate::webhook::WebhookConfig;
+
 /// How the server behaves; `ServerConfig::default()` holds the documented defaults.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -24,6 +26,7 @@ pub struct ServerConfig {
     pub auth_tokens: Vec<String>,
     /// Whether `/metrics` also needs a token (when tokens are configured).
     pub protect_metrics: bool,
+    pub webhook: WebhookConfig,
 }
 
 impl Default for ServerConfig {
@@ -39,6 +42,7 @@ impl Default for ServerConfig {
             max_commit_commands: 10_000,
             auth_tokens: Vec::new(),
             protect_metrics: false,
+            webhook: WebhookConfig::default(),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod timer;
+pub mod webhook;
 pub mod writer;
 
 use std::future::Future;
@@ -29,6 +30,7 @@ pub struct App {
     shutdown: watch::Sender<bool>,
     timer: Arc<Timer>,
     driver: std::thread::JoinHandle<()>,
+    webhooks: tokio::task::JoinHandle<()>,
     writer_thread: std::thread::JoinHandle<()>,
 }
 
@@ -39,15 +41,24 @@ impl App {
         let _ = metrics::handle();
         let clock = Clock;
         let timer = Arc::new(Timer::new(config.window_span_ms, config.window_capacity));
+        let push_wake = Arc::new(tokio::sync::Notify::new());
         let (writer, writer_thread) = Writer::start(
             store.clone(),
             clock,
             Effects {
                 timer: timer.clone(),
+                push_wake: push_wake.clone(),
             },
             config.max_commit_commands,
         );
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let sender = Arc::new(webhook::Sender::new(
+            writer.clone(),
+            config.webhook.clone(),
+            config.retention_ms,
+            clock,
+        ));
+        let webhooks = tokio::spawn(sender.run(push_wake, shutdown_rx.clone()));
         let driver = timer::start(
             timer.clone(),
             store.clone(),
@@ -68,6 +79,7 @@ impl App {
             shutdown,
             timer,
             driver,
+            webhooks,
             writer_thread,
         }
     }
@@ -79,13 +91,17 @@ impl App {
     /// Ends long-polls and the timer driver, then waits for the writer to finish what it holds.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
-        self.timer.stop();
         let App {
             state,
             writer_thread,
             driver,
+            webhooks,
+            timer,
             ..
         } = self;
+        // Deliveries in flight get their grace period while the writer still records their outcome.
+        let _ = webhooks.await;
+        timer.stop();
         state.writer.stop();
         drop(state);
         let _ = tokio::task::spawn_blocking(move || {

@@ -15,6 +15,8 @@ pub const LATENESS: &str = "punctual_delivery_lateness_seconds";
 pub const COMMIT_SECONDS: &str = "punctual_store_commit_duration_seconds";
 pub const COMMIT_COMMANDS: &str = "punctual_store_commit_commands";
 pub const TASKS: &str = "punctual_tasks";
+pub const WEBHOOK_SECONDS: &str = "punctual_webhook_duration_seconds";
+pub const WEBHOOK_DELIVERIES: &str = "punctual_webhook_deliveries_total";
 
 /// The recorder is global to the process (the `metrics` macros need that); every server in the process
 /// shares it, which only matters for tests that start several.

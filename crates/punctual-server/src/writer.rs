@@ -40,6 +40,8 @@ pub struct Writer {
 /// What the writer touches after each commit.
 pub struct Effects {
     pub timer: Arc<Timer>,
+    /// Woken when webhook tasks become ready.
+    pub push_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Writer {
@@ -168,6 +170,9 @@ impl Loop<'_> {
         match result {
             Ok(outcomes) => {
                 let ready = after_commit(self.effects, now_ms, commands, &outcomes);
+                if ready.iter().any(|q| q == punctual_store::PUSH_INDEX) {
+                    self.effects.push_wake.notify_one();
+                }
                 Ok((outcomes, ready))
             }
             Err(error) => {
@@ -383,7 +388,7 @@ fn after_commit<'a>(
             Outcome::Created(task) | Outcome::Updated(task) | Outcome::Acked(task) => {
                 due_times.extend(task.due_at_ms());
                 if task.state == TaskState::Ready {
-                    wake_queues.push(&task.queue);
+                    wake_queues.push(punctual_store::ready_target(task));
                 }
                 let counter = match (command, outcome) {
                     (_, Outcome::Created(_)) => Some(m::SCHEDULED),

@@ -104,6 +104,7 @@ fn nack(store: &dyn Store, now_ms: u64, task: &Task, error: &str) -> Outcome {
             token: token(task),
             error: Some(error.into()),
             delay_ms: None,
+            min_delay_ms: None,
         },
     )
 }
@@ -470,12 +471,93 @@ pub fn tick_hands_due_tasks_to_takers(store: &dyn Store) {
     ));
 }
 
+pub fn webhook_tasks_go_only_to_the_push_sender(store: &dyn Store) {
+    let mut hooked = task("q", "hook", 100, 3, &[1_000]);
+    hooked.webhook = Some(punctual_core::Webhook {
+        url: "http://127.0.0.1:9/x".into(),
+        headers: Default::default(),
+        timeout_ms: Some(2_000),
+    });
+    schedule(store, 0, hooked);
+    schedule(store, 0, task("q", "pull", 100, 3, &[]));
+    let taker = Taker {
+        queue: "q".into(),
+        max: 10,
+        lease_ms: None,
+        default_lease_ms: 1_000,
+        token_prefix: "t-".into(),
+    };
+    let Outcome::Ticked(report) = one(
+        store,
+        100,
+        Command::Tick {
+            limit: 10,
+            takers: vec![taker],
+        },
+    ) else {
+        panic!("tick answered something else")
+    };
+    let taken: Vec<&str> = report.taken[0].iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(taken, ["pull"], "a pull consumer never gets a webhook task");
+    assert_eq!(report.ready_queues, vec![crate::PUSH_INDEX.to_owned()]);
+    assert!(reserve(store, 101, "q", 10).is_empty());
+    let push = |now| match one(
+        store,
+        now,
+        Command::ReservePush {
+            max: 10,
+            default_timeout_ms: 10_000,
+            grace_ms: 500,
+            token_prefix: format!("p{now}-"),
+        },
+    ) {
+        Outcome::Reserved(tasks) => tasks,
+        other => panic!("reserve push answered {other:?}"),
+    };
+    let first = push(102).remove(0);
+    assert_eq!((first.id.as_str(), first.attempt), ("hook", 1));
+    assert_eq!(
+        first.lease.as_ref().unwrap().expires_at_ms,
+        102 + 2_000 + 500
+    );
+    // A 429 with Retry-After 5 s: later than the ladder's 1 s, so it wins.
+    let nack = Command::Nack {
+        queue: "q".into(),
+        id: "hook".into(),
+        token: token(&first),
+        error: Some("HTTP 429".into()),
+        delay_ms: None,
+        min_delay_ms: Some(5_000),
+    };
+    assert!(matches!(one(store, 200, nack), Outcome::Updated(ref t) if t.run_at_ms == 5_200));
+    tick(store, 5_200);
+    let second = push(5_200).remove(0);
+    let release = Command::Release {
+        queue: "q".into(),
+        id: "hook".into(),
+        token: token(&second),
+        delay_ms: 0,
+    };
+    assert!(
+        matches!(one(store, 5_201, release), Outcome::Updated(ref t) if t.attempt == 1 && t.state == TaskState::Ready)
+    );
+    assert_eq!(
+        push(5_202)[0].attempt,
+        2,
+        "a released delivery did not use up an attempt"
+    );
+}
+
 /// A named conformance check.
 type Check = (&'static str, fn(&dyn Store));
 
 /// Every check, each on a fresh store.
 pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
-    let checks: [Check; 11] = [
+    let checks: [Check; 12] = [
+        (
+            "webhook_tasks_go_only_to_the_push_sender",
+            webhook_tasks_go_only_to_the_push_sender,
+        ),
         (
             "tick_hands_due_tasks_to_takers",
             tick_hands_due_tasks_to_takers,
@@ -608,6 +690,7 @@ pub fn compare_with_oracle(store: &dyn Store, steps: &[Step], batch: usize) {
                         token,
                         error: Some("e".into()),
                         delay_ms: None,
+                        min_delay_ms: None,
                     },
                     _ => Command::Extend {
                         queue,

@@ -8,7 +8,22 @@ use std::collections::BTreeSet;
 
 use punctual_core::{FailOutcome, LeaseCheck, Task, TaskState};
 
-use crate::{Command, Outcome, StoreError, Taker, TickReport};
+use crate::{Command, Outcome, PUSH_INDEX, StoreError, Taker, TickReport};
+
+/// Where a ready task sits in the ready index: its own queue for pull delivery, or the push index
+/// (keyed by `queue 0x00 id`, so the sender can find the task) when it has a webhook.
+fn ready_slot(task: &Task) -> (&str, std::borrow::Cow<'_, str>) {
+    if task.webhook.is_some() {
+        (PUSH_INDEX, format!("{}\0{}", task.queue, task.id).into())
+    } else {
+        (&task.queue, task.id.as_str().into())
+    }
+}
+
+/// The queue whose consumers (or the webhook sender) a newly ready task should wake.
+pub fn ready_target(task: &Task) -> &str {
+    ready_slot(task).0
+}
 
 /// Error text recorded when a lease runs out.
 pub const LEASE_EXPIRED: &str = "lease expired";
@@ -62,7 +77,8 @@ fn write_indexes<T: Txn + ?Sized>(
             txn.due_remove(due, &old.queue, &old.id)?;
         }
         if let Some(at) = old.ready_at_ms().filter(|a| Some(*a) != new_ready) {
-            txn.ready_remove(&old.queue, at, &old.id)?;
+            let (queue, id) = ready_slot(old);
+            txn.ready_remove(queue, at, &id)?;
         }
         txn.count(&old.queue, old.state, -1);
     }
@@ -77,7 +93,8 @@ fn write_indexes<T: Txn + ?Sized>(
             .ready_at_ms()
             .filter(|a| old.and_then(Task::ready_at_ms) != Some(*a))
         {
-            txn.ready_add(&new.queue, at, &new.id)?;
+            let (queue, id) = ready_slot(new);
+            txn.ready_add(queue, at, &id)?;
         }
         txn.count(&new.queue, new.state, 1);
     }
@@ -170,10 +187,58 @@ pub fn apply_one<T: Txn + ?Sized>(
             token,
             error,
             delay_ms,
+            min_delay_ms,
         } => with_lease(txn, queue, id, token, |task| {
-            task.fail(now_ms, error.as_deref().unwrap_or("nacked"), *delay_ms);
+            let error = error.as_deref().unwrap_or("nacked");
+            match min_delay_ms {
+                Some(min) if delay_ms.is_none() => task.fail_at_least(now_ms, error, *min),
+                _ => task.fail(now_ms, error, *delay_ms),
+            };
             Outcome::Updated(task.clone())
         }),
+        Command::Release {
+            queue,
+            id,
+            token,
+            delay_ms,
+        } => with_lease(txn, queue, id, token, |task| {
+            task.release(now_ms, *delay_ms);
+            Outcome::Updated(task.clone())
+        }),
+        Command::ReservePush {
+            max,
+            default_timeout_ms,
+            grace_ms,
+            token_prefix,
+        } => {
+            let keys = txn.ready_first(PUSH_INDEX, *max)?;
+            let mut leased = Vec::with_capacity(keys.len());
+            for (n, key) in keys.iter().enumerate() {
+                let Some((queue, id)) = key.split_once('\0') else {
+                    continue;
+                };
+                let Some(old) = txn.get(queue, id)? else {
+                    continue;
+                };
+                if old.state != TaskState::Ready {
+                    continue;
+                }
+                let timeout_ms = old
+                    .webhook
+                    .as_ref()
+                    .and_then(|w| w.timeout_ms)
+                    .unwrap_or(*default_timeout_ms);
+                let mut new = old.clone();
+                new.lease(
+                    now_ms,
+                    timeout_ms + grace_ms,
+                    format!("{token_prefix}{n:x}"),
+                );
+                write(txn, Some(&old), Some(&new))?;
+                leased.push(new);
+            }
+            Ok(Outcome::Reserved(leased))
+        }
         Command::Extend {
             queue,
             id,
@@ -305,8 +370,10 @@ fn tick<T: Txn + ?Sized>(
             }
             TaskState::Ready | TaskState::Dead => unreachable!("due_at_ms is None in these states"),
         }
-        if new.state == TaskState::Ready && !hand_over(takers, &mut taken, now_ms, &mut new) {
-            ready_queues.insert(queue.clone());
+        if new.state == TaskState::Ready
+            && (new.webhook.is_some() || !hand_over(takers, &mut taken, now_ms, &mut new))
+        {
+            ready_queues.insert(ready_target(&new).to_owned());
         }
         write(txn, Some(&old), Some(&new))?;
     }

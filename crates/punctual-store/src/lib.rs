@@ -17,6 +17,7 @@ use punctual_core::{LeaseCheck, Task, TaskState};
 use thiserror::Error;
 
 pub use codec::FORMAT_VERSION;
+pub use engine::ready_target;
 pub use memory::MemoryStore;
 pub use redb_store::{RedbOptions, RedbStore};
 
@@ -82,7 +83,25 @@ pub enum Command {
         id: String,
         token: String,
         error: Option<String>,
+        /// Replaces the policy's delay.
         delay_ms: Option<u64>,
+        /// Keeps the policy's delay but waits at least this long (a webhook's `Retry-After`).
+        min_delay_ms: Option<u64>,
+    },
+    /// Gives a leased task back without counting the attempt, due again after `delay_ms`.
+    Release {
+        queue: String,
+        id: String,
+        token: String,
+        delay_ms: u64,
+    },
+    /// Lease up to `max` ready webhook tasks of any queue, oldest due first, for the webhook sender.
+    /// Each lease lasts the task's webhook timeout plus `grace_ms`.
+    ReservePush {
+        max: usize,
+        default_timeout_ms: u64,
+        grace_ms: u64,
+        token_prefix: String,
     },
     Extend {
         queue: String,
@@ -117,15 +136,24 @@ impl Command {
     pub fn is_durable(&self) -> bool {
         !matches!(
             self,
-            Command::Reserve { .. } | Command::Extend { .. } | Command::Tick { .. }
+            Command::Reserve { .. }
+                | Command::Extend { .. }
+                | Command::Tick { .. }
+                | Command::ReservePush { .. }
+                | Command::Release { .. }
         )
     }
 }
 
+/// The name under which ready webhook tasks of every queue are indexed: tasks with a webhook are
+/// never handed to pull consumers, only to the webhook sender (`Command::ReservePush`). It cannot
+/// collide with a queue name, which may not contain control characters.
+pub const PUSH_INDEX: &str = "\u{1}push";
+
 /// What the timer tick did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TickReport {
-    /// Queues that got newly ready tasks (to wake their long-polls).
+    /// Queues that got newly ready tasks (to wake their long-polls); [`PUSH_INDEX`] for webhook tasks.
     pub ready_queues: Vec<String>,
     /// Scheduled tasks that became ready.
     pub fired: u64,

@@ -53,6 +53,15 @@ pub struct ServeOpts {
     /// With tokens configured, require one on /metrics too [default: false].
     #[arg(long, env = "PUNCTUAL_PROTECT_METRICS")]
     pub protect_metrics: Option<bool>,
+    /// Sign webhook requests with HMAC-SHA256 under this secret (header punctual-signature) [default: none].
+    #[arg(long, env = "PUNCTUAL_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Webhook deliveries in flight at once, over all targets [default: 64].
+    #[arg(long, env = "PUNCTUAL_WEBHOOK_CONCURRENCY")]
+    pub webhook_concurrency: Option<usize>,
+    /// Webhook deliveries in flight at once to one host:port [default: 16].
+    #[arg(long, env = "PUNCTUAL_WEBHOOK_PER_HOST")]
+    pub webhook_per_host: Option<usize>,
     /// Print the resolved settings as JSON and exit (tokens are not shown).
     #[arg(long)]
     pub print_config: bool,
@@ -72,6 +81,9 @@ struct FileConfig {
     max_batch: Option<usize>,
     auth_tokens: Option<Vec<String>>,
     protect_metrics: Option<bool>,
+    webhook_secret: Option<String>,
+    webhook_concurrency: Option<usize>,
+    webhook_per_host: Option<usize>,
 }
 
 /// The settings `serve` runs with.
@@ -90,6 +102,12 @@ pub struct Settings {
     /// How many tokens are configured (the tokens themselves are never printed).
     pub auth_token_count: usize,
     pub protect_metrics: bool,
+    #[serde(skip)]
+    pub webhook_secret: Option<String>,
+    /// Whether a webhook secret is configured (the secret itself is never printed).
+    pub webhook_signing: bool,
+    pub webhook_concurrency: usize,
+    pub webhook_per_host: usize,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
@@ -152,6 +170,23 @@ impl ServeOpts {
                 .protect_metrics
                 .or(file.protect_metrics)
                 .unwrap_or(false),
+            webhook_signing: false,
+            webhook_secret: self
+                .webhook_secret
+                .or(file.webhook_secret)
+                .filter(|s| !s.is_empty()),
+            webhook_concurrency: self
+                .webhook_concurrency
+                .or(file.webhook_concurrency)
+                .unwrap_or(64),
+            webhook_per_host: self
+                .webhook_per_host
+                .or(file.webhook_per_host)
+                .unwrap_or(16),
+        };
+        let settings = Settings {
+            webhook_signing: settings.webhook_secret.is_some(),
+            ..settings
         };
         settings.check()?;
         Ok(settings)
@@ -182,6 +217,12 @@ impl Settings {
         }
         if !(1..=100_000).contains(&self.max_batch) {
             bail!("max_batch must be between 1 and 100000");
+        }
+        if !(1..=10_000).contains(&self.webhook_concurrency) {
+            bail!("webhook_concurrency must be between 1 and 10000");
+        }
+        if !(1..=10_000).contains(&self.webhook_per_host) {
+            bail!("webhook_per_host must be between 1 and 10000");
         }
         Ok(())
     }

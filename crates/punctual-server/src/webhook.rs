@@ -1,0 +1,322 @@
+//! The webhook sender: delivers due tasks that carry a `webhook` by POSTing their payload.
+//!
+//! One tokio task leases ready webhook tasks (`Command::ReservePush`) as long as a global cap on
+//! concurrent deliveries allows, and runs each delivery on its own task with one shared connection
+//! pool. A 2xx answer acks; any other status, a timeout or a connection error is a failed attempt
+//! (with `Retry-After`, when later than the policy's next delay, deciding the delay). A target that
+//! already has its per-host cap of deliveries in flight gets its extra tasks back without losing an
+//! attempt, so a slow or dead target never holds the slots other targets need.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use punctual_core::Task;
+use punctual_core::time::parse_http_date_ms;
+use punctual_store::{Command, Outcome};
+use sha2::Sha256;
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::api::IdGen;
+use crate::clock::Clock;
+use crate::metrics as m;
+use crate::writer::Writer;
+
+/// How the sender behaves; `WebhookConfig::default()` holds the documented defaults.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// Signs every request with `punctual-signature` when set.
+    pub secret: Option<String>,
+    /// Deliveries in flight at once, over all targets.
+    pub concurrency: usize,
+    /// Deliveries in flight at once to one host (`host:port`).
+    pub per_host: usize,
+    /// Request timeout when the task does not name one.
+    pub default_timeout_ms: u64,
+    /// How long deliveries in flight may finish at shutdown; the rest are retried after restart.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            secret: None,
+            concurrency: 64,
+            per_host: 16,
+            default_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// A webhook task's lease is its request timeout plus this, so a lease never ends mid-request.
+const LEASE_GRACE_MS: u64 = 5_000;
+/// A task whose host is saturated is offered again after this.
+const SATURATED_RETRY_MS: u64 = 200;
+/// Without a wake-up, the sender still looks for due webhook tasks this often.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+
+pub struct Sender {
+    writer: Writer,
+    config: WebhookConfig,
+    client: reqwest::Client,
+    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+    clock: Clock,
+    ids: IdGen,
+    /// How long an acked task stays readable (the server's retention).
+    retention_ms: u64,
+}
+
+/// The `punctual-signature` header value: `t=<unix_ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+pub fn signature(secret: &[u8], t_ms: u64, body: &[u8]) -> String {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(t_ms.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("t={t_ms},v1={hex}")
+}
+
+/// `host:port` of an http(s) URL, for the per-host cap.
+fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority
+        .rsplit('@')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase()
+}
+
+/// `Retry-After` as a delay from now: seconds, or an HTTP date.
+fn retry_after_ms(value: &str, now_ms: u64) -> Option<u64> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(seconds.saturating_mul(1000));
+    }
+    parse_http_date_ms(value).map(|at| at.saturating_sub(now_ms))
+}
+
+impl Sender {
+    pub fn new(writer: Writer, config: WebhookConfig, retention_ms: u64, clock: Clock) -> Sender {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(config.per_host.max(1))
+            .build()
+            .expect("an HTTP client with rustls builds");
+        Sender {
+            writer,
+            config,
+            client,
+            hosts: Mutex::new(HashMap::new()),
+            clock,
+            ids: IdGen::default(),
+            retention_ms,
+        }
+    }
+
+    fn host_slots(&self, host: &str) -> Arc<Semaphore> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        hosts
+            .entry(host.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.config.per_host.max(1))))
+            .clone()
+    }
+
+    /// Runs until `shutdown`, then gives deliveries in flight the grace period to finish.
+    pub async fn run(self: Arc<Self>, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+        let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                _ = shutdown.changed() => break,
+            };
+            let mut permits = vec![first];
+            while permits.len() < 100 {
+                match slots.clone().try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
+            }
+            // Register for the wake-up before looking, so a task that becomes ready in between is not missed.
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let command = Command::ReservePush {
+                max: permits.len(),
+                default_timeout_ms: self.config.default_timeout_ms,
+                grace_ms: LEASE_GRACE_MS,
+                token_prefix: format!("{}.", self.ids.next()),
+            };
+            let tasks = match self.writer.submit_one(command).await {
+                Ok(Outcome::Reserved(tasks)) => tasks,
+                Ok(_) => Vec::new(),
+                Err(error) => {
+                    tracing::error!(message = %error.message, "cannot lease webhook tasks");
+                    Vec::new()
+                }
+            };
+            if tasks.is_empty() {
+                drop(permits);
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            for task in tasks {
+                let Some(permit) = permits.pop() else { break };
+                let sender = self.clone();
+                tokio::spawn(async move {
+                    sender.deliver(task).await;
+                    drop(permit);
+                });
+            }
+        }
+        let all = self.config.concurrency.max(1) as u32;
+        let grace = Duration::from_millis(self.config.shutdown_grace_ms);
+        if tokio::time::timeout(grace, slots.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "webhook deliveries still in flight at shutdown will be retried after their lease"
+            );
+        }
+    }
+
+    async fn settle(&self, command: Command) {
+        if let Err(error) = self.writer.submit_one(command).await {
+            tracing::error!(message = %error.message, "cannot record a webhook delivery's outcome");
+        }
+    }
+
+    async fn deliver(&self, task: Task) {
+        let (Some(webhook), Some(lease)) = (task.webhook.as_ref(), task.lease.as_ref()) else {
+            return;
+        };
+        let token = lease.token.clone();
+        let host_slots = self.host_slots(&host_of(&webhook.url));
+        let Ok(_host_permit) = host_slots.try_acquire_owned() else {
+            // The target already has its share in flight: hand the task back, attempt not counted.
+            self.settle(Command::Release {
+                queue: task.queue.clone(),
+                id: task.id.clone(),
+                token,
+                delay_ms: SATURATED_RETRY_MS,
+            })
+            .await;
+            return;
+        };
+        let body = task.payload.clone().unwrap_or_else(|| "null".to_owned());
+        let timeout_ms = webhook.timeout_ms.unwrap_or(self.config.default_timeout_ms);
+        let mut request = self
+            .client
+            .post(&webhook.url)
+            .timeout(Duration::from_millis(timeout_ms))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("punctual-queue", task.queue.as_str())
+            .header("punctual-task-id", task.id.as_str())
+            .header("punctual-attempt", task.attempt.to_string());
+        for (name, value) in &webhook.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        if let Some(secret) = &self.config.secret {
+            request = request.header(
+                "punctual-signature",
+                signature(secret.as_bytes(), self.clock.now_ms(), body.as_bytes()),
+            );
+        }
+        #[allow(clippy::disallowed_methods)] // Measures request duration only.
+        let started = std::time::Instant::now();
+        let result = request.body(body).send().await;
+        metrics::histogram!(m::WEBHOOK_SECONDS).record(started.elapsed().as_secs_f64());
+        let (outcome_label, failure) = match result {
+            Ok(response) if response.status().is_success() => ("2xx", None),
+            Ok(response) => {
+                let status = response.status();
+                let class = match status.as_u16() {
+                    300..=399 => "3xx",
+                    400..=499 => "4xx",
+                    _ => "5xx",
+                };
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry_after_ms(v, self.clock.now_ms()));
+                (class, Some((format!("HTTP {status}"), retry_after)))
+            }
+            Err(error) if error.is_timeout() => (
+                "timeout",
+                Some((format!("timed out after {timeout_ms} ms"), None)),
+            ),
+            Err(error) => {
+                let mut message = error.to_string();
+                let mut source = std::error::Error::source(&error);
+                while let Some(cause) = source {
+                    message = format!("{message}: {cause}");
+                    source = cause.source();
+                }
+                ("error", Some((message, None)))
+            }
+        };
+        metrics::counter!(m::WEBHOOK_DELIVERIES, "outcome" => outcome_label).increment(1);
+        let command = match failure {
+            None => Command::Ack {
+                queue: task.queue.clone(),
+                id: task.id.clone(),
+                token,
+                retention_ms: self.retention_ms,
+            },
+            Some((error, retry_after)) => Command::Nack {
+                queue: task.queue.clone(),
+                id: task.id.clone(),
+                token,
+                error: Some(error),
+                delay_ms: None,
+                min_delay_ms: retry_after,
+            },
+        };
+        self.settle(command).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_is_hmac_sha256_of_time_dot_body() {
+        // HMAC-SHA256("key", "1.{}"), computed independently with Python's hmac module.
+        assert_eq!(
+            signature(b"key", 1, b"{}"),
+            "t=1,v1=1ba6b8171186efc613e8bcc0cbdab2748f24984d7c5a84faa2637afa0e40d224"
+        );
+    }
+
+    #[test]
+    fn hosts_and_retry_after() {
+        assert_eq!(
+            host_of("https://User@Example.com:8443/a?b"),
+            "example.com:8443"
+        );
+        assert_eq!(host_of("http://127.0.0.1:9/x"), "127.0.0.1:9");
+        assert_eq!(retry_after_ms("120", 0), Some(120_000));
+        assert_eq!(
+            retry_after_ms("Sun, 06 Nov 1994 08:49:37 GMT", 784_111_770_000),
+            Some(7_000)
+        );
+        assert_eq!(retry_after_ms("soon", 0), None);
+    }
+}

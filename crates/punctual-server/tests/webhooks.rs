@@ -1,0 +1,324 @@
+//! Webhook delivery against real HTTP targets started by the test on loopback.
+#![allow(clippy::disallowed_methods)] // Tests measure time directly.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use punctual_server::webhook::{WebhookConfig, signature};
+use punctual_server::{App, ServerConfig};
+use punctual_store::{MemoryStore, Store};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+/// One request as a target saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    at: Instant,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// What a target answers, by the number of requests it has seen before.
+type Behaviour = Arc<dyn Fn(usize) -> Reply + Send + Sync>;
+
+enum Reply {
+    Status(StatusCode),
+    RetryAfter(StatusCode, &'static str),
+    Hang(Duration),
+}
+
+#[derive(Clone)]
+struct Target {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    behaviour: Behaviour,
+}
+
+async fn handle(State(target): State<Target>, headers: HeaderMap, body: Bytes) -> Response {
+    let n = {
+        let mut seen = target.seen.lock().unwrap();
+        seen.push(Seen {
+            at: Instant::now(),
+            headers,
+            body,
+        });
+        seen.len() - 1
+    };
+    match (target.behaviour)(n) {
+        Reply::Status(status) => status.into_response(),
+        Reply::RetryAfter(status, after) => (status, [("retry-after", after)]).into_response(),
+        Reply::Hang(d) => {
+            tokio::time::sleep(d).await;
+            StatusCode::OK.into_response()
+        }
+    }
+}
+
+/// Starts a target; returns its URL and what it saw.
+async fn target(
+    behaviour: impl Fn(usize) -> Reply + Send + Sync + 'static,
+) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let state = Target {
+        seen: seen.clone(),
+        behaviour: Arc::new(behaviour),
+    };
+    let app = Router::new()
+        .route("/hook", axum::routing::post(handle))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), seen)
+}
+
+struct Punctual {
+    app: Option<App>,
+    router: Router,
+}
+
+impl Punctual {
+    fn start(webhook: WebhookConfig) -> Punctual {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let app = App::start(
+            store,
+            ServerConfig {
+                webhook,
+                ..ServerConfig::default()
+            },
+        );
+        let router = app.router();
+        Punctual {
+            app: Some(app),
+            router,
+        }
+    }
+
+    async fn call(&self, method: &str, uri: &str, body: Value) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn schedule(&self, body: Value) {
+        let (status, answer) = self.call("POST", "/v1/queues/hooks/tasks", body).await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+    }
+
+    /// Polls the task until `done` says so, or panics after `within`.
+    async fn wait_for(&self, id: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let (_, task) = self
+                .call("GET", &format!("/v1/queues/hooks/tasks/{id}"), Value::Null)
+                .await;
+            if done(&task) {
+                return task;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {id} never got there: {task}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(app) = self.app.take() {
+            app.stop().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_follow_the_ladder_then_success_acks() {
+    let (url, seen) = target(|n| {
+        Reply::Status(if n < 2 {
+            StatusCode::INTERNAL_SERVER_ERROR
+        } else {
+            StatusCode::NO_CONTENT
+        })
+    })
+    .await;
+    let p = Punctual::start(WebhookConfig::default());
+    p.schedule(json!({"id": "f", "payload": {"order": 7}, "backoff_ms": [200, 400], "webhook": {"url": url, "headers": {"x-team": "billing"}}}))
+        .await;
+    let task = p
+        .wait_for("f", Duration::from_secs(10), |t| t["state"] == "succeeded")
+        .await;
+    assert_eq!(task["attempt"], 3);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1].at - w[0].at).collect();
+    assert!(
+        gaps[0] >= Duration::from_millis(195) && gaps[0] < Duration::from_millis(1_000),
+        "{gaps:?}"
+    );
+    assert!(
+        gaps[1] >= Duration::from_millis(395) && gaps[1] < Duration::from_millis(1_200),
+        "{gaps:?}"
+    );
+    for (n, request) in seen.iter().enumerate() {
+        assert_eq!(request.headers["punctual-queue"], "hooks");
+        assert_eq!(request.headers["punctual-task-id"], "f");
+        assert_eq!(
+            request.headers["punctual-attempt"],
+            (n + 1).to_string().as_str()
+        );
+        assert_eq!(request.headers["content-type"], "application/json");
+        assert_eq!(request.headers["x-team"], "billing");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&request.body).unwrap(),
+            json!({"order": 7})
+        );
+        assert!(
+            request.headers.get("punctual-signature").is_none(),
+            "no secret, no signature"
+        );
+    }
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_target_times_out_and_a_down_target_fails() {
+    let (hung, _) = target(|_| Reply::Hang(Duration::from_secs(5))).await;
+    let down = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        format!("http://{addr}/hook")
+    };
+    let p = Punctual::start(WebhookConfig::default());
+    p.schedule(
+        json!({"id": "slow", "max_attempts": 1, "webhook": {"url": hung, "timeout_ms": 300}}),
+    )
+    .await;
+    p.schedule(json!({"id": "gone", "max_attempts": 1, "webhook": {"url": down}}))
+        .await;
+    let slow = p
+        .wait_for("slow", Duration::from_secs(5), |t| t["state"] == "dead")
+        .await;
+    assert_eq!(slow["last_error"], "timed out after 300 ms");
+    let gone = p
+        .wait_for("gone", Duration::from_secs(5), |t| t["state"] == "dead")
+        .await;
+    let error = gone["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("onnect") || error.contains("refused"),
+        "{error}"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_lengthens_the_wait() {
+    let (url, seen) = target(|n| {
+        if n == 0 {
+            Reply::RetryAfter(StatusCode::TOO_MANY_REQUESTS, "1")
+        } else {
+            Reply::Status(StatusCode::OK)
+        }
+    })
+    .await;
+    let p = Punctual::start(WebhookConfig::default());
+    p.schedule(json!({"id": "r", "backoff_ms": [50], "webhook": {"url": url}}))
+        .await;
+    let after_429 = p
+        .wait_for("r", Duration::from_secs(5), |t| {
+            t["attempt"] == 1 && t["state"] == "scheduled"
+        })
+        .await;
+    assert_eq!(after_429["last_error"], "HTTP 429 Too Many Requests");
+    p.wait_for("r", Duration::from_secs(5), |t| t["state"] == "succeeded")
+        .await;
+    let seen = seen.lock().unwrap().clone();
+    let gap = seen[1].at - seen[0].at;
+    assert!(
+        gap >= Duration::from_millis(990),
+        "Retry-After: 1 beats the 50 ms step, waited {gap:?}"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_signed_when_a_secret_is_set() {
+    let (url, seen) = target(|_| Reply::Status(StatusCode::OK)).await;
+    let p = Punctual::start(WebhookConfig {
+        secret: Some("whsec".into()),
+        ..WebhookConfig::default()
+    });
+    p.schedule(json!({"id": "s", "payload": [1, "two"], "webhook": {"url": url}}))
+        .await;
+    p.wait_for("s", Duration::from_secs(5), |t| t["state"] == "succeeded")
+        .await;
+    let request = seen.lock().unwrap()[0].clone();
+    let header = request.headers["punctual-signature"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let t: u64 = header
+        .strip_prefix("t=")
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The receiver's check: recompute over "<t>.<raw body>" with the shared secret.
+    assert_eq!(header, signature(b"whsec", t, &request.body));
+    assert_ne!(header, signature(b"other", t, &request.body));
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_target_does_not_delay_another() {
+    let (hung, _) = target(|_| Reply::Hang(Duration::from_secs(3))).await;
+    let (fast, fast_seen) = target(|_| Reply::Status(StatusCode::OK)).await;
+    let p = Punctual::start(WebhookConfig {
+        concurrency: 8,
+        per_host: 2,
+        ..WebhookConfig::default()
+    });
+    for i in 0..20 {
+        p.schedule(json!({"id": format!("h{i}"), "webhook": {"url": hung, "timeout_ms": 5000}}))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    for i in 0..10 {
+        p.schedule(json!({"id": format!("f{i}"), "webhook": {"url": fast}}))
+            .await;
+    }
+    for i in 0..10 {
+        p.wait_for(&format!("f{i}"), Duration::from_secs(2), |t| {
+            t["state"] == "succeeded"
+        })
+        .await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "fast target waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(fast_seen.lock().unwrap().len(), 10);
+    // The hung target's extra tasks were handed back without losing attempts.
+    let (_, waiting) = p
+        .call("GET", "/v1/queues/hooks/tasks/h19", Value::Null)
+        .await;
+    assert!(waiting["attempt"].as_u64().unwrap() <= 1, "{waiting}");
+    p.stop().await;
+}
