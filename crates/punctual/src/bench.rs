@@ -20,7 +20,7 @@ use crate::duration::parse_duration_ms;
 
 #[derive(clap::Args)]
 pub struct BenchOpts {
-    /// Which scenario: ingest, burst, memory, restart, or all (ingest, burst, restart).
+    /// Which scenario: ingest, burst, memory, restart, webhook, or all (ingest, burst, restart, webhook).
     #[arg(default_value = "all")]
     scenario: String,
     /// Tasks for ingest and memory; tasks pending in burst and restart.
@@ -166,22 +166,17 @@ fn work_dir(opts: &BenchOpts, tag: &str) -> Result<PathBuf> {
 
 /// Pre-built batch bodies: tasks `first..first+count`, due at `due(i)`.
 fn bodies(first: u64, count: u64, batch: usize, due: impl Fn(u64) -> String) -> Vec<Vec<u8>> {
+    bodies_with(first, count, batch, |n| format!("{{\"id\":\"t{n}\",\"payload\":{{\"n\":{n}}},{}}}", due(n)))
+}
+
+/// Pre-built batch bodies of the task objects `item(i)` for `first..first+count`.
+fn bodies_with(first: u64, count: u64, batch: usize, item: impl Fn(u64) -> String) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let mut i = first;
     while i < first + count {
         let end = (i + batch as u64).min(first + count);
-        let mut body = String::from("{\"tasks\":[");
-        for n in i..end {
-            if n > i {
-                body.push(',');
-            }
-            body.push_str(&format!(
-                "{{\"id\":\"t{n}\",\"payload\":{{\"n\":{n}}},{}}}",
-                due(n)
-            ));
-        }
-        body.push_str("]}");
-        out.push(body.into_bytes());
+        let items: Vec<String> = (i..end).map(&item).collect();
+        out.push(format!("{{\"tasks\":[{}]}}", items.join(",")).into_bytes());
         i = end;
     }
     out
@@ -587,11 +582,101 @@ pub async fn run(opts: BenchOpts) -> Result<()> {
         "burst" => scenario_burst(&opts, &http, &extra).await,
         "memory" => scenario_memory(&opts, &http, &extra).await,
         "restart" => scenario_restart(&opts, &http, &extra).await,
+        "webhook" => scenario_webhook(&opts, &http, &extra).await,
         "all" => {
             scenario_ingest(&opts, &http, &extra).await?;
             scenario_burst(&opts, &http, &extra).await?;
-            scenario_restart(&opts, &http, &extra).await
+            scenario_restart(&opts, &http, &extra).await?;
+            scenario_webhook(&opts, &http, &extra).await
         }
-        other => bail!("unknown scenario {other:?}: use ingest, burst, memory, restart or all"),
+        other => bail!("unknown scenario {other:?}: use ingest, burst, memory, restart, webhook or all"),
     }
+}
+
+/// A fast local webhook target: answers 204 at once and records, per request, the lateness from the
+/// `run_at_ms` carried in the payload to its arrival (µs).
+async fn webhook_target() -> Result<(String, Arc<std::sync::Mutex<Vec<u64>>>)> {
+    let arrivals: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+    let recorded = arrivals.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let recorded = recorded.clone();
+            async move {
+                let at_us = now_us();
+                let run_at_ms = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["run_at_ms"].as_u64())
+                    .unwrap_or(0);
+                recorded.lock().unwrap_or_else(|p| p.into_inner()).push(at_us.saturating_sub(run_at_ms * 1000).max(1));
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, arrivals))
+}
+
+/// Webhook throughput (tasks all due at once, 64 deliveries in flight) and lateness
+/// (`--burst` tasks due over `--burst-over`).
+async fn scenario_webhook(opts: &BenchOpts, http: &reqwest::Client, extra: &[String]) -> Result<()> {
+    let dir = work_dir(opts, "webhook")?;
+    let mut args = extra.to_vec();
+    args.extend(["--webhook-concurrency".to_owned(), "64".to_owned(), "--webhook-per-host".to_owned(), "64".to_owned()]);
+    let server = Server::start(&dir, &args)?;
+    wait_healthy(http, &server.url, Duration::from_secs(30)).await?;
+    let (url, arrivals) = webhook_target().await?;
+    let count = |arrivals: &Arc<std::sync::Mutex<Vec<u64>>>| arrivals.lock().map_or(0, |a| a.len()) as u64;
+
+    // Throughput: everything due at once.
+    let drain = opts.burst;
+    let due_now = bodies_with(0, drain, opts.batch, |n| {
+        format!("{{\"id\":\"w{n}\",\"webhook\":{{\"url\":\"{url}\"}},\"payload\":{{\"run_at_ms\":0}}}}")
+    });
+    let started = Instant::now();
+    ingest(http, &server.url, due_now, opts.connections).await?;
+    while count(&arrivals) < drain && started.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "webhook: {} of {drain} tasks due at once delivered to a local target in {secs:.1} s (scheduling included): {:.0} deliveries/s, 64 in flight",
+        count(&arrivals),
+        count(&arrivals) as f64 / secs
+    );
+
+    // Lateness: a burst due over `burst_over`.
+    arrivals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clear();
+    let over_ms = parse_duration_ms(&opts.burst_over).map_err(anyhow::Error::msg)?;
+    let lead_ms = 3_000 + opts.burst / 50;
+    let start_ms = now_us() / 1000 + lead_ms;
+    let burst = bodies_with(drain, opts.burst, opts.batch, |n| {
+        let at = start_ms + (n - drain) * over_ms / opts.burst.max(1);
+        format!(
+            "{{\"id\":\"w{n}\",\"run_at\":\"{}\",\"webhook\":{{\"url\":\"{url}\"}},\"payload\":{{\"run_at_ms\":{at}}}}}",
+            punctual_core::time::format_rfc3339_ms(at)
+        )
+    });
+    ingest(http, &server.url, burst, opts.connections).await?;
+    let deadline = Instant::now() + Duration::from_millis(lead_ms + over_ms + 60_000);
+    while count(&arrivals) < opts.burst && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    for lateness in arrivals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.iter() {
+        hist.record(*lateness)?;
+    }
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "webhook: {} of {} tasks due over {over_ms} ms arrived; lateness due time -> request received: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        hist.len(),
+        opts.burst,
+        ms(hist.value_at_quantile(0.5)),
+        ms(hist.value_at_quantile(0.99)),
+        ms(hist.max())
+    );
+    server.stop();
+    Ok(())
 }
