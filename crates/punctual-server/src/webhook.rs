@@ -178,8 +178,13 @@ impl Sender {
                 let Some(permit) = permits.pop() else { break };
                 let sender = self.clone();
                 tokio::spawn(async move {
-                    sender.deliver(task).await;
+                    let outcome = sender.deliver(task).await;
+                    // The slot is free as soon as the request is over; recording its outcome (an fsync
+                    // for an ack) does not hold up the next delivery.
                     drop(permit);
+                    if let Some(command) = outcome {
+                        sender.settle(command).await;
+                    }
                 });
             }
         }
@@ -201,22 +206,21 @@ impl Sender {
         }
     }
 
-    async fn deliver(&self, task: Task) {
+    /// Makes one delivery; returns the command that records its outcome.
+    async fn deliver(&self, task: Task) -> Option<Command> {
         let (Some(webhook), Some(lease)) = (task.webhook.as_ref(), task.lease.as_ref()) else {
-            return;
+            return None;
         };
         let token = lease.token.clone();
         let host_slots = self.host_slots(&host_of(&webhook.url));
         let Ok(_host_permit) = host_slots.try_acquire_owned() else {
             // The target already has its share in flight: hand the task back, attempt not counted.
-            self.settle(Command::Release {
+            return Some(Command::Release {
                 queue: task.queue.clone(),
                 id: task.id.clone(),
                 token,
                 delay_ms: SATURATED_RETRY_MS,
-            })
-            .await;
-            return;
+            });
         };
         let body = task.payload.clone().unwrap_or_else(|| "null".to_owned());
         let timeout_ms = webhook.timeout_ms.unwrap_or(self.config.default_timeout_ms);
@@ -272,7 +276,7 @@ impl Sender {
             }
         };
         metrics::counter!(m::WEBHOOK_DELIVERIES, "outcome" => outcome_label).increment(1);
-        let command = match failure {
+        Some(match failure {
             None => Command::Ack {
                 queue: task.queue.clone(),
                 id: task.id.clone(),
@@ -287,8 +291,7 @@ impl Sender {
                 delay_ms: None,
                 min_delay_ms: retry_after,
             },
-        };
-        self.settle(command).await;
+        })
     }
 }
 

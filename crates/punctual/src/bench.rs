@@ -166,7 +166,9 @@ fn work_dir(opts: &BenchOpts, tag: &str) -> Result<PathBuf> {
 
 /// Pre-built batch bodies: tasks `first..first+count`, due at `due(i)`.
 fn bodies(first: u64, count: u64, batch: usize, due: impl Fn(u64) -> String) -> Vec<Vec<u8>> {
-    bodies_with(first, count, batch, |n| format!("{{\"id\":\"t{n}\",\"payload\":{{\"n\":{n}}},{}}}", due(n)))
+    bodies_with(first, count, batch, |n| {
+        format!("{{\"id\":\"t{n}\",\"payload\":{{\"n\":{n}}},{}}}", due(n))
+    })
 }
 
 /// Pre-built batch bodies of the task objects `item(i)` for `first..first+count`.
@@ -589,7 +591,9 @@ pub async fn run(opts: BenchOpts) -> Result<()> {
             scenario_restart(&opts, &http, &extra).await?;
             scenario_webhook(&opts, &http, &extra).await
         }
-        other => bail!("unknown scenario {other:?}: use ingest, burst, memory, restart, webhook or all"),
+        other => {
+            bail!("unknown scenario {other:?}: use ingest, burst, memory, restart, webhook or all")
+        }
     }
 }
 
@@ -608,7 +612,10 @@ async fn webhook_target() -> Result<(String, Arc<std::sync::Mutex<Vec<u64>>>)> {
                     .ok()
                     .and_then(|v| v["run_at_ms"].as_u64())
                     .unwrap_or(0);
-                recorded.lock().unwrap_or_else(|p| p.into_inner()).push(at_us.saturating_sub(run_at_ms * 1000).max(1));
+                recorded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(at_us.saturating_sub(run_at_ms * 1000).max(1));
                 axum::http::StatusCode::NO_CONTENT
             }
         }),
@@ -621,19 +628,31 @@ async fn webhook_target() -> Result<(String, Arc<std::sync::Mutex<Vec<u64>>>)> {
 
 /// Webhook throughput (tasks all due at once, 64 deliveries in flight) and lateness
 /// (`--burst` tasks due over `--burst-over`).
-async fn scenario_webhook(opts: &BenchOpts, http: &reqwest::Client, extra: &[String]) -> Result<()> {
+async fn scenario_webhook(
+    opts: &BenchOpts,
+    http: &reqwest::Client,
+    extra: &[String],
+) -> Result<()> {
     let dir = work_dir(opts, "webhook")?;
     let mut args = extra.to_vec();
-    args.extend(["--webhook-concurrency".to_owned(), "64".to_owned(), "--webhook-per-host".to_owned(), "64".to_owned()]);
+    args.extend([
+        "--webhook-concurrency".to_owned(),
+        "64".to_owned(),
+        "--webhook-per-host".to_owned(),
+        "64".to_owned(),
+    ]);
     let server = Server::start(&dir, &args)?;
     wait_healthy(http, &server.url, Duration::from_secs(30)).await?;
     let (url, arrivals) = webhook_target().await?;
-    let count = |arrivals: &Arc<std::sync::Mutex<Vec<u64>>>| arrivals.lock().map_or(0, |a| a.len()) as u64;
+    let count =
+        |arrivals: &Arc<std::sync::Mutex<Vec<u64>>>| arrivals.lock().map_or(0, |a| a.len()) as u64;
 
     // Throughput: everything due at once.
     let drain = opts.burst;
     let due_now = bodies_with(0, drain, opts.batch, |n| {
-        format!("{{\"id\":\"w{n}\",\"webhook\":{{\"url\":\"{url}\"}},\"payload\":{{\"run_at_ms\":0}}}}")
+        format!(
+            "{{\"id\":\"w{n}\",\"webhook\":{{\"url\":\"{url}\"}},\"payload\":{{\"run_at_ms\":0}}}}"
+        )
     });
     let started = Instant::now();
     ingest(http, &server.url, due_now, opts.connections).await?;
@@ -648,7 +667,10 @@ async fn scenario_webhook(opts: &BenchOpts, http: &reqwest::Client, extra: &[Str
     );
 
     // Lateness: a burst due over `burst_over`.
-    arrivals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clear();
+    arrivals
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clear();
     let over_ms = parse_duration_ms(&opts.burst_over).map_err(anyhow::Error::msg)?;
     let lead_ms = 3_000 + opts.burst / 50;
     let start_ms = now_us() / 1000 + lead_ms;
@@ -665,7 +687,11 @@ async fn scenario_webhook(opts: &BenchOpts, http: &reqwest::Client, extra: &[Str
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    for lateness in arrivals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.iter() {
+    for lateness in arrivals
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .iter()
+    {
         hist.record(*lateness)?;
     }
     let ms = |us: u64| us as f64 / 1000.0;
