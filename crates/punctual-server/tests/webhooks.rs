@@ -29,6 +29,7 @@ type Behaviour = Arc<dyn Fn(usize) -> Reply + Send + Sync>;
 
 enum Reply {
     Status(StatusCode),
+    Redirect(&'static str),
     RetryAfter(StatusCode, &'static str),
     Hang(Duration),
 }
@@ -51,6 +52,7 @@ async fn handle(State(target): State<Target>, headers: HeaderMap, body: Bytes) -
     };
     match (target.behaviour)(n) {
         Reply::Status(status) => status.into_response(),
+        Reply::Redirect(to) => (StatusCode::FOUND, [("location", to)]).into_response(),
         Reply::RetryAfter(status, after) => (status, [("retry-after", after)]).into_response(),
         Reply::Hang(d) => {
             tokio::time::sleep(d).await;
@@ -321,4 +323,56 @@ async fn a_hung_target_does_not_delay_another() {
         .await;
     assert!(waiting["attempt"].as_u64().unwrap() <= 1, "{waiting}");
     p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_failures_not_followed() {
+    let (elsewhere, elsewhere_seen) = target(|_| Reply::Status(StatusCode::OK)).await;
+    let location: &'static str = Box::leak(elsewhere.into_boxed_str());
+    let (url, _) = target(move |_| Reply::Redirect(location)).await;
+    let p = Punctual::start(WebhookConfig::default());
+    p.schedule(json!({"id": "moved", "max_attempts": 1, "webhook": {"url": url}}))
+        .await;
+    let task = p
+        .wait_for("moved", Duration::from_secs(5), |t| t["state"] == "dead")
+        .await;
+    assert_eq!(task["last_error"], "HTTP 302 Found");
+    assert!(
+        elsewhere_seen.lock().unwrap().is_empty(),
+        "the redirect was not followed"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_deliveries_in_flight_finish() {
+    let (url, seen) = target(|_| Reply::Hang(Duration::from_millis(700))).await;
+    let p = Punctual::start(WebhookConfig::default());
+    p.schedule(json!({"id": "inflight", "webhook": {"url": url}}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the delivery never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let router = p.router.clone();
+    let started = Instant::now();
+    p.stop().await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "stop waited for the delivery"
+    );
+    // The outcome was recorded before the writer stopped: the task is acked, not left leased.
+    let store_view = router
+        .oneshot(
+            Request::builder()
+                .uri("/v1/queues/hooks/tasks/inflight")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let bytes = store_view.into_body().collect().await.unwrap().to_bytes();
+    let task: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(task["state"], "succeeded", "{task}");
 }
