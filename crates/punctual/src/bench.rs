@@ -20,7 +20,8 @@ use crate::duration::parse_duration_ms;
 
 #[derive(clap::Args)]
 pub struct BenchOpts {
-    /// Which scenario: ingest, burst, memory, restart, webhook, or all (ingest, burst, restart, webhook).
+    /// Which scenario: ingest, burst, memory, restart, webhook, zset (the Redis sorted-set approach on the
+    /// same loads, for comparison), or all (ingest, burst, restart, webhook).
     #[arg(default_value = "all")]
     scenario: String,
     /// Tasks for ingest and memory; tasks pending in burst and restart.
@@ -585,6 +586,7 @@ pub async fn run(opts: BenchOpts) -> Result<()> {
         "memory" => scenario_memory(&opts, &http, &extra).await,
         "restart" => scenario_restart(&opts, &http, &extra).await,
         "webhook" => scenario_webhook(&opts, &http, &extra).await,
+        "zset" => scenario_zset(&opts).await,
         "all" => {
             scenario_ingest(&opts, &http, &extra).await?;
             scenario_burst(&opts, &http, &extra).await?;
@@ -704,5 +706,219 @@ async fn scenario_webhook(
         ms(hist.max())
     );
     server.stop();
+    Ok(())
+}
+
+/// A `redis-server` child on a free loopback port, with nothing on disk (as the seeds run it).
+struct RedisChild {
+    child: Child,
+    url: String,
+}
+
+impl RedisChild {
+    async fn start() -> Result<RedisChild> {
+        let port = free_port()?;
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server (install it: apt-get install -y redis-server)")?;
+        let url = format!("redis://127.0.0.1:{port}/");
+        let redis = RedisChild { child, url };
+        let started = Instant::now();
+        loop {
+            if let Ok(client) = redis::Client::open(redis.url.as_str())
+                && let Ok(mut con) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut con)
+                    .await
+                    .is_ok()
+            {
+                return Ok(redis);
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("redis-server did not answer within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn connection(&self) -> Result<redis::aio::MultiplexedConnection> {
+        Ok(redis::Client::open(self.url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?)
+    }
+}
+
+impl Drop for RedisChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The sorted-set approach: `ZADD due id` + a hash of payloads, pipelined 100 tasks per round trip.
+async fn zset_ingest(
+    redis: &RedisChild,
+    tasks: Vec<(String, u64, String)>,
+    connections: usize,
+) -> Result<f64> {
+    let queue = Arc::new(Mutex::new(
+        tasks.chunks(100).map(<[_]>::to_vec).collect::<Vec<_>>(),
+    ));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..connections.max(1) {
+        let mut con = redis.connection().await?;
+        let queue = queue.clone();
+        workers.push(tokio::spawn(async move {
+            loop {
+                let Some(chunk) = queue.lock().await.pop() else {
+                    return Ok::<(), anyhow::Error>(());
+                };
+                let mut pipe = redis::pipe();
+                for (id, due, payload) in &chunk {
+                    pipe.cmd("ZADD").arg("zq").arg(*due).arg(id).ignore();
+                    pipe.cmd("HSET")
+                        .arg("zq:payloads")
+                        .arg(id)
+                        .arg(payload)
+                        .ignore();
+                }
+                pipe.query_async::<()>(&mut con).await?;
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Claims due ids atomically (range + remove + payloads), as people write it.
+const ZSET_CLAIM: &str = r#"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+if #ids == 0 then return {} end
+redis.call('ZREM', KEYS[1], unpack(ids))
+local payloads = redis.call('HMGET', KEYS[2], unpack(ids))
+redis.call('HDEL', KEYS[2], unpack(ids))
+return payloads
+"#;
+
+async fn scenario_zset(opts: &BenchOpts) -> Result<()> {
+    let redis = RedisChild::start().await?;
+    let spread = |n: u64| 3_600_000 + (n.wrapping_mul(2_654_435_761) % THIRTY_DAYS_MS);
+    let now_ms = now_us() / 1000;
+    let pending: Vec<(String, u64, String)> = (0..opts.tasks)
+        .map(|n| {
+            (
+                format!("t{n}"),
+                now_ms + spread(n),
+                format!("{{\"n\":{n}}}"),
+            )
+        })
+        .collect();
+    let secs = zset_ingest(&redis, pending, opts.connections).await?;
+    println!(
+        "zset: ingest {} tasks due over 30 days, 100 per round trip, {} connections: {:.1} s, {:.0} tasks/s (no fsync: Redis with persistence off)",
+        opts.tasks,
+        opts.connections,
+        secs,
+        opts.tasks as f64 / secs
+    );
+    let mut con = redis.connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut con)
+        .await?;
+    if let Some(used) = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        println!(
+            "zset: used_memory {:.1} MiB with {} pending: {:.0} bytes per task",
+            used as f64 / 1048576.0,
+            opts.tasks,
+            used as f64 / opts.tasks.max(1) as f64
+        );
+    }
+
+    let over_ms = parse_duration_ms(&opts.burst_over).map_err(anyhow::Error::msg)?;
+    let start_ms = now_us() / 1000 + 3_000;
+    let burst: Vec<(String, u64, String)> = (0..opts.burst)
+        .map(|n| {
+            let at = start_ms + n * over_ms / opts.burst.max(1);
+            (format!("b{n}"), at, format!("{{\"run_at_ms\":{at}}}"))
+        })
+        .collect();
+    zset_ingest(&redis, burst, opts.connections).await?;
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1,
+        600_000_000,
+        3,
+    )?));
+    let received = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_millis(3_000 + over_ms + 60_000);
+    let mut consumers = Vec::new();
+    for _ in 0..opts.consumers {
+        let mut con = redis.connection().await?;
+        let (hist, received) = (hist.clone(), received.clone());
+        let (expect, max) = (opts.burst, opts.reserve_max);
+        consumers.push(tokio::spawn(async move {
+            let script = redis::Script::new(ZSET_CLAIM);
+            while received.load(Ordering::Relaxed) < expect && Instant::now() < deadline {
+                let payloads: Vec<Option<String>> = script
+                    .key("zq")
+                    .key("zq:payloads")
+                    .arg(now_us() / 1000)
+                    .arg(max)
+                    .invoke_async(&mut con)
+                    .await
+                    .unwrap_or_default();
+                if payloads.is_empty() {
+                    // The approach's precision: poll every 10 ms when idle.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                let at_us = now_us();
+                let mut h = hist.lock().await;
+                for payload in payloads.into_iter().flatten() {
+                    let run_at_ms = serde_json::from_str::<Value>(&payload)
+                        .ok()
+                        .and_then(|v| v["run_at_ms"].as_u64());
+                    if let Some(run_at_ms) = run_at_ms {
+                        let _ = h.record(at_us.saturating_sub(run_at_ms * 1000).max(1));
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for consumer in consumers {
+        consumer.await?;
+    }
+    let h = hist.lock().await;
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "zset: burst of {} due over {over_ms} ms, {} consumers polling every 10 ms: received {}, lateness p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        opts.burst,
+        opts.consumers,
+        received.load(Ordering::Relaxed),
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.max())
+    );
     Ok(())
 }
