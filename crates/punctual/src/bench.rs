@@ -20,8 +20,9 @@ use crate::duration::parse_duration_ms;
 
 #[derive(clap::Args)]
 pub struct BenchOpts {
-    /// Which scenario: ingest, burst, memory, restart, webhook, zset (the Redis sorted-set approach on the
-    /// same loads, for comparison), or all (ingest, burst, restart, webhook).
+    /// Which scenario: ingest, burst, memory, restart, webhook; zset or keyspace (the Redis sorted-set and
+    /// keyspace-notification approaches on the same loads, for comparison); or all (ingest, burst,
+    /// restart, webhook).
     #[arg(default_value = "all")]
     scenario: String,
     /// Tasks for ingest and memory; tasks pending in burst and restart.
@@ -587,6 +588,7 @@ pub async fn run(opts: BenchOpts) -> Result<()> {
         "restart" => scenario_restart(&opts, &http, &extra).await,
         "webhook" => scenario_webhook(&opts, &http, &extra).await,
         "zset" => scenario_zset(&opts).await,
+        "keyspace" => scenario_keyspace(&opts).await,
         "all" => {
             scenario_ingest(&opts, &http, &extra).await?;
             scenario_burst(&opts, &http, &extra).await?;
@@ -919,6 +921,120 @@ async fn scenario_zset(opts: &BenchOpts) -> Result<()> {
         ms(h.value_at_quantile(0.99)),
         ms(h.value_at_quantile(0.999)),
         ms(h.max())
+    );
+    Ok(())
+}
+
+/// The keyspace-notification approach, as the seeds do it: `SET key x PX delay` with the data packed
+/// into the key name, and a subscriber on `__keyevent@0__:expired`.
+async fn scenario_keyspace(opts: &BenchOpts) -> Result<()> {
+    use futures_util::StreamExt;
+
+    let redis = RedisChild::start().await?;
+    let mut con = redis.connection().await?;
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("Ex")
+        .query_async::<()>(&mut con)
+        .await?;
+    let spread = |n: u64| 3_600_000 + (n.wrapping_mul(2_654_435_761) % THIRTY_DAYS_MS);
+    let set_all = |keys: Vec<(String, u64)>| {
+        let redis_url = redis.url.clone();
+        async move {
+            let chunks: Vec<Vec<(String, u64)>> = keys.chunks(100).map(<[_]>::to_vec).collect();
+            let queue = Arc::new(Mutex::new(chunks));
+            let started = Instant::now();
+            let mut workers = Vec::new();
+            for _ in 0..opts.connections.max(1) {
+                let mut con = redis::Client::open(redis_url.as_str())?
+                    .get_multiplexed_async_connection()
+                    .await?;
+                let queue = queue.clone();
+                workers.push(tokio::spawn(async move {
+                    loop {
+                        let Some(chunk) = queue.lock().await.pop() else {
+                            return Ok::<(), anyhow::Error>(());
+                        };
+                        let mut pipe = redis::pipe();
+                        for (key, px) in &chunk {
+                            pipe.cmd("SET")
+                                .arg(key)
+                                .arg("x")
+                                .arg("PX")
+                                .arg(*px)
+                                .ignore();
+                        }
+                        pipe.query_async::<()>(&mut con).await?;
+                    }
+                }));
+            }
+            for worker in workers {
+                worker.await??;
+            }
+            Ok::<f64, anyhow::Error>(started.elapsed().as_secs_f64())
+        }
+    };
+    let pending: Vec<(String, u64)> = (0..opts.tasks)
+        .map(|n| (format!("order:{n}:0"), spread(n)))
+        .collect();
+    let secs = set_all(pending).await?;
+    println!(
+        "keyspace: ingest {} keys with TTLs over 30 days, 100 per round trip, {} connections: {:.0} tasks/s (no fsync)",
+        opts.tasks,
+        opts.connections,
+        opts.tasks as f64 / secs
+    );
+
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.psubscribe("__keyevent@0__:expired").await?;
+    let over_ms = parse_duration_ms(&opts.burst_over).map_err(anyhow::Error::msg)?;
+    let start_ms = now_us() / 1000 + 3_000;
+    let burst: Vec<(String, u64)> = (0..opts.burst)
+        .map(|n| {
+            let at = start_ms + n * over_ms / opts.burst.max(1);
+            (
+                format!("burst:{n}:{at}"),
+                at.saturating_sub(now_us() / 1000).max(1),
+            )
+        })
+        .collect();
+    set_all(burst).await?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut messages = pubsub.on_message();
+    let give_up = tokio::time::Instant::from_std(
+        Instant::now() + Duration::from_millis(3_000 + over_ms + 60_000),
+    );
+    let mut received = 0u64;
+    while received < opts.burst {
+        let message = tokio::select! {
+            m = messages.next() => m,
+            _ = tokio::time::sleep_until(give_up) => None,
+        };
+        let Some(message) = message else { break };
+        let at_us = now_us();
+        let key: String = message.get_payload().unwrap_or_default();
+        // Only the burst's keys carry their due time; the pending ones are far in the future.
+        if let Some(run_at_ms) = key
+            .strip_prefix("burst:")
+            .and_then(|k| k.rsplit(':').next())
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            let _ = hist.record(at_us.saturating_sub(run_at_ms * 1000).max(1));
+            received += 1;
+        }
+    }
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "keyspace: burst of {} due over {over_ms} ms with {} pending, one subscriber: {} fired within 60 s of the last due time ({:.1} %), lateness of those p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        opts.burst,
+        opts.tasks,
+        received,
+        received as f64 * 100.0 / opts.burst.max(1) as f64,
+        ms(hist.value_at_quantile(0.5)),
+        ms(hist.value_at_quantile(0.99)),
+        ms(hist.max())
     );
     Ok(())
 }
