@@ -20,9 +20,9 @@ use crate::duration::parse_duration_ms;
 
 #[derive(clap::Args)]
 pub struct BenchOpts {
-    /// Which scenario: ingest, burst, memory, restart, webhook; zset or keyspace (the Redis sorted-set and
-    /// keyspace-notification approaches on the same loads, for comparison); or all (ingest, burst,
-    /// restart, webhook).
+    /// Which scenario: ingest, burst, memory, restart, webhook; zset, keyspace or beanstalkd (the Redis
+    /// sorted-set, Redis keyspace-notification and beanstalkd approaches on the same loads, for
+    /// comparison); or all (ingest, burst, restart, webhook).
     #[arg(default_value = "all")]
     scenario: String,
     /// Tasks for ingest and memory; tasks pending in burst and restart.
@@ -589,6 +589,7 @@ pub async fn run(opts: BenchOpts) -> Result<()> {
         "webhook" => scenario_webhook(&opts, &http, &extra).await,
         "zset" => scenario_zset(&opts).await,
         "keyspace" => scenario_keyspace(&opts).await,
+        "beanstalkd" => scenario_beanstalkd(&opts).await,
         "all" => {
             scenario_ingest(&opts, &http, &extra).await?;
             scenario_burst(&opts, &http, &extra).await?;
@@ -1037,4 +1038,195 @@ async fn scenario_keyspace(opts: &BenchOpts) -> Result<()> {
         ms(hist.max())
     );
     Ok(())
+}
+
+/// A minimal beanstalkd client: just `put`, `reserve-with-timeout` and `delete`.
+struct Beanstalk {
+    reader: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Beanstalk {
+    async fn connect(addr: &str) -> Result<Beanstalk> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (read, writer) = stream.into_split();
+        Ok(Beanstalk {
+            reader: tokio::io::BufReader::new(read),
+            writer,
+        })
+    }
+
+    async fn line(&mut self) -> Result<String> {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).await? == 0 {
+            bail!("beanstalkd closed the connection");
+        }
+        Ok(line.trim_end().to_owned())
+    }
+
+    /// Puts every job in one write, then reads every answer (pipelining, as for the others).
+    async fn put_many(&mut self, jobs: &[(u64, String)]) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut out = String::new();
+        for (delay_s, body) in jobs {
+            out.push_str(&format!(
+                "put 1024 {delay_s} 60 {}\r\n{body}\r\n",
+                body.len()
+            ));
+        }
+        self.writer.write_all(out.as_bytes()).await?;
+        for _ in jobs {
+            let answer = self.line().await?;
+            if !answer.starts_with("INSERTED") {
+                bail!("beanstalkd answered {answer:?} to put");
+            }
+        }
+        Ok(())
+    }
+
+    async fn reserve(&mut self) -> Result<Option<(String, String)>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.writer.write_all(b"reserve-with-timeout 1\r\n").await?;
+        let answer = self.line().await?;
+        let mut parts = answer.split_whitespace();
+        match parts.next() {
+            Some("RESERVED") => {
+                let id = parts.next().unwrap_or("").to_owned();
+                let len: usize = parts.next().unwrap_or("0").parse()?;
+                let mut body = vec![0u8; len + 2];
+                self.reader.read_exact(&mut body).await?;
+                body.truncate(len);
+                Ok(Some((id, String::from_utf8_lossy(&body).into_owned())))
+            }
+            Some("TIMED_OUT") | Some("DEADLINE_SOON") => Ok(None),
+            _ => bail!("beanstalkd answered {answer:?} to reserve"),
+        }
+    }
+
+    async fn delete(&mut self, id: &str) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.writer
+            .write_all(format!("delete {id}\r\n").as_bytes())
+            .await?;
+        let answer = self.line().await?;
+        if answer != "DELETED" {
+            bail!("beanstalkd answered {answer:?} to delete");
+        }
+        Ok(())
+    }
+}
+
+async fn beanstalk_put_all(
+    addr: &str,
+    jobs: Vec<(u64, String)>,
+    connections: usize,
+) -> Result<f64> {
+    let queue = Arc::new(Mutex::new(
+        jobs.chunks(100).map(<[_]>::to_vec).collect::<Vec<_>>(),
+    ));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..connections.max(1) {
+        let mut client = Beanstalk::connect(addr).await?;
+        let queue = queue.clone();
+        workers.push(tokio::spawn(async move {
+            loop {
+                let Some(chunk) = queue.lock().await.pop() else {
+                    return Ok::<(), anyhow::Error>(());
+                };
+                client.put_many(&chunk).await?;
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// beanstalkd with its binlog on (`-b`, default fsync policy: none), `put` with a delay in whole
+/// seconds, `reserve` + `delete`.
+async fn scenario_beanstalkd(opts: &BenchOpts) -> Result<()> {
+    let dir = work_dir(opts, "beanstalkd")?;
+    let port = free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new("beanstalkd")
+        .args(["-l", "127.0.0.1", "-p", &port.to_string(), "-b"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting beanstalkd (install it: apt-get install -y beanstalkd)")?;
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(&addr).await.is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            bail!("beanstalkd did not listen within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let result = async {
+        let spread_s = |n: u64| (3_600_000 + (n.wrapping_mul(2_654_435_761) % THIRTY_DAYS_MS)) / 1000;
+        let pending: Vec<(u64, String)> = (0..opts.tasks).map(|n| (spread_s(n), format!("{{\"n\":{n}}}"))).collect();
+        let secs = beanstalk_put_all(&addr, pending, opts.connections).await?;
+        println!(
+            "beanstalkd: ingest {} jobs delayed over 30 days, 100 per round trip, {} connections: {:.0} tasks/s (binlog without fsync)",
+            opts.tasks,
+            opts.connections,
+            opts.tasks as f64 / secs
+        );
+        let over_ms = parse_duration_ms(&opts.burst_over).map_err(anyhow::Error::msg)?;
+        let start_ms = now_us() / 1000 + 3_000;
+        let burst: Vec<(u64, String)> = (0..opts.burst)
+            .map(|n| {
+                let at = start_ms + n * over_ms / opts.burst.max(1);
+                // Delays are whole seconds: round up so no job comes early.
+                let delay_s = (at.saturating_sub(now_us() / 1000) + 999) / 1000;
+                (delay_s, format!("{{\"run_at_ms\":{at}}}"))
+            })
+            .collect();
+        beanstalk_put_all(&addr, burst, opts.connections).await?;
+        let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
+        let received = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_millis(3_000 + over_ms + 60_000);
+        let mut consumers = Vec::new();
+        for _ in 0..opts.consumers {
+            let mut client = Beanstalk::connect(&addr).await?;
+            let (hist, received, expect) = (hist.clone(), received.clone(), opts.burst);
+            consumers.push(tokio::spawn(async move {
+                while received.load(Ordering::Relaxed) < expect && Instant::now() < deadline {
+                    let Some((id, body)) = client.reserve().await? else { continue };
+                    let at_us = now_us();
+                    if let Some(run_at_ms) = serde_json::from_str::<Value>(&body).ok().and_then(|v| v["run_at_ms"].as_u64()) {
+                        let _ = hist.lock().await.record(at_us.saturating_sub(run_at_ms * 1000).max(1));
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                    client.delete(&id).await?;
+                }
+                Ok::<(), anyhow::Error>(())
+            }));
+        }
+        for consumer in consumers {
+            consumer.await??;
+        }
+        let h = hist.lock().await;
+        let ms = |us: u64| us as f64 / 1000.0;
+        println!(
+            "beanstalkd: burst of {} due over {over_ms} ms, {} consumers: received {}, lateness p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (delays are whole seconds)",
+            opts.burst,
+            opts.consumers,
+            received.load(Ordering::Relaxed),
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.99)),
+            ms(h.max())
+        );
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
