@@ -237,6 +237,18 @@ async fn ingest(
     ))
 }
 
+/// "p50 …, p99 …, p99.9 …, max …" of a histogram of microseconds, in milliseconds.
+fn quantiles(h: &Histogram<u64>) -> String {
+    let ms = |us: u64| us as f64 / 1000.0;
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.max())
+    )
+}
+
 const THIRTY_DAYS_MS: u64 = 30 * 86_400_000;
 
 fn spread_over_30_days(n: u64) -> String {
@@ -911,17 +923,12 @@ async fn scenario_zset(opts: &BenchOpts) -> Result<()> {
     for consumer in consumers {
         consumer.await?;
     }
-    let h = hist.lock().await;
-    let ms = |us: u64| us as f64 / 1000.0;
     println!(
-        "zset: burst of {} due over {over_ms} ms, {} consumers polling every 10 ms: received {}, lateness p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        "zset: burst of {} due over {over_ms} ms, {} consumers polling every 10 ms: received {}, lateness {}",
         opts.burst,
         opts.consumers,
         received.load(Ordering::Relaxed),
-        ms(h.value_at_quantile(0.5)),
-        ms(h.value_at_quantile(0.99)),
-        ms(h.value_at_quantile(0.999)),
-        ms(h.max())
+        quantiles(&*hist.lock().await)
     );
     Ok(())
 }
@@ -1183,7 +1190,7 @@ async fn scenario_beanstalkd(opts: &BenchOpts) -> Result<()> {
             .map(|n| {
                 let at = start_ms + n * over_ms / opts.burst.max(1);
                 // Delays are whole seconds: round up so no job comes early.
-                let delay_s = (at.saturating_sub(now_us() / 1000) + 999) / 1000;
+                let delay_s = at.saturating_sub(now_us() / 1000).div_ceil(1000);
                 (delay_s, format!("{{\"run_at_ms\":{at}}}"))
             })
             .collect();
@@ -1211,16 +1218,12 @@ async fn scenario_beanstalkd(opts: &BenchOpts) -> Result<()> {
         for consumer in consumers {
             consumer.await??;
         }
-        let h = hist.lock().await;
-        let ms = |us: u64| us as f64 / 1000.0;
         println!(
-            "beanstalkd: burst of {} due over {over_ms} ms, {} consumers: received {}, lateness p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (delays are whole seconds)",
+            "beanstalkd: burst of {} due over {over_ms} ms, {} consumers: received {}, lateness {} (delays are whole seconds)",
             opts.burst,
             opts.consumers,
             received.load(Ordering::Relaxed),
-            ms(h.value_at_quantile(0.5)),
-            ms(h.value_at_quantile(0.99)),
-            ms(h.max())
+            quantiles(&*hist.lock().await)
         );
         Ok::<(), anyhow::Error>(())
     }
