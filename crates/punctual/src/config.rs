@@ -51,7 +51,7 @@ pub struct ServeOpts {
     )]
     pub auth_tokens: Vec<String>,
     /// With tokens configured, require one on /metrics too [default: false].
-    #[arg(long, env = "PUNCTUAL_PROTECT_METRICS")]
+    #[arg(long, env = "PUNCTUAL_PROTECT_METRICS", num_args = 0..=1, default_missing_value = "true")]
     pub protect_metrics: Option<bool>,
     /// Sign webhook requests with HMAC-SHA256 under this secret (header punctual-signature) [default: none].
     #[arg(long, env = "PUNCTUAL_WEBHOOK_SECRET", hide_env_values = true)]

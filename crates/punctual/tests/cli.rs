@@ -203,7 +203,14 @@ fn settings_come_from_flags_over_env_over_file() {
     )
     .unwrap();
     let output = Command::new(bin())
-        .args(["serve", "--print-config", "--cache-mb", "30", "--config"])
+        .args([
+            "serve",
+            "--print-config",
+            "--protect-metrics",
+            "--cache-mb",
+            "30",
+            "--config",
+        ])
         .arg(&file)
         .env("PUNCTUAL_CACHE_MB", "20")
         .env("PUNCTUAL_RETENTION_MS", "2000")
@@ -218,6 +225,10 @@ fn settings_come_from_flags_over_env_over_file() {
     assert_eq!(settings["max_batch"], 50, "the file beats the default");
     assert_eq!(settings["http"], "127.0.0.1:7999");
     assert_eq!(settings["default_lease_ms"], 30000, "the default");
+    assert_eq!(
+        settings["protect_metrics"], true,
+        "a bare --protect-metrics means true"
+    );
 
     std::fs::write(&file, "retention = 5\n").unwrap();
     let bad = Command::new(bin())
