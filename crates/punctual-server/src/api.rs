@@ -35,6 +35,8 @@ pub struct Shared {
     pub clock: Clock,
     pub shutdown: watch::Receiver<bool>,
     pub ids: IdGen,
+    /// Queues whose per-state gauges `/metrics` has set, so an emptied queue can be zeroed.
+    pub reported_queues: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 pub type AppState = Arc<Shared>;
@@ -609,11 +611,28 @@ async fn healthz(State(state): State<AppState>) -> Response {
 async fn metrics_text(State(state): State<AppState>) -> Response {
     let handle = crate::metrics::handle();
     if let Ok(queues) = state.store.queues() {
+        let mut reported = state
+            .reported_queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // A queue that has emptied since the last scrape reports zeros, not its last counts.
+        let gone: Vec<String> = reported
+            .iter()
+            .filter(|q| !queues.iter().any(|c| &c.queue == *q))
+            .cloned()
+            .collect();
+        for queue in gone {
+            reported.remove(&queue);
+            for task_state in TaskState::ALL {
+                metrics::gauge!(crate::metrics::TASKS, "queue" => queue.clone(), "state" => task_state.as_str()).set(0.0);
+            }
+        }
         for counts in queues {
             for task_state in TaskState::ALL {
                 metrics::gauge!(crate::metrics::TASKS, "queue" => counts.queue.clone(), "state" => task_state.as_str())
                     .set(counts.get(task_state) as f64);
             }
+            reported.insert(counts.queue);
         }
     }
     handle.run_upkeep();

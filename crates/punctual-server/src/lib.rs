@@ -73,6 +73,7 @@ impl App {
             clock,
             shutdown: shutdown_rx,
             ids: IdGen::default(),
+            reported_queues: Default::default(),
         });
         App {
             state,

@@ -672,7 +672,7 @@ async fn batch_and_listing(h: &Harness) {
         {"id": "c"},
         {"id": "d", "payload": "x".repeat((1 << 20) + 10)},
     ]});
-    let (status, answer) = h.json("POST", "/v1/queues/q/batch", body).await;
+    let (status, answer) = h.json("POST", "/v1/queues/pages/batch", body).await;
     assert_eq!(status, StatusCode::OK);
     let statuses: Vec<u64> = answer["results"]
         .as_array()
@@ -684,7 +684,7 @@ async fn batch_and_listing(h: &Harness) {
     assert_eq!(answer["results"][0]["task"]["id"], "a");
     assert_eq!(answer["results"][1]["error"]["code"], "invalid_field");
     let too_many = json!({"tasks": vec![json!({}); 1001]});
-    let (status, error) = h.json("POST", "/v1/queues/q/batch", too_many).await;
+    let (status, error) = h.json("POST", "/v1/queues/pages/batch", too_many).await;
     assert_eq!(
         (status, error["error"]["code"].as_str()),
         (StatusCode::UNPROCESSABLE_ENTITY, Some("batch_too_large"))
@@ -692,13 +692,13 @@ async fn batch_and_listing(h: &Harness) {
     for i in 0..7 {
         h.json(
             "POST",
-            "/v1/queues/q/tasks",
+            "/v1/queues/pages/tasks",
             json!({"id": format!("z{i}"), "delay_ms": 60_000}),
         )
         .await;
     }
     let mut ids = Vec::new();
-    let mut uri = "/v1/queues/q/tasks?limit=4".to_owned();
+    let mut uri = "/v1/queues/pages/tasks?limit=4".to_owned();
     loop {
         let (status, page) = h.call("GET", &uri, None).await;
         assert_eq!(status, StatusCode::OK);
@@ -710,12 +710,14 @@ async fn batch_and_listing(h: &Harness) {
                 .map(|t| t["id"].as_str().unwrap().to_owned()),
         );
         match page["next_cursor"].as_str() {
-            Some(cursor) => uri = format!("/v1/queues/q/tasks?limit=4&cursor={cursor}"),
+            Some(cursor) => uri = format!("/v1/queues/pages/tasks?limit=4&cursor={cursor}"),
             None => break,
         }
     }
     assert_eq!(ids, ["a", "c", "z0", "z1", "z2", "z3", "z4", "z5", "z6"]);
-    let (_, ready) = h.call("GET", "/v1/queues/q/tasks?state=ready", None).await;
+    let (_, ready) = h
+        .call("GET", "/v1/queues/pages/tasks?state=ready", None)
+        .await;
     assert_eq!(ready["tasks"].as_array().unwrap().len(), 1);
     let (_, health) = h.call("GET", "/healthz", None).await;
     assert_eq!(health["status"], "ok");
@@ -724,7 +726,7 @@ async fn batch_and_listing(h: &Harness) {
     let text = metrics.as_str().unwrap();
     assert!(text.contains("punctual_tasks_scheduled_total"), "{text}");
     assert!(
-        text.contains("punctual_tasks{queue=\"q\",state=\"scheduled\"} 8"),
+        text.contains("punctual_tasks{queue=\"pages\",state=\"scheduled\"} 8"),
         "{text}"
     );
 }
