@@ -66,6 +66,8 @@ pub struct Sender {
     ids: IdGen,
     /// How long an acked task stays readable (the server's retention).
     retention_ms: u64,
+    /// Requests on the wire: lease token → (queue, id), to release them if shutdown cuts them off.
+    in_flight: Mutex<HashMap<String, (String, String)>>,
 }
 
 /// The `punctual-signature` header value: `t=<unix_ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
@@ -115,7 +117,12 @@ impl Sender {
             clock,
             ids: IdGen::default(),
             retention_ms,
+            in_flight: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, String)>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn host_slots(&self, host: &str) -> Arc<Semaphore> {
@@ -194,9 +201,22 @@ impl Sender {
             .await
             .is_err()
         {
+            // Give the cut-off deliveries back without using up their attempt; the writer's final sync
+            // makes that durable, so after a restart they are simply due again.
+            let cut_off: Vec<(String, (String, String))> = self.in_flight().drain().collect();
             tracing::warn!(
-                "webhook deliveries still in flight at shutdown will be retried after their lease"
+                count = cut_off.len(),
+                "releasing webhook deliveries still in flight at shutdown"
             );
+            for (token, (queue, id)) in cut_off {
+                self.settle(Command::Release {
+                    queue,
+                    id,
+                    token,
+                    delay_ms: 0,
+                })
+                .await;
+            }
         }
     }
 
@@ -241,9 +261,13 @@ impl Sender {
                 signature(secret.as_bytes(), self.clock.now_ms(), body.as_bytes()),
             );
         }
+        self.in_flight()
+            .insert(token.clone(), (task.queue.clone(), task.id.clone()));
         #[allow(clippy::disallowed_methods)] // Measures request duration only.
         let started = std::time::Instant::now();
         let result = request.body(body).send().await;
+        // None: shutdown released this delivery while it ran, so its outcome no longer matters.
+        self.in_flight().remove(&token)?;
         metrics::histogram!(m::WEBHOOK_SECONDS).record(started.elapsed().as_secs_f64());
         let (outcome_label, failure) = match result {
             Ok(response) if response.status().is_success() => ("2xx", None),

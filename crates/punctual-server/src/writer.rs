@@ -296,7 +296,12 @@ fn run(
             run_jobs(&mut state, durable, Vec::new());
         }
     }
-    // Shutting down: long-polls end empty.
+    // Shutting down: make leases and timer work durable, so that after a clean restart consumers can
+    // still ack what they hold instead of the tasks being handed out again.
+    if let Err(error) = state.apply(&[Command::Sync]) {
+        tracing::error!(%error, "final sync at shutdown failed");
+    }
+    // Long-polls end empty.
     for (_, list) in state.parked.drain() {
         for park in list {
             let _ = park.reply.send(Ok(Vec::new()));

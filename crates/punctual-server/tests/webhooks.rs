@@ -376,3 +376,42 @@ async fn shutdown_lets_deliveries_in_flight_finish() {
     let task: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(task["state"], "succeeded", "{task}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_deliveries_that_outlive_the_grace_period() {
+    let (url, seen) = target(|_| Reply::Hang(Duration::from_secs(5))).await;
+    let p = Punctual::start(WebhookConfig {
+        shutdown_grace_ms: 200,
+        ..WebhookConfig::default()
+    });
+    p.schedule(json!({"id": "stuck", "webhook": {"url": url}}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the delivery never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let router = p.router.clone();
+    let started = Instant::now();
+    p.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "stop did not wait for the hung target"
+    );
+    let response = router
+        .oneshot(
+            Request::builder()
+                .uri("/v1/queues/hooks/tasks/stuck")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let task: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(
+        (task["state"].as_str(), task["attempt"].as_u64()),
+        (Some("ready"), Some(0)),
+        "released, attempt not used: {task}"
+    );
+}

@@ -261,6 +261,7 @@ pub fn apply_one<T: Txn + ?Sized>(
             Ok(Outcome::Updated(new))
         }
         Command::Tick { limit, takers } => tick(txn, now_ms, *limit, takers).map(Outcome::Ticked),
+        Command::Sync => Ok(Outcome::Synced),
     }
 }
 

@@ -95,6 +95,9 @@ pub enum Command {
         token: String,
         delay_ms: u64,
     },
+    /// Changes nothing, but its commit is durable: it makes every earlier non-durable commit (leases,
+    /// ticks, releases) durable too. Sent at clean shutdown.
+    Sync,
     /// Lease up to `max` ready webhook tasks of any queue, oldest due first, for the webhook sender.
     /// Each lease lasts the task's webhook timeout plus `grace_ms`.
     ReservePush {
@@ -190,6 +193,8 @@ pub enum Outcome {
     /// The lease token no longer holds the task.
     LeaseLost(LeaseCheck),
     Ticked(TickReport),
+    /// A `Sync` was committed durably.
+    Synced,
 }
 
 /// Task counts of one queue, indexed by [`TaskState::index`].
