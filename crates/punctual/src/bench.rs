@@ -20,7 +20,7 @@ use crate::duration::parse_duration_ms;
 
 #[derive(clap::Args)]
 pub struct BenchOpts {
-    /// Which scenario: ingest, burst, memory, restart, webhook; zset, keyspace or beanstalkd (the Redis
+    /// Which scenario: ingest, burst, drain, memory, restart, webhook; zset, keyspace or beanstalkd (the Redis
     /// sorted-set, Redis keyspace-notification and beanstalkd approaches on the same loads, for
     /// comparison); or all (ingest, burst, restart, webhook).
     #[arg(default_value = "all")]
@@ -600,6 +600,7 @@ pub async fn run(opts: BenchOpts) -> Result<()> {
         "restart" => scenario_restart(&opts, &http, &extra).await,
         "webhook" => scenario_webhook(&opts, &http, &extra).await,
         "zset" => scenario_zset(&opts).await,
+        "drain" => scenario_drain(&opts, &http, &extra).await,
         "keyspace" => scenario_keyspace(&opts).await,
         "beanstalkd" => scenario_beanstalkd(&opts).await,
         "all" => {
@@ -1232,4 +1233,82 @@ async fn scenario_beanstalkd(opts: &BenchOpts) -> Result<()> {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Drain: `--tasks` tasks all due at once, delivered to `--consumers` consumers that ack each one;
+/// then the same with the Redis sorted-set approach (claim + delete), if `redis-server` is there.
+async fn scenario_drain(opts: &BenchOpts, http: &reqwest::Client, extra: &[String]) -> Result<()> {
+    let dir = work_dir(opts, "drain")?;
+    let server = Server::start(&dir, extra)?;
+    wait_healthy(http, &server.url, Duration::from_secs(30)).await?;
+    let due_now = bodies(0, opts.tasks, opts.batch, |_| "\"delay_ms\":0".to_owned());
+    ingest(http, &server.url, due_now, opts.connections).await?;
+    let started = Instant::now();
+    let consumed = consume(
+        http,
+        &server.url,
+        opts.consumers,
+        opts.reserve_max,
+        opts.tasks,
+        Duration::from_secs(600),
+    )
+    .await?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "drain: punctual delivered {} of {} due tasks to {} consumers (reserve up to {}, ack each) in {secs:.1} s: {:.0} tasks/s, {} duplicates",
+        consumed.received,
+        opts.tasks,
+        opts.consumers,
+        opts.reserve_max,
+        consumed.received as f64 / secs,
+        consumed.duplicates
+    );
+    server.stop();
+
+    let Ok(redis) = RedisChild::start().await else {
+        println!("drain: redis-server not found; skipping the sorted-set drain");
+        return Ok(());
+    };
+    let now_ms = now_us() / 1000;
+    let tasks: Vec<(String, u64, String)> = (0..opts.tasks)
+        .map(|n| (format!("t{n}"), now_ms, format!("{{\"n\":{n}}}")))
+        .collect();
+    zset_ingest(&redis, tasks, opts.connections).await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut consumers = Vec::new();
+    for _ in 0..opts.consumers {
+        let mut con = redis.connection().await?;
+        let (received, expect, max) = (received.clone(), opts.tasks, opts.reserve_max);
+        consumers.push(tokio::spawn(async move {
+            let script = redis::Script::new(ZSET_CLAIM);
+            while received.load(Ordering::Relaxed) < expect {
+                let payloads: Vec<Option<String>> = script
+                    .key("zq")
+                    .key("zq:payloads")
+                    .arg(now_us() / 1000)
+                    .arg(max)
+                    .invoke_async(&mut con)
+                    .await
+                    .unwrap_or_default();
+                if payloads.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                received.fetch_add(payloads.len() as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    for consumer in consumers {
+        consumer.await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "drain: redis sorted set delivered {} tasks to {} consumers (claim up to {}) in {secs:.1} s: {:.0} tasks/s",
+        received.load(Ordering::Relaxed),
+        opts.consumers,
+        opts.reserve_max,
+        received.load(Ordering::Relaxed) as f64 / secs
+    );
+    Ok(())
 }
