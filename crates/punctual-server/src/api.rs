@@ -77,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/tasks", post(schedule).get(list_tasks))
         .route("/v1/queues/{queue}/batch", post(batch))
         .route("/v1/queues/{queue}/reserve", post(reserve))
+        .route("/v1/queues/{queue}/ack", post(ack_many))
         .route(
             "/v1/queues/{queue}/tasks/{id}",
             get(get_task).patch(reschedule).delete(cancel),
@@ -987,6 +988,81 @@ async fn ack(
         retention_ms: state.config.retention_ms,
     };
     answer(&queue, &id, "ack", state.writer.submit_one(command).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckItem {
+    id: String,
+    lease_token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckManyRequest {
+    tasks: Vec<AckItem>,
+}
+
+#[derive(Serialize)]
+struct AckResult<'a> {
+    id: &'a str,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorBody<'a>>,
+}
+
+/// Acks up to `max_batch` leases in one request and one durable commit.
+async fn ack_many(
+    State(state): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let queue = path(p)?;
+    check_queue(&state, &queue)?;
+    let request: AckManyRequest =
+        decode(&read_body(body, state.config.limits.max_batch_body_bytes).await?)?;
+    let max = state.config.limits.max_batch;
+    if request.tasks.is_empty() || request.tasks.len() > max {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "batch_too_large",
+            format!(
+                "give 1 to {max} acks; this request has {}",
+                request.tasks.len()
+            ),
+        ));
+    }
+    let commands: Vec<Command> = request
+        .tasks
+        .iter()
+        .map(|item| Command::Ack {
+            queue: queue.clone(),
+            id: item.id.clone(),
+            token: item.lease_token.clone(),
+            retention_ms: state.config.retention_ms,
+        })
+        .collect();
+    let outcomes = state.writer.submit(commands).await?;
+    let errors: Vec<Option<ApiError>> = request
+        .tasks
+        .iter()
+        .zip(outcomes)
+        .map(|(item, outcome)| answer(&queue, &item.id, "ack", outcome).err())
+        .collect();
+    let results: Vec<AckResult<'_>> = request
+        .tasks
+        .iter()
+        .zip(&errors)
+        .map(|(item, error)| AckResult {
+            id: &item.id,
+            status: error.as_ref().map_or(204, |e| e.status.as_u16()),
+            error: error.as_ref().map(|e| ErrorBody {
+                code: e.code,
+                message: &e.message,
+            }),
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({ "results": results })).into_response())
 }
 
 #[derive(Deserialize)]

@@ -904,3 +904,39 @@ async fn bearer_tokens_guard_the_api_but_not_healthz() {
         h.stop().await;
     }
 }
+
+async fn ack_in_batches(h: &Harness) {
+    let tasks: Vec<Value> = (0..5).map(|i| json!({"id": format!("a{i}")})).collect();
+    h.json("POST", "/v1/queues/q/batch", json!({"tasks": tasks}))
+        .await;
+    let (_, answer) = h
+        .json("POST", "/v1/queues/q/reserve", json!({"max": 5}))
+        .await;
+    let leased = answer["tasks"].as_array().unwrap().clone();
+    assert_eq!(leased.len(), 5);
+    let mut acks: Vec<Value> = leased
+        .iter()
+        .map(|t| json!({"id": t["id"], "lease_token": t["lease_token"]}))
+        .collect();
+    acks.push(json!({"id": "a0", "lease_token": "stale"}));
+    acks.push(json!({"id": "nope", "lease_token": "x"}));
+    let (status, answer) = h
+        .json("POST", "/v1/queues/q/ack", json!({"tasks": acks}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let statuses: Vec<u64> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [204, 204, 204, 204, 204, 409, 404]);
+    assert_eq!(answer["results"][5]["error"]["code"], "lease_lost");
+    let (_, stats) = h.call("GET", "/v1/queues/q", None).await;
+    assert_eq!(stats["succeeded"], 5);
+    let (status, _) = h
+        .json("POST", "/v1/queues/q/ack", json!({"tasks": []}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+each_store!(acks_can_be_sent_in_batches, ack_in_batches);

@@ -402,18 +402,19 @@ async fn consume(
             hist.clone(),
         );
         workers.push(tokio::spawn(async move {
-            let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+            // Every reserved batch is acked with one request (POST /v1/queues/{queue}/ack).
+            let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Value>>();
             let acker = {
                 let (http, url) = (http.clone(), url.clone());
                 tokio::spawn(async move {
-                    let limit = Arc::new(tokio::sync::Semaphore::new(32));
-                    while let Some((id, token)) = ack_rx.recv().await {
+                    let limit = Arc::new(tokio::sync::Semaphore::new(8));
+                    while let Some(acks) = ack_rx.recv().await {
                         let permit = limit.clone().acquire_owned().await;
                         let (http, url) = (http.clone(), url.clone());
                         tokio::spawn(async move {
                             let _ = http
-                                .post(format!("{url}/v1/queues/bench/tasks/{id}/ack"))
-                                .json(&json!({"lease_token": token}))
+                                .post(format!("{url}/v1/queues/bench/ack"))
+                                .json(&json!({ "tasks": acks }))
                                 .send()
                                 .await;
                             drop(permit);
@@ -437,6 +438,7 @@ async fn consume(
                 };
                 let tasks = body["tasks"].as_array().cloned().unwrap_or_default();
                 let mut lateness = Vec::with_capacity(tasks.len());
+                let mut acks = Vec::with_capacity(tasks.len());
                 for task in &tasks {
                     let run_at_us = task["run_at_ms"].as_u64().unwrap_or(0) * 1000;
                     lateness.push(at_us.saturating_sub(run_at_us).max(1));
@@ -444,8 +446,10 @@ async fn consume(
                     if !seen.lock().await.insert(id.clone()) {
                         duplicates.fetch_add(1, Ordering::Relaxed);
                     }
-                    let _ =
-                        ack_tx.send((id, task["lease_token"].as_str().unwrap_or("").to_owned()));
+                    acks.push(json!({"id": id, "lease_token": task["lease_token"]}));
+                }
+                if !acks.is_empty() {
+                    let _ = ack_tx.send(acks);
                 }
                 received.fetch_add(tasks.len() as u64, Ordering::Relaxed);
                 let mut h = hist.lock().await;
