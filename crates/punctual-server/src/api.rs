@@ -919,21 +919,9 @@ async fn reserve(
     if let Some(lease_ms) = request.lease_ms {
         check_lease_ms(&state, lease_ms, "lease_ms")?;
     }
-    let command = Command::Reserve {
-        queue: queue.clone(),
-        max,
-        lease_ms: request.lease_ms,
-        default_lease_ms: state.config.default_lease_ms,
-        token_prefix: format!("{}.", state.ids.next()),
-    };
-    let tasks = match state.writer.submit_one(command).await? {
-        Outcome::Reserved(tasks) => tasks,
-        other => return Err(unexpected(&other)),
-    };
-    if !tasks.is_empty() || wait_ms == 0 || *state.shutdown.borrow() {
-        return Ok(reserve_answer(&tasks));
-    }
-    // Nothing ready: park in the writer, which leases tasks to this request the moment they are ready.
+    // The writer leases what is ready at once; with `wait_ms`, it keeps the request until tasks of
+    // the queue become ready or the deadline passes.
+    let wait_ms = if *state.shutdown.borrow() { 0 } else { wait_ms };
     let deadline_ms = state.clock.now_ms() + wait_ms;
     let (reply, answer) = tokio::sync::oneshot::channel();
     state.writer.park(Park {

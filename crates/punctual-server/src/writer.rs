@@ -71,8 +71,9 @@ impl Writer {
         }
     }
 
-    /// Parks a reserve in the writer: it is answered as soon as tasks of its queue are leased to it,
-    /// or with an empty list at shutdown. The caller times out on its own after `deadline_ms`.
+    /// Sends a reserve to the writer: it is answered as soon as tasks of its queue are leased to it,
+    /// with an empty list once its deadline has passed, or at shutdown. The caller also gives up on its
+    /// own a little after `deadline_ms`.
     pub fn park(&self, park: Park) -> Result<(), ApiError> {
         self.tx
             .send(Message::Park(park))
@@ -104,11 +105,12 @@ impl Writer {
     }
 }
 
-/// A reserve that found nothing and waits in the writer for tasks of its queue to become ready.
+/// A reserve request handed to the writer. It is committed like a `Command::Reserve`; if that finds
+/// nothing and its deadline has not passed, it waits in the writer for tasks of its queue.
 ///
-/// Parking it here, rather than waking the HTTP handler to ask again, lets the writer lease newly ready
-/// tasks to it right after the commit that made them ready: no second trip through the queue of
-/// requests, where it could wait behind another request's fsync.
+/// Waiting here, rather than waking the HTTP handler to ask again, lets the writer lease newly ready
+/// tasks to it right after (or in) the commit that made them ready: no second trip through the queue
+/// of requests, where it could wait behind another request's fsync.
 pub struct Park {
     pub queue: String,
     pub max: usize,
@@ -121,6 +123,11 @@ pub struct Park {
 }
 
 impl Park {
+    /// Still worth serving: the client is waiting and its deadline has not passed.
+    fn live(&self, now_ms: u64) -> bool {
+        !self.reply.is_closed() && self.deadline_ms > now_ms
+    }
+
     fn taker(&self) -> Taker {
         Taker {
             queue: self.queue.clone(),
@@ -147,6 +154,14 @@ struct Loop<'a> {
     clock: Clock,
     effects: &'a Effects,
     parked: HashMap<String, VecDeque<Park>>,
+}
+
+/// The tasks of a `Reserved` outcome (none for anything else).
+fn reserved(outcome: Outcome) -> Vec<Task> {
+    match outcome {
+        Outcome::Reserved(tasks) => tasks,
+        _ => Vec::new(),
+    }
 }
 
 fn copy_error(error: &StoreError) -> StoreError {
@@ -188,13 +203,31 @@ impl Loop<'_> {
         self.parked
             .drain()
             .flat_map(|(_, list)| list)
-            .filter(|p| !p.reply.is_closed() && p.deadline_ms > now_ms)
+            .filter(|p| p.live(now_ms))
             .collect()
     }
 
-    fn park(&mut self, park: Park) {
+    /// Answers a reserve that was just served: with its tasks if it got any; otherwise it waits
+    /// (parked) until its deadline, after which it is answered empty.
+    fn settle_park(&mut self, park: Park, tasks: Vec<Task>) {
+        if !tasks.is_empty() {
+            if park.reply.send(Ok(tasks)).is_err() {
+                // The client left between the check and the commit; its leases expire and the tasks
+                // are handed out again.
+                tracing::debug!("a long-poll left while being served");
+            }
+            return;
+        }
+        let now_ms = self.clock.now_ms();
+        if park.reply.is_closed() {
+            return;
+        }
+        if park.deadline_ms <= now_ms {
+            let _ = park.reply.send(Ok(Vec::new()));
+            return;
+        }
         let queue = self.parked.entry(park.queue.clone()).or_default();
-        queue.retain(|p| !p.reply.is_closed());
+        queue.retain(|p| p.live(now_ms));
         queue.push_back(park);
     }
 
@@ -203,10 +236,7 @@ impl Loop<'_> {
         let mut waiting: Vec<Park> = Vec::new();
         for queue in queues {
             if let Some(list) = self.parked.get_mut(queue) {
-                waiting.extend(
-                    list.drain(..)
-                        .filter(|p| !p.reply.is_closed() && p.deadline_ms > now_ms),
-                );
+                waiting.extend(list.drain(..).filter(|p| p.live(now_ms)));
             }
         }
         if waiting.is_empty() {
@@ -216,16 +246,7 @@ impl Loop<'_> {
         match self.apply(&commands) {
             Ok((outcomes, _)) => {
                 for (park, outcome) in waiting.into_iter().zip(outcomes) {
-                    match outcome {
-                        Outcome::Reserved(tasks) if !tasks.is_empty() => {
-                            if park.reply.send(Ok(tasks)).is_err() {
-                                // The client left between the check and the commit; its leases expire
-                                // and the tasks are handed out again.
-                                tracing::debug!("a long-poll left while being served");
-                            }
-                        }
-                        _ => self.park(park),
-                    }
+                    self.settle_park(park, reserved(outcome));
                 }
             }
             Err(error) => {
@@ -339,26 +360,14 @@ fn run_jobs(state: &mut Loop<'_>, jobs: Vec<Job>, parks: Vec<Park>) {
                 .unwrap_or_default();
             let mut taken = taken.into_iter();
             for park in tick_parks {
-                match taken.next() {
-                    Some(tasks) if !tasks.is_empty() => {
-                        if park.reply.send(Ok(tasks)).is_err() {
-                            tracing::debug!("a long-poll left while being served");
-                        }
-                    }
-                    _ => state.park(park),
-                }
+                state.settle_park(park, taken.next().unwrap_or_default());
             }
             let mut outcomes = outcomes.into_iter();
             for (job, size) in jobs.into_iter().zip(sizes) {
                 let _ = job.reply.send(Ok(outcomes.by_ref().take(size).collect()));
             }
             for (park, outcome) in parks.into_iter().zip(outcomes) {
-                match outcome {
-                    Outcome::Reserved(tasks) if !tasks.is_empty() => {
-                        let _ = park.reply.send(Ok(tasks));
-                    }
-                    _ => state.park(park),
-                }
+                state.settle_park(park, reserved(outcome));
             }
             // Only now, with every unserved long-poll parked again, serve those whose queues got ready tasks.
             state.serve_parked(&ready);
