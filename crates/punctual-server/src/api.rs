@@ -169,6 +169,14 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     })
 }
 
+/// Reads and decodes a body no larger than a single-task request may be.
+async fn read_json<T: for<'de> Deserialize<'de>>(
+    state: &Shared,
+    body: Body,
+) -> Result<T, ApiError> {
+    decode(&read_body(body, state.config.limits.max_body_bytes).await?)
+}
+
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::from_json(&e))
 }
@@ -191,6 +199,13 @@ fn path<T>(result: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
     result
         .map(|Path(p)| p)
         .map_err(|e| ApiError::bad_request("bad_path", e.body_text()))
+}
+
+/// Extracts `{queue}` and checks its name.
+fn queue_path(state: &Shared, p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let queue = path(p)?;
+    check_queue(state, &queue)?;
+    Ok(queue)
 }
 
 /// Extracts `{queue}/…/{id}` and checks the queue name.
@@ -656,8 +671,7 @@ async fn queue_stats(
     State(state): State<AppState>,
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let queue = path(p)?;
-    check_queue(&state, &queue)?;
+    let queue = queue_path(&state, p)?;
     let counts = state
         .store
         .queues()?
@@ -675,10 +689,8 @@ async fn schedule(
     p: Result<Path<String>, PathRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let queue = path(p)?;
-    check_queue(&state, &queue)?;
-    let bytes = read_body(body, state.config.limits.max_body_bytes).await?;
-    let request: ScheduleRequest = decode(&bytes)?;
+    let queue = queue_path(&state, p)?;
+    let request: ScheduleRequest = read_json(&state, body).await?;
     let task = build_task(&state, &queue, request, state.clock.now_ms())?;
     let outcome = state
         .writer
@@ -713,8 +725,7 @@ async fn batch(
     p: Result<Path<String>, PathRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let queue = path(p)?;
-    check_queue(&state, &queue)?;
+    let queue = queue_path(&state, p)?;
     let bytes = read_body(body, state.config.limits.max_batch_body_bytes).await?;
     let request: BatchRequest = decode(&bytes)?;
     let max = state.config.limits.max_batch;
@@ -772,19 +783,17 @@ async fn batch(
             Err(error) => BatchItem {
                 status: error.status.as_u16(),
                 task: None,
-                error: Some(ErrorBody {
-                    code: error.code,
-                    message: &error.message,
-                }),
+                error: Some(error.into()),
             },
         })
         .collect();
-    Ok(axum::Json(BatchAnswer { results: items }).into_response())
+    Ok(axum::Json(Results { results: items }).into_response())
 }
 
+/// `{"results": [...]}`, the answer of every per-item endpoint (batch, ack many).
 #[derive(Serialize)]
-struct BatchAnswer<'a> {
-    results: Vec<BatchItem<'a>>,
+struct Results<T> {
+    results: Vec<T>,
 }
 
 #[derive(Serialize)]
@@ -800,6 +809,15 @@ struct BatchItem<'a> {
 struct ErrorBody<'a> {
     code: &'static str,
     message: &'a str,
+}
+
+impl<'a> From<&'a ApiError> for ErrorBody<'a> {
+    fn from(error: &'a ApiError) -> Self {
+        ErrorBody {
+            code: error.code,
+            message: &error.message,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -833,8 +851,7 @@ async fn reschedule(
     body: Body,
 ) -> Result<Response, ApiError> {
     let (queue, id) = task_path(&state, p)?;
-    let bytes = read_body(body, state.config.limits.max_body_bytes).await?;
-    let request: PatchRequest = decode(&bytes)?;
+    let request: PatchRequest = read_json(&state, body).await?;
     if request.delay_ms.is_none() && request.run_at.is_none() && request.payload.is_none() {
         return Err(ApiError::invalid("give delay_ms or run_at, and/or payload"));
     }
@@ -859,12 +876,7 @@ async fn reschedule(
         run_at_ms,
         payload,
     };
-    answer(
-        &queue,
-        &id,
-        "reschedule",
-        state.writer.submit_one(command).await?,
-    )
+    by_id(&state, &queue, &id, "reschedule", command).await
 }
 
 async fn cancel(
@@ -876,12 +888,7 @@ async fn cancel(
         queue: queue.clone(),
         id: id.clone(),
     };
-    answer(
-        &queue,
-        &id,
-        "cancel",
-        state.writer.submit_one(command).await?,
-    )
+    by_id(&state, &queue, &id, "cancel", command).await
 }
 
 #[derive(Default, Deserialize)]
@@ -897,8 +904,7 @@ async fn reserve(
     p: Result<Path<String>, PathRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let queue = path(p)?;
-    check_queue(&state, &queue)?;
+    let queue = queue_path(&state, p)?;
     let bytes = read_body(body, state.config.limits.max_body_bytes).await?;
     let request: ReserveRequest = decode_or_default(&bytes)?;
     let limits = &state.config.limits;
@@ -968,14 +974,14 @@ async fn ack(
     body: Body,
 ) -> Result<Response, ApiError> {
     let (queue, id) = task_path(&state, p)?;
-    let request: AckRequest = decode(&read_body(body, state.config.limits.max_body_bytes).await?)?;
+    let request: AckRequest = read_json(&state, body).await?;
     let command = Command::Ack {
         queue: queue.clone(),
         id: id.clone(),
         token: request.lease_token,
         retention_ms: state.config.retention_ms,
     };
-    answer(&queue, &id, "ack", state.writer.submit_one(command).await?)
+    by_id(&state, &queue, &id, "ack", command).await
 }
 
 #[derive(Deserialize)]
@@ -1005,8 +1011,7 @@ async fn ack_many(
     p: Result<Path<String>, PathRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let queue = path(p)?;
-    check_queue(&state, &queue)?;
+    let queue = queue_path(&state, p)?;
     let request: AckManyRequest =
         decode(&read_body(body, state.config.limits.max_batch_body_bytes).await?)?;
     let max = state.config.limits.max_batch;
@@ -1044,13 +1049,10 @@ async fn ack_many(
         .map(|(item, error)| AckResult {
             id: &item.id,
             status: error.as_ref().map_or(204, |e| e.status.as_u16()),
-            error: error.as_ref().map(|e| ErrorBody {
-                code: e.code,
-                message: &e.message,
-            }),
+            error: error.as_ref().map(ErrorBody::from),
         })
         .collect();
-    Ok(axum::Json(serde_json::json!({ "results": results })).into_response())
+    Ok(axum::Json(Results { results }).into_response())
 }
 
 #[derive(Deserialize)]
@@ -1067,7 +1069,7 @@ async fn nack(
     body: Body,
 ) -> Result<Response, ApiError> {
     let (queue, id) = task_path(&state, p)?;
-    let request: NackRequest = decode(&read_body(body, state.config.limits.max_body_bytes).await?)?;
+    let request: NackRequest = read_json(&state, body).await?;
     if let Some(delay) = request.delay_ms
         && delay > state.config.limits.max_delay_ms
     {
@@ -1081,12 +1083,7 @@ async fn nack(
         delay_ms: request.delay_ms,
         min_delay_ms: None,
     };
-    answer(
-        &queue,
-        &id,
-        "settle",
-        state.writer.submit_one(command).await?,
-    )
+    by_id(&state, &queue, &id, "settle", command).await
 }
 
 #[derive(Deserialize)]
@@ -1102,8 +1099,7 @@ async fn extend(
     body: Body,
 ) -> Result<Response, ApiError> {
     let (queue, id) = task_path(&state, p)?;
-    let request: ExtendRequest =
-        decode(&read_body(body, state.config.limits.max_body_bytes).await?)?;
+    let request: ExtendRequest = read_json(&state, body).await?;
     check_lease_ms(&state, request.lease_ms, "lease_ms")?;
     let command = Command::Extend {
         queue: queue.clone(),
@@ -1111,12 +1107,18 @@ async fn extend(
         token: request.lease_token,
         lease_ms: request.lease_ms,
     };
-    answer(
-        &queue,
-        &id,
-        "settle",
-        state.writer.submit_one(command).await?,
-    )
+    by_id(&state, &queue, &id, "settle", command).await
+}
+
+/// Commits one command on task `id` and answers with its outcome.
+async fn by_id(
+    state: &Shared,
+    queue: &str,
+    id: &str,
+    action: &str,
+    command: Command,
+) -> Result<Response, ApiError> {
+    answer(queue, id, action, state.writer.submit_one(command).await?)
 }
 
 /// The one mapping from a by-id command's outcome to an answer; `action` names it in 409 messages.
@@ -1140,12 +1142,7 @@ async fn retry(
         queue: queue.clone(),
         id: id.clone(),
     };
-    answer(
-        &queue,
-        &id,
-        "retry",
-        state.writer.submit_one(command).await?,
-    )
+    by_id(&state, &queue, &id, "retry", command).await
 }
 
 /// Default and largest page of a listing.
@@ -1157,8 +1154,7 @@ async fn list_tasks(
     p: Result<Path<String>, PathRejection>,
     q: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let queue = path(p)?;
-    check_queue(&state, &queue)?;
+    let queue = queue_path(&state, p)?;
     let Query(params) = q.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     if let Some(unknown) = params
         .keys()
