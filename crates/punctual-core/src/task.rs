@@ -140,6 +140,35 @@ fn truncate_error(error: &str) -> String {
 }
 
 impl Task {
+    /// A task not yet stored: `scheduled`, no attempts, no payload, webhook or history. Callers set
+    /// the optional fields with struct update syntax; the store's `start` sets the timestamps.
+    pub fn new(
+        queue: impl Into<String>,
+        id: impl Into<String>,
+        run_at_ms: u64,
+        max_attempts: u32,
+        backoff: Backoff,
+    ) -> Task {
+        Task {
+            queue: queue.into(),
+            id: id.into(),
+            payload: None,
+            state: TaskState::Scheduled,
+            run_at_ms,
+            attempt: 0,
+            max_attempts,
+            backoff,
+            webhook: None,
+            lease_ms: None,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            last_error: None,
+            lease: None,
+            purge_at_ms: None,
+            fingerprint: 0,
+        }
+    }
+
     /// The time at which the due-time index must look at this task again:
     /// firing for `scheduled`, lease expiry for `leased`, purge for `succeeded`.
     pub fn due_at_ms(&self) -> Option<u64> {
@@ -311,22 +340,8 @@ pub(crate) mod tests {
 
     pub fn task(run_at_ms: u64, max_attempts: u32, backoff: Backoff) -> Task {
         Task {
-            queue: "q".into(),
-            id: "t".into(),
             payload: Some("{}".into()),
-            state: TaskState::Scheduled,
-            run_at_ms,
-            attempt: 0,
-            max_attempts,
-            backoff,
-            webhook: None,
-            lease_ms: None,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            last_error: None,
-            lease: None,
-            purge_at_ms: None,
-            fingerprint: 0,
+            ..Task::new("q", "t", run_at_ms, max_attempts, backoff)
         }
     }
 

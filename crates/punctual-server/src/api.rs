@@ -453,22 +453,13 @@ pub fn build_task(
         .unwrap_or_default(),
     );
     Ok(Task {
-        queue: queue.to_owned(),
-        id,
         payload,
-        state: TaskState::Scheduled,
-        run_at_ms,
-        attempt: 0,
-        max_attempts,
-        backoff,
         webhook: request.webhook,
         lease_ms: request.lease_ms,
         created_at_ms: now_ms,
         updated_at_ms: now_ms,
-        last_error: None,
-        lease: None,
-        purge_at_ms: None,
         fingerprint,
+        ..Task::new(queue, id, run_at_ms, max_attempts, backoff)
     })
 }
 

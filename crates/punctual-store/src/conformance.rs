@@ -10,25 +10,13 @@ use crate::{Command, MemoryStore, Outcome, Store, Taker};
 
 /// Builds a task as the server would before scheduling it.
 pub fn task(queue: &str, id: &str, run_at_ms: u64, max_attempts: u32, steps_ms: &[u64]) -> Task {
+    let backoff = Backoff::Ladder {
+        steps_ms: steps_ms.to_vec(),
+    };
     Task {
-        queue: queue.into(),
-        id: id.into(),
         payload: Some(format!("{{\"id\":\"{id}\"}}")),
-        state: TaskState::Scheduled,
-        run_at_ms,
-        attempt: 0,
-        max_attempts,
-        backoff: Backoff::Ladder {
-            steps_ms: steps_ms.to_vec(),
-        },
-        webhook: None,
-        lease_ms: None,
-        created_at_ms: 0,
-        updated_at_ms: 0,
-        last_error: None,
-        lease: None,
-        purge_at_ms: None,
         fingerprint: run_at_ms ^ u64::from(max_attempts),
+        ..Task::new(queue, id, run_at_ms, max_attempts, backoff)
     }
 }
 
