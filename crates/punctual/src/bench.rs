@@ -186,6 +186,37 @@ fn bodies_with(first: u64, count: u64, batch: usize, item: impl Fn(u64) -> Strin
     out
 }
 
+/// Sends every work item through one of `connections`, each used by its own worker that takes the
+/// next item when it is done with the last; returns the seconds it took. `send` gets the connection
+/// by value and hands it back, which keeps the workers' futures `Send` and `'static`.
+async fn fan_out<W, C, F, Fut>(work: Vec<W>, connections: Vec<C>, send: F) -> Result<f64>
+where
+    W: Send + 'static,
+    C: Send + 'static,
+    F: Fn(C, W) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<C>> + Send,
+{
+    let queue = Arc::new(Mutex::new(work));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for connection in connections {
+        let (queue, send) = (queue.clone(), send.clone());
+        workers.push(tokio::spawn(async move {
+            let mut connection = connection;
+            loop {
+                let Some(item) = queue.lock().await.pop() else {
+                    return Ok::<(), anyhow::Error>(());
+                };
+                connection = send(connection, item).await?;
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
 /// Sends the bodies over `connections` concurrent connections; returns (tasks accepted, seconds).
 async fn ingest(
     http: &reqwest::Client,
@@ -193,24 +224,20 @@ async fn ingest(
     bodies: Vec<Vec<u8>>,
     connections: usize,
 ) -> Result<(u64, f64)> {
-    let queue = Arc::new(Mutex::new(bodies));
     let accepted = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..connections.max(1) {
-        let (http, url, queue, accepted) = (
-            http.clone(),
-            url.to_owned(),
-            queue.clone(),
-            accepted.clone(),
-        );
-        workers.push(tokio::spawn(async move {
-            loop {
-                let Some(body) = queue.lock().await.pop() else {
-                    return Ok::<(), anyhow::Error>(());
-                };
+    let (http, batch_url, counter) = (
+        http.clone(),
+        format!("{url}/v1/queues/bench/batch"),
+        accepted.clone(),
+    );
+    let secs = fan_out(
+        bodies,
+        vec![(); connections.max(1)],
+        move |(), body: Vec<u8>| {
+            let (http, batch_url, counter) = (http.clone(), batch_url.clone(), counter.clone());
+            async move {
                 let response = http
-                    .post(format!("{url}/v1/queues/bench/batch"))
+                    .post(batch_url)
                     .header("content-type", "application/json")
                     .body(body)
                     .send()
@@ -224,17 +251,13 @@ async fn ingest(
                         .filter(|x| x["status"] == 201 || x["status"] == 200)
                         .count()
                 });
-                accepted.fetch_add(ok as u64, Ordering::Relaxed);
+                counter.fetch_add(ok as u64, Ordering::Relaxed);
+                Ok(())
             }
-        }));
-    }
-    for worker in workers {
-        worker.await??;
-    }
-    Ok((
-        accepted.load(Ordering::Relaxed),
-        started.elapsed().as_secs_f64(),
-    ))
+        },
+    )
+    .await?;
+    Ok((accepted.load(Ordering::Relaxed), secs))
 }
 
 /// "p50 …, p99 …, p99.9 …, max …" of a histogram of microseconds, in milliseconds.
@@ -787,42 +810,58 @@ impl Drop for RedisChild {
     }
 }
 
+/// Opens `count` connections to the Redis child.
+async fn redis_connections(
+    redis: &RedisChild,
+    count: usize,
+) -> Result<Vec<redis::aio::MultiplexedConnection>> {
+    let mut connections = Vec::new();
+    for _ in 0..count.max(1) {
+        connections.push(redis.connection().await?);
+    }
+    Ok(connections)
+}
+
+/// Runs one pipeline per chunk of 100 items over `connections` connections; `add` appends an item's
+/// commands to the pipeline. Returns the seconds it took.
+async fn redis_pipelined<T: Clone + Send + Sync + 'static>(
+    redis: &RedisChild,
+    items: Vec<T>,
+    connections: usize,
+    add: fn(&mut redis::Pipeline, &T),
+) -> Result<f64> {
+    let chunks: Vec<Vec<T>> = items.chunks(100).map(<[_]>::to_vec).collect();
+    let connections = redis_connections(redis, connections).await?;
+    fan_out(
+        chunks,
+        connections,
+        move |mut con, chunk: Vec<T>| async move {
+            let mut pipe = redis::pipe();
+            for item in &chunk {
+                add(&mut pipe, item);
+            }
+            pipe.query_async::<()>(&mut con).await?;
+            Ok(con)
+        },
+    )
+    .await
+}
+
 /// The sorted-set approach: `ZADD due id` + a hash of payloads, pipelined 100 tasks per round trip.
 async fn zset_ingest(
     redis: &RedisChild,
     tasks: Vec<(String, u64, String)>,
     connections: usize,
 ) -> Result<f64> {
-    let queue = Arc::new(Mutex::new(
-        tasks.chunks(100).map(<[_]>::to_vec).collect::<Vec<_>>(),
-    ));
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..connections.max(1) {
-        let mut con = redis.connection().await?;
-        let queue = queue.clone();
-        workers.push(tokio::spawn(async move {
-            loop {
-                let Some(chunk) = queue.lock().await.pop() else {
-                    return Ok::<(), anyhow::Error>(());
-                };
-                let mut pipe = redis::pipe();
-                for (id, due, payload) in &chunk {
-                    pipe.cmd("ZADD").arg("zq").arg(*due).arg(id).ignore();
-                    pipe.cmd("HSET")
-                        .arg("zq:payloads")
-                        .arg(id)
-                        .arg(payload)
-                        .ignore();
-                }
-                pipe.query_async::<()>(&mut con).await?;
-            }
-        }));
-    }
-    for worker in workers {
-        worker.await??;
-    }
-    Ok(started.elapsed().as_secs_f64())
+    redis_pipelined(redis, tasks, connections, |pipe, (id, due, payload)| {
+        pipe.cmd("ZADD").arg("zq").arg(*due).arg(id).ignore();
+        pipe.cmd("HSET")
+            .arg("zq:payloads")
+            .arg(id)
+            .arg(payload)
+            .ignore();
+    })
+    .await
 }
 
 /// Claims due ids atomically (range + remove + payloads), as people write it.
@@ -953,40 +992,14 @@ async fn scenario_keyspace(opts: &BenchOpts) -> Result<()> {
         .await?;
     let spread = |n: u64| 3_600_000 + (n.wrapping_mul(2_654_435_761) % THIRTY_DAYS_MS);
     let set_all = |keys: Vec<(String, u64)>| {
-        let redis_url = redis.url.clone();
-        async move {
-            let chunks: Vec<Vec<(String, u64)>> = keys.chunks(100).map(<[_]>::to_vec).collect();
-            let queue = Arc::new(Mutex::new(chunks));
-            let started = Instant::now();
-            let mut workers = Vec::new();
-            for _ in 0..opts.connections.max(1) {
-                let mut con = redis::Client::open(redis_url.as_str())?
-                    .get_multiplexed_async_connection()
-                    .await?;
-                let queue = queue.clone();
-                workers.push(tokio::spawn(async move {
-                    loop {
-                        let Some(chunk) = queue.lock().await.pop() else {
-                            return Ok::<(), anyhow::Error>(());
-                        };
-                        let mut pipe = redis::pipe();
-                        for (key, px) in &chunk {
-                            pipe.cmd("SET")
-                                .arg(key)
-                                .arg("x")
-                                .arg("PX")
-                                .arg(*px)
-                                .ignore();
-                        }
-                        pipe.query_async::<()>(&mut con).await?;
-                    }
-                }));
-            }
-            for worker in workers {
-                worker.await??;
-            }
-            Ok::<f64, anyhow::Error>(started.elapsed().as_secs_f64())
-        }
+        redis_pipelined(&redis, keys, opts.connections, |pipe, (key, px)| {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg("x")
+                .arg("PX")
+                .arg(*px)
+                .ignore();
+        })
     };
     let pending: Vec<(String, u64)> = (0..opts.tasks)
         .map(|n| (format!("order:{n}:0"), spread(n)))
@@ -1135,27 +1148,20 @@ async fn beanstalk_put_all(
     jobs: Vec<(u64, String)>,
     connections: usize,
 ) -> Result<f64> {
-    let queue = Arc::new(Mutex::new(
-        jobs.chunks(100).map(<[_]>::to_vec).collect::<Vec<_>>(),
-    ));
-    let started = Instant::now();
-    let mut workers = Vec::new();
+    let chunks: Vec<Vec<(u64, String)>> = jobs.chunks(100).map(<[_]>::to_vec).collect();
+    let mut clients = Vec::new();
     for _ in 0..connections.max(1) {
-        let mut client = Beanstalk::connect(addr).await?;
-        let queue = queue.clone();
-        workers.push(tokio::spawn(async move {
-            loop {
-                let Some(chunk) = queue.lock().await.pop() else {
-                    return Ok::<(), anyhow::Error>(());
-                };
-                client.put_many(&chunk).await?;
-            }
-        }));
+        clients.push(Beanstalk::connect(addr).await?);
     }
-    for worker in workers {
-        worker.await??;
-    }
-    Ok(started.elapsed().as_secs_f64())
+    fan_out(
+        chunks,
+        clients,
+        |mut client, chunk: Vec<(u64, String)>| async move {
+            client.put_many(&chunk).await?;
+            Ok(client)
+        },
+    )
+    .await
 }
 
 /// beanstalkd with its binlog on (`-b`, default fsync policy: none), `put` with a delay in whole
