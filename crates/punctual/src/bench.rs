@@ -260,6 +260,11 @@ async fn ingest(
     Ok((accepted.load(Ordering::Relaxed), secs))
 }
 
+/// A histogram of lateness in microseconds, up to 10 minutes.
+fn lateness_histogram() -> Result<Histogram<u64>> {
+    Ok(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?)
+}
+
 /// "p50 …, p99 …, p99.9 …, max …" of a histogram of microseconds, in milliseconds.
 fn quantiles(h: &Histogram<u64>) -> String {
     let ms = |us: u64| us as f64 / 1000.0;
@@ -409,11 +414,7 @@ async fn consume(
     let seen = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
     let received = Arc::new(AtomicU64::new(0));
     let duplicates = Arc::new(AtomicU64::new(0));
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-        1,
-        600_000_000,
-        3,
-    )?));
+    let hist = Arc::new(Mutex::new(lateness_histogram()?));
     let deadline = Instant::now() + give_up_after;
     let mut workers = Vec::new();
     for _ in 0..consumers {
@@ -731,7 +732,7 @@ async fn scenario_webhook(
     while count(&arrivals) < opts.burst && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut hist = lateness_histogram()?;
     for lateness in arrivals
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned"))?
@@ -922,18 +923,32 @@ async fn scenario_zset(opts: &BenchOpts) -> Result<()> {
         })
         .collect();
     zset_ingest(&redis, burst, opts.connections).await?;
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-        1,
-        600_000_000,
-        3,
-    )?));
-    let received = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_millis(3_000 + over_ms + 60_000);
+    let (received, hist) = zset_consume(&redis, opts, opts.burst, deadline).await?;
+    println!(
+        "zset: burst of {} due over {over_ms} ms, {} consumers polling every 10 ms: received {}, lateness {}",
+        opts.burst,
+        opts.consumers,
+        received,
+        quantiles(&hist)
+    );
+    Ok(())
+}
+
+/// Sorted-set consumers: claim up to `--reserve-max` due ids at a time, sleep 10 ms when idle (the
+/// approach's precision), until `expect` payloads arrived or `deadline`. Payloads that carry a
+/// `run_at_ms` have their lateness recorded.
+async fn zset_consume(
+    redis: &RedisChild,
+    opts: &BenchOpts,
+    expect: u64,
+    deadline: Instant,
+) -> Result<(u64, Histogram<u64>)> {
+    let hist = Arc::new(Mutex::new(lateness_histogram()?));
+    let received = Arc::new(AtomicU64::new(0));
     let mut consumers = Vec::new();
-    for _ in 0..opts.consumers {
-        let mut con = redis.connection().await?;
-        let (hist, received) = (hist.clone(), received.clone());
-        let (expect, max) = (opts.burst, opts.reserve_max);
+    for mut con in redis_connections(redis, opts.consumers).await? {
+        let (hist, received, max) = (hist.clone(), received.clone(), opts.reserve_max);
         consumers.push(tokio::spawn(async move {
             let script = redis::Script::new(ZSET_CLAIM);
             while received.load(Ordering::Relaxed) < expect && Instant::now() < deadline {
@@ -946,35 +961,28 @@ async fn scenario_zset(opts: &BenchOpts) -> Result<()> {
                     .await
                     .unwrap_or_default();
                 if payloads.is_empty() {
-                    // The approach's precision: poll every 10 ms when idle.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
                 let at_us = now_us();
                 let mut h = hist.lock().await;
-                for payload in payloads.into_iter().flatten() {
-                    let run_at_ms = serde_json::from_str::<Value>(&payload)
+                for payload in payloads.iter().flatten() {
+                    let run_at_ms = serde_json::from_str::<Value>(payload)
                         .ok()
                         .and_then(|v| v["run_at_ms"].as_u64());
                     if let Some(run_at_ms) = run_at_ms {
                         let _ = h.record(at_us.saturating_sub(run_at_ms * 1000).max(1));
-                        received.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+                received.fetch_add(payloads.len() as u64, Ordering::Relaxed);
             }
         }));
     }
     for consumer in consumers {
         consumer.await?;
     }
-    println!(
-        "zset: burst of {} due over {over_ms} ms, {} consumers polling every 10 ms: received {}, lateness {}",
-        opts.burst,
-        opts.consumers,
-        received.load(Ordering::Relaxed),
-        quantiles(&*hist.lock().await)
-    );
-    Ok(())
+    let hist = hist.lock().await.clone();
+    Ok((received.load(Ordering::Relaxed), hist))
 }
 
 /// The keyspace-notification approach, as the seeds do it: `SET key x PX delay` with the data packed
@@ -1027,7 +1035,7 @@ async fn scenario_keyspace(opts: &BenchOpts) -> Result<()> {
         })
         .collect();
     set_all(burst).await?;
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut hist = lateness_histogram()?;
     let mut messages = pubsub.on_message();
     let give_up = tokio::time::Instant::from_std(
         Instant::now() + Duration::from_millis(3_000 + over_ms + 60_000),
@@ -1206,7 +1214,7 @@ async fn scenario_beanstalkd(opts: &BenchOpts) -> Result<()> {
             })
             .collect();
         beanstalk_put_all(&addr, burst, opts.connections).await?;
-        let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
+        let hist = Arc::new(Mutex::new(lateness_histogram()?));
         let received = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + Duration::from_millis(3_000 + over_ms + 60_000);
         let mut consumers = Vec::new();
@@ -1265,7 +1273,7 @@ async fn scenario_drain(opts: &BenchOpts, http: &reqwest::Client, extra: &[Strin
     .await?;
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "drain: punctual delivered {} of {} due tasks to {} consumers (reserve up to {}, ack each) in {secs:.1} s: {:.0} tasks/s, {} duplicates",
+        "drain: punctual delivered {} of {} due tasks to {} consumers (reserve up to {}, one ack request per batch) in {secs:.1} s: {:.0} tasks/s, {} duplicates",
         consumed.received,
         opts.tasks,
         opts.consumers,
@@ -1284,41 +1292,15 @@ async fn scenario_drain(opts: &BenchOpts, http: &reqwest::Client, extra: &[Strin
         .map(|n| (format!("t{n}"), now_ms, format!("{{\"n\":{n}}}")))
         .collect();
     zset_ingest(&redis, tasks, opts.connections).await?;
-    let received = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let mut consumers = Vec::new();
-    for _ in 0..opts.consumers {
-        let mut con = redis.connection().await?;
-        let (received, expect, max) = (received.clone(), opts.tasks, opts.reserve_max);
-        consumers.push(tokio::spawn(async move {
-            let script = redis::Script::new(ZSET_CLAIM);
-            while received.load(Ordering::Relaxed) < expect {
-                let payloads: Vec<Option<String>> = script
-                    .key("zq")
-                    .key("zq:payloads")
-                    .arg(now_us() / 1000)
-                    .arg(max)
-                    .invoke_async(&mut con)
-                    .await
-                    .unwrap_or_default();
-                if payloads.is_empty() {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-                received.fetch_add(payloads.len() as u64, Ordering::Relaxed);
-            }
-        }));
-    }
-    for consumer in consumers {
-        consumer.await?;
-    }
+    let (received, _) =
+        zset_consume(&redis, opts, opts.tasks, started + Duration::from_secs(600)).await?;
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "drain: redis sorted set delivered {} tasks to {} consumers (claim up to {}) in {secs:.1} s: {:.0} tasks/s",
-        received.load(Ordering::Relaxed),
+        "drain: redis sorted set delivered {received} tasks to {} consumers (claim up to {}) in {secs:.1} s: {:.0} tasks/s",
         opts.consumers,
         opts.reserve_max,
-        received.load(Ordering::Relaxed) as f64 / secs
+        received as f64 / secs
     );
     Ok(())
 }
