@@ -26,6 +26,30 @@ pub fn http_client(token: Option<&str>) -> Result<reqwest::Client> {
         .build()?)
 }
 
+/// Fills `delay_ms` (from `--in`) or `run_at` (from `--at`) and `payload` (from `--payload`).
+fn set_time_and_payload(
+    body: &mut Value,
+    in_: Option<String>,
+    at: Option<String>,
+    payload: Option<String>,
+) -> Result<()> {
+    match (in_, at) {
+        (Some(_), Some(_)) => bail!("give --in or --at, not both"),
+        (Some(delay), None) => {
+            body["delay_ms"] = parse_duration_ms(&delay)
+                .map_err(anyhow::Error::msg)?
+                .into()
+        }
+        (None, Some(at)) => body["run_at"] = at.into(),
+        (None, None) => {}
+    }
+    if let Some(payload) = payload {
+        body["payload"] = serde_json::from_str(&payload)
+            .context("--payload must be JSON (quote strings: '\"text\"')")?;
+    }
+    Ok(())
+}
+
 /// A non-2xx answer, with the server's error code and message.
 fn describe_error(status: reqwest::StatusCode, body: &Value) -> String {
     match (
@@ -120,20 +144,7 @@ impl Client {
         if let Some(id) = spec.id {
             body["id"] = id.into();
         }
-        match (spec.in_, spec.at) {
-            (Some(_), Some(_)) => bail!("give --in or --at, not both"),
-            (Some(delay), None) => {
-                body["delay_ms"] = parse_duration_ms(&delay)
-                    .map_err(anyhow::Error::msg)?
-                    .into()
-            }
-            (None, Some(at)) => body["run_at"] = at.into(),
-            (None, None) => {}
-        }
-        if let Some(payload) = spec.payload {
-            body["payload"] = serde_json::from_str(&payload)
-                .context("--payload must be JSON (quote strings: '\"text\"')")?;
-        }
+        set_time_and_payload(&mut body, spec.in_, spec.at, spec.payload)?;
         if let Some(n) = spec.max_attempts {
             body["max_attempts"] = n.into();
         }
@@ -209,19 +220,7 @@ impl Client {
         payload: Option<String>,
     ) -> Result<()> {
         let mut body = json!({});
-        match (in_, at) {
-            (Some(_), Some(_)) => bail!("give --in or --at, not both"),
-            (Some(delay), None) => {
-                body["delay_ms"] = parse_duration_ms(&delay)
-                    .map_err(anyhow::Error::msg)?
-                    .into()
-            }
-            (None, Some(at)) => body["run_at"] = at.into(),
-            (None, None) => {}
-        }
-        if let Some(payload) = payload {
-            body["payload"] = serde_json::from_str(&payload).context("--payload must be JSON")?;
-        }
+        set_time_and_payload(&mut body, in_, at, payload)?;
         let (_, task) = self
             .call(
                 reqwest::Method::PATCH,
