@@ -146,6 +146,26 @@ impl Punctual {
     }
 }
 
+/// Waits until the target has seen a request.
+async fn wait_for_first_request(seen: &Mutex<Vec<Seen>>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the delivery never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads a task through a router whose app has stopped (the store stays readable).
+async fn task_after_stop(router: Router, id: &str) -> Value {
+    let request = Request::builder()
+        .uri(format!("/v1/queues/hooks/tasks/{id}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = router.oneshot(request).await.unwrap();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_follow_the_ladder_then_success_acks() {
     let (url, seen) = target(|n| {
@@ -350,11 +370,7 @@ async fn shutdown_lets_deliveries_in_flight_finish() {
     let p = Punctual::start(WebhookConfig::default());
     p.schedule(json!({"id": "inflight", "webhook": {"url": url}}))
         .await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while seen.lock().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "the delivery never started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_first_request(&seen).await;
     let router = p.router.clone();
     let started = Instant::now();
     p.stop().await;
@@ -363,17 +379,7 @@ async fn shutdown_lets_deliveries_in_flight_finish() {
         "stop waited for the delivery"
     );
     // The outcome was recorded before the writer stopped: the task is acked, not left leased.
-    let store_view = router
-        .oneshot(
-            Request::builder()
-                .uri("/v1/queues/hooks/tasks/inflight")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let bytes = store_view.into_body().collect().await.unwrap().to_bytes();
-    let task: Value = serde_json::from_slice(&bytes).unwrap();
+    let task = task_after_stop(router, "inflight").await;
     assert_eq!(task["state"], "succeeded", "{task}");
 }
 
@@ -386,11 +392,7 @@ async fn shutdown_releases_deliveries_that_outlive_the_grace_period() {
     });
     p.schedule(json!({"id": "stuck", "webhook": {"url": url}}))
         .await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while seen.lock().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "the delivery never started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_first_request(&seen).await;
     let router = p.router.clone();
     let started = Instant::now();
     p.stop().await;
@@ -398,17 +400,7 @@ async fn shutdown_releases_deliveries_that_outlive_the_grace_period() {
         started.elapsed() < Duration::from_secs(3),
         "stop did not wait for the hung target"
     );
-    let response = router
-        .oneshot(
-            Request::builder()
-                .uri("/v1/queues/hooks/tasks/stuck")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    let task: Value = serde_json::from_slice(&bytes).unwrap();
+    let task = task_after_stop(router, "stuck").await;
     assert_eq!(
         (task["state"].as_str(), task["attempt"].as_u64()),
         (Some("ready"), Some(0)),
