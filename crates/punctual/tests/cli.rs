@@ -31,41 +31,23 @@ async fn client_commands_work_against_a_real_server() {
     let dir = temp_dir("cli");
     let server = Server::start(&dir, &[]).await;
 
-    let out = stdout(&punctual(
-        &server,
-        &[
-            "schedule",
-            "orders",
-            "--in",
-            "30m",
-            "--id",
-            "o-1",
-            "--payload",
-            r#"{"order":1}"#,
-            "--max-attempts",
-            "3",
-            "--backoff",
-            "10s,30s,1m",
-        ],
-    ));
+    let schedule_o1 = [
+        "schedule",
+        "orders",
+        "--in",
+        "30m",
+        "--id",
+        "o-1",
+        "--payload",
+        r#"{"order":1}"#,
+        "--max-attempts",
+        "3",
+        "--backoff",
+        "10s,30s,1m",
+    ];
+    let out = stdout(&punctual(&server, &schedule_o1));
     assert!(out.starts_with("scheduled o-1 in orders at "), "{out}");
-    let again = stdout(&punctual(
-        &server,
-        &[
-            "schedule",
-            "orders",
-            "--in",
-            "30m",
-            "--id",
-            "o-1",
-            "--payload",
-            r#"{"order":1}"#,
-            "--max-attempts",
-            "3",
-            "--backoff",
-            "10s,30s,1m",
-        ],
-    ));
+    let again = stdout(&punctual(&server, &schedule_o1));
     assert!(again.starts_with("already scheduled"), "{again}");
 
     let json = stdout(&punctual(&server, &["get", "orders", "o-1", "--json"]));
