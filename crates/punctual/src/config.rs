@@ -10,12 +10,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-/// The flags of `punctual serve`. Defaults are applied after the file is read, so they are in the
-/// help text rather than in clap.
-#[derive(clap::Args, Debug, Default)]
+/// The flags of `punctual serve`, and also the shape of the config file (every key optional; `config`
+/// and `print_config` are flags only). Defaults are applied after the file is read, so they are in
+/// the help text rather than in clap.
+#[derive(clap::Args, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServeOpts {
     /// TOML file with any of the settings below (keys as the flags, with '_' for '-').
     #[arg(long, env = "PUNCTUAL_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Directory of the data file, created if missing [default: ./punctual-data].
     #[arg(long, env = "PUNCTUAL_DATA_DIR")]
@@ -49,6 +52,7 @@ pub struct ServeOpts {
         value_delimiter = ',',
         hide_env_values = true
     )]
+    #[serde(default)]
     pub auth_tokens: Vec<String>,
     /// With tokens configured, require one on /metrics too [default: false].
     #[arg(long, env = "PUNCTUAL_PROTECT_METRICS", num_args = 0..=1, default_missing_value = "true")]
@@ -64,26 +68,8 @@ pub struct ServeOpts {
     pub webhook_per_host: Option<usize>,
     /// Print the resolved settings as JSON and exit (tokens are not shown).
     #[arg(long)]
+    #[serde(skip)]
     pub print_config: bool,
-}
-
-/// The config file: every key optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    data_dir: Option<PathBuf>,
-    http: Option<SocketAddr>,
-    cache_mb: Option<usize>,
-    default_lease_ms: Option<u64>,
-    default_max_attempts: Option<u32>,
-    retention_ms: Option<u64>,
-    max_payload_bytes: Option<usize>,
-    max_batch: Option<usize>,
-    auth_tokens: Option<Vec<String>>,
-    protect_metrics: Option<bool>,
-    webhook_secret: Option<String>,
-    webhook_concurrency: Option<usize>,
-    webhook_per_host: Option<usize>,
 }
 
 /// The settings `serve` runs with.
@@ -110,7 +96,7 @@ pub struct Settings {
     pub webhook_per_host: usize,
 }
 
-fn read_file(path: &Path) -> Result<FileConfig> {
+fn read_file(path: &Path) -> Result<ServeOpts> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
     toml::from_str(&text).map_err(|e| {
@@ -127,10 +113,10 @@ impl ServeOpts {
     pub fn resolve(self) -> Result<Settings> {
         let file = match &self.config {
             Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+            None => ServeOpts::default(),
         };
         let auth_tokens: Vec<String> = if self.auth_tokens.is_empty() {
-            file.auth_tokens.unwrap_or_default()
+            file.auth_tokens
         } else {
             self.auth_tokens
         }
