@@ -1,11 +1,8 @@
 //! Named limits on what clients may send. Every limit has a default, is configurable, and is enforced
 //! before anything is stored.
 
-use serde::{Deserialize, Serialize};
-
 /// The limits one server enforces. `Limits::default()` holds the documented defaults.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Largest payload, as compact JSON text (`413 payload_too_large` above).
     pub max_payload_bytes: usize,

@@ -1,10 +1,7 @@
 //! Retry policies: how long to wait before the next attempt after a failed one.
 
-use serde::{Deserialize, Serialize};
-
 /// The delay schedule between attempts of one task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Backoff {
     /// An explicit ladder: the delay after failed attempt `n` is `steps_ms[n - 1]`; the last step repeats.
     Ladder { steps_ms: Vec<u64> },

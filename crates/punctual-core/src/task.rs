@@ -14,8 +14,7 @@ use crate::retry::Backoff;
 pub const MAX_ERROR_BYTES: usize = 4096;
 
 /// Where a task is in its lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TaskState {
     /// Waiting for its due time (`run_at_ms`).
     Scheduled,
@@ -75,19 +74,18 @@ pub struct Webhook {
 }
 
 /// The lease of a task that one consumer holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub token: String,
     pub expires_at_ms: u64,
 }
 
 /// One delayed task. The payload is kept as compact JSON text.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Task {
     pub queue: String,
     pub id: String,
-    /// Not serialized with the rest: stores keep it beside the record so it is never re-escaped.
-    #[serde(skip)]
+    /// Compact JSON text, kept as text so it is never re-parsed or re-escaped.
     pub payload: Option<String>,
     pub state: TaskState,
     /// When the task is (or was) due; for a retry, when the next attempt is due.
