@@ -111,11 +111,6 @@ impl App {
         })
         .await;
     }
-
-    /// Signals shutdown without consuming the app (used by graceful HTTP shutdown).
-    pub fn begin_shutdown(&self) {
-        let _ = self.shutdown.send(true);
-    }
 }
 
 /// Serves the API on `listener` until `signal` completes, then shuts down cleanly.
