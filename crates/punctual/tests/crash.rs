@@ -142,13 +142,17 @@ async fn cancel_one(http: &reqwest::Client, url: &str, model: &Shared, pick: u64
         }
         candidates[(pick as usize) % candidates.len()].clone()
     };
+    model.lock().unwrap().cancel_unknown.insert(id.clone());
     if let Ok(r) = http
         .delete(format!("{url}/v1/queues/crash/tasks/{id}"))
         .send()
         .await
-        && r.status() == 204
     {
-        model.lock().unwrap().cancelled.insert(id);
+        let mut m = model.lock().unwrap();
+        m.cancel_unknown.remove(&id);
+        if r.status() == 204 {
+            m.cancelled.insert(id);
+        }
     }
 }
 
