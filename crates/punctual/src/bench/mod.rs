@@ -1,0 +1,761 @@
+//! `punctual bench`: Punctual side by side with the approaches it replaces, in one run, on the same
+//! machine, with the same load.
+//!
+//! Every system is started by the bench itself on a free loopback port, fresh for each group of
+//! scenarios, driven through the same scenarios and stopped; the figures go into a markdown report
+//! (medians of `--runs` with their range) and a lateness plot. Numbers are printed, never asserted:
+//! this is a measuring tool, not a test.
+// The benchmark measures wall time itself; the Clock rule is for server logic.
+#![allow(clippy::disallowed_methods)]
+
+mod beanstalk;
+mod plot;
+mod progress;
+mod punctual;
+mod redis_peers;
+mod report;
+mod subject;
+mod webhook;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::duration::parse_duration_ms;
+use progress::Bar;
+use report::{Results, Unit};
+use subject::{Job, Sink, Subject, now_ms, now_us};
+
+/// The systems the bench compares.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, clap::ValueEnum)]
+pub enum System {
+    /// Punctual on its embedded store, default durability.
+    Punctual,
+    /// Redis sorted-set polling.
+    Zset,
+    /// Redis keyspace notifications.
+    Keyspace,
+    /// beanstalkd with its binlog on.
+    Beanstalkd,
+}
+
+impl System {
+    pub fn label(self) -> &'static str {
+        match self {
+            System::Punctual => "Punctual",
+            System::Zset => "Redis sorted set",
+            System::Keyspace => "Redis keyspace events",
+            System::Beanstalkd => "beanstalkd",
+        }
+    }
+
+    /// The program the system needs, and the Debian package that has it.
+    fn program(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            System::Punctual => None,
+            System::Zset | System::Keyspace => Some(("redis-server", "redis-server")),
+            System::Beanstalkd => Some(("beanstalkd", "beanstalkd")),
+        }
+    }
+}
+
+/// The scenarios, in the order the report lists them.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, clap::ValueEnum)]
+pub enum Scenario {
+    Ingest,
+    Burst,
+    Drain,
+    Memory,
+    Restart,
+    Correctness,
+    /// Punctual only: webhook deliveries to a local target.
+    Webhook,
+}
+
+#[derive(clap::Args)]
+pub struct BenchOpts {
+    /// Systems to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',',
+          default_values = ["punctual", "zset", "keyspace", "beanstalkd"])]
+    systems: Vec<System>,
+    /// Scenarios to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',',
+          default_values = ["ingest", "burst", "drain", "memory", "restart", "correctness", "webhook"])]
+    scenarios: Vec<Scenario>,
+    /// Runs of every scenario; the report gives medians and ranges.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Small sizes (a smoke test of every path in well under a minute; not a measurement).
+    #[arg(long)]
+    quick: bool,
+    /// Write the report into this markdown file (rewriting only its generated section) and the
+    /// lateness plot beside it as <name>-lateness.png; without it the report goes to stdout.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Tasks pending, due over 30 days, for ingest, memory, burst, restart [default: 1000000; quick: 10000].
+    #[arg(long)]
+    tasks: Option<u64>,
+    /// Tasks falling due in the burst [default: 100000; quick: 2000].
+    #[arg(long)]
+    burst: Option<u64>,
+    /// Over how long the burst falls due [default: 10s; quick: 1s].
+    #[arg(long)]
+    burst_over: Option<String>,
+    /// Tasks all due at once for the drain [default: 1000000; quick: 10000].
+    #[arg(long)]
+    drain: Option<u64>,
+    /// Punctual only: a second memory point with this many pending; 0 to skip [default: 10000000; quick: 0].
+    #[arg(long)]
+    memory_tasks: Option<u64>,
+    /// Tasks in each correctness check [default: 1000; quick: 200].
+    #[arg(long)]
+    correctness: Option<u64>,
+    /// How long the consumer is away in the correctness check [default: 5s; quick: 1s].
+    #[arg(long)]
+    disconnect: Option<String>,
+    /// A task not delivered within this long after its due time counts as missed [default: 60s; quick: 2s].
+    #[arg(long)]
+    give_up: Option<String>,
+    /// Tasks per round trip (batch request or pipeline) when scheduling.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Connections for ingest, comma-separated; the last one is also used to fill the other scenarios.
+    #[arg(long, value_delimiter = ',', default_values = ["1", "4"])]
+    connections: Vec<usize>,
+    /// Consumers in the burst and the drain.
+    #[arg(long, default_value_t = 4)]
+    consumers: usize,
+    /// Most tasks one reserve (or sorted-set claim) takes.
+    #[arg(long, default_value_t = 100)]
+    reserve_max: usize,
+    /// Where to keep data directories (default: the system temp dir).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Extra arguments for `punctual serve`, e.g. "--cache-mb 32".
+    #[arg(long, default_value = "")]
+    serve_args: String,
+}
+
+/// The sizes of one bench run, from the options and `--quick`.
+pub struct Sizes {
+    pub tasks: u64,
+    pub burst: u64,
+    pub burst_over_ms: u64,
+    pub drain: u64,
+    pub memory_tasks: u64,
+    pub correctness: u64,
+    pub disconnect_ms: u64,
+    pub give_up_ms: u64,
+    pub batch: usize,
+    pub connections: Vec<usize>,
+    pub consumers: usize,
+    pub reserve_max: usize,
+}
+
+impl Sizes {
+    fn new(opts: &BenchOpts) -> Result<Sizes> {
+        let q = opts.quick;
+        let ms = |given: &Option<String>, full: &str, quick: &str| -> Result<u64> {
+            let text = given.as_deref().unwrap_or(if q { quick } else { full });
+            parse_duration_ms(text).map_err(anyhow::Error::msg)
+        };
+        let n = |given: Option<u64>, full: u64, quick: u64| {
+            given.unwrap_or(if q { quick } else { full })
+        };
+        let sizes = Sizes {
+            tasks: n(opts.tasks, 1_000_000, 10_000),
+            burst: n(opts.burst, 100_000, 2_000),
+            burst_over_ms: ms(&opts.burst_over, "10s", "1s")?,
+            drain: n(opts.drain, 1_000_000, 10_000),
+            memory_tasks: n(opts.memory_tasks, 10_000_000, 0),
+            correctness: n(opts.correctness, 1_000, 200),
+            disconnect_ms: ms(&opts.disconnect, "5s", "1s")?,
+            give_up_ms: ms(&opts.give_up, "60s", "2s")?,
+            batch: opts.batch,
+            connections: opts.connections.clone(),
+            consumers: opts.consumers,
+            reserve_max: opts.reserve_max,
+        };
+        if sizes.batch == 0 || sizes.batch > 1000 {
+            bail!("--batch must be 1..=1000 (Punctual's batch limit)");
+        }
+        if sizes.connections.is_empty() || sizes.connections.contains(&0) {
+            bail!("--connections needs at least one count, each at least 1");
+        }
+        if sizes.consumers == 0 || sizes.reserve_max == 0 || opts.runs == 0 {
+            bail!("--consumers, --reserve-max and --runs must be at least 1");
+        }
+        if sizes.burst == 0 || sizes.drain == 0 || sizes.correctness == 0 || sizes.tasks == 0 {
+            bail!("--tasks, --burst, --drain and --correctness must be at least 1");
+        }
+        Ok(sizes)
+    }
+
+    /// How far ahead a burst is scheduled: time to schedule it (at 25 k tasks/s or better) before
+    /// its first task is due.
+    fn lead_ms(&self) -> u64 {
+        1_000 + self.burst / 25
+    }
+
+    /// Connections used to fill a system for the scenarios after ingest.
+    fn fill_connections(&self) -> usize {
+        self.connections.last().copied().unwrap_or(1)
+    }
+}
+
+/// What every driver shares.
+pub struct Ctx {
+    pub sizes: Sizes,
+    pub http: reqwest::Client,
+    /// Extra `punctual serve` arguments.
+    pub extra: Vec<String>,
+    pub work_dir: PathBuf,
+    dirs: AtomicU64,
+}
+
+impl Ctx {
+    fn next_dir(&self) -> u64 {
+        self.dirs.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+pub async fn run(opts: BenchOpts) -> Result<()> {
+    let sizes = Sizes::new(&opts)?;
+    let ctx = Ctx {
+        sizes,
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()?,
+        extra: opts
+            .serve_args
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+        work_dir: opts.work_dir.clone().unwrap_or_else(std::env::temp_dir),
+        dirs: AtomicU64::new(0),
+    };
+    let mut results = Results::new(opts.runs);
+    let mut systems = opts.systems.clone();
+    systems.sort();
+    systems.dedup();
+    let mut scenarios = opts.scenarios.clone();
+    scenarios.sort();
+    scenarios.dedup();
+    systems.retain(|system| match system.program() {
+        Some((program, package)) if !on_path(program) => {
+            let note = format!(
+                "{}: `{program}` is not on PATH, so it was not run (Debian: `apt-get install -y {package}`).",
+                system.label()
+            );
+            eprintln!("{note}");
+            results.notes.push(note);
+            false
+        }
+        _ => true,
+    });
+    let started = Instant::now();
+    for run in 1..=opts.runs {
+        for &system in &systems {
+            eprintln!("== run {run} of {}: {}", opts.runs, system.label());
+            let outcome = match system {
+                System::Punctual => {
+                    drive::<punctual::Punctual>(&ctx, &scenarios, &mut results).await
+                }
+                System::Zset => drive::<redis_peers::Zset>(&ctx, &scenarios, &mut results).await,
+                System::Keyspace => {
+                    drive::<redis_peers::Keyspace>(&ctx, &scenarios, &mut results).await
+                }
+                System::Beanstalkd => {
+                    drive::<beanstalk::Beanstalkd>(&ctx, &scenarios, &mut results).await
+                }
+            };
+            if let Err(e) = outcome {
+                let note = format!("run {run}, {}: failed: {e:#}", system.label());
+                eprintln!("{note}");
+                results.notes.push(note);
+            }
+        }
+        if systems.contains(&System::Punctual) && scenarios.contains(&Scenario::Webhook) {
+            eprintln!("== run {run} of {}: Punctual webhooks", opts.runs);
+            if let Err(e) = webhook::run(&ctx, &mut results).await {
+                results
+                    .notes
+                    .push(format!("run {run}, Punctual webhooks: failed: {e:#}"));
+            }
+        }
+    }
+    if systems.contains(&System::Punctual)
+        && scenarios.contains(&Scenario::Memory)
+        && ctx.sizes.memory_tasks > 0
+    {
+        eprintln!("== Punctual memory at {} pending", ctx.sizes.memory_tasks);
+        if let Err(e) = memory_big(&ctx, &mut results).await {
+            results
+                .notes
+                .push(format!("Punctual memory at scale: failed: {e:#}"));
+        }
+    }
+    results.elapsed = started.elapsed();
+
+    let command = std::iter::once("punctual".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    match &opts.report {
+        Some(path) => {
+            let plot_name = format!(
+                "{}-lateness.png",
+                path.file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("benchmarks")
+            );
+            let plot_path = path.with_file_name(&plot_name);
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            let wrote_plot = plot::lateness_cdf(&plot_path, &results, &ctx.sizes)?;
+            let markdown = report::render(
+                &ctx.sizes,
+                &results,
+                &systems,
+                &command,
+                wrote_plot.then_some(plot_name.as_str()),
+            );
+            report::write(path, &markdown)?;
+            eprintln!("report written to {}", path.display());
+            if wrote_plot {
+                eprintln!("lateness plot written to {}", plot_path.display());
+            }
+        }
+        None => println!(
+            "{}",
+            report::render(&ctx.sizes, &results, &systems, &command, None)
+        ),
+    }
+    Ok(())
+}
+
+/// Task `n` of the pending set: due somewhere between one hour and 30 days from `now_ms`.
+fn pending_job(n: u64, now_ms: u64) -> Job {
+    const THIRTY_DAYS_MS: u64 = 30 * 86_400_000;
+    Job {
+        n,
+        due_ms: now_ms + 3_600_000 + (n.wrapping_mul(2_654_435_761) % THIRTY_DAYS_MS),
+    }
+}
+
+/// Schedules tasks `first..first+count` due over 30 days; returns tasks per second.
+async fn fill<S: Subject>(
+    ctx: &Ctx,
+    subject: &S,
+    first: u64,
+    count: u64,
+    connections: usize,
+) -> Result<f64> {
+    let now = now_ms();
+    let jobs = (first..first + count)
+        .map(|n| pending_job(n, now))
+        .collect();
+    let bar = Bar::new(
+        format!("{}: ingest, {connections} conn.", S::SYSTEM.label()),
+        count,
+    );
+    let secs = subject.schedule(ctx, jobs, connections, &bar).await?;
+    bar.finish();
+    Ok(count as f64 / secs)
+}
+
+/// The id ranges of one run's scenarios on the system filled with `tasks` pending.
+struct Ranges {
+    burst: u64,
+    away: u64,
+    twice: u64,
+    restart: u64,
+}
+
+impl Ranges {
+    fn new(s: &Sizes) -> Ranges {
+        let burst = s.tasks;
+        let away = burst + s.burst;
+        let twice = away + s.correctness;
+        Ranges {
+            burst,
+            away,
+            twice,
+            restart: twice + s.correctness,
+        }
+    }
+}
+
+/// Runs the selected scenarios against one system: one fresh instance per extra ingest connection
+/// count, one filled instance for memory, burst, correctness and restart (in that order; restart
+/// kills it), and one for the drain.
+async fn drive<S: Subject>(ctx: &Ctx, scenarios: &[Scenario], res: &mut Results) -> Result<()> {
+    let s = &ctx.sizes;
+    let system = S::SYSTEM;
+    let wants = |scenario| scenarios.contains(&scenario);
+    let fill_with = s.fill_connections();
+    if wants(Scenario::Ingest) {
+        for &connections in &s.connections[..s.connections.len() - 1] {
+            let subject = S::start(ctx).await?;
+            let rate = fill(ctx, &subject, 0, s.tasks, connections).await;
+            subject.stop().await;
+            res.add_ingest(connections, system, rate?);
+        }
+    }
+    let filled = [
+        Scenario::Ingest,
+        Scenario::Memory,
+        Scenario::Burst,
+        Scenario::Correctness,
+        Scenario::Restart,
+    ];
+    if filled.into_iter().any(wants) {
+        let mut subject = S::start(ctx).await?;
+        let outcome = async {
+            let empty = subject.memory_bytes().await?;
+            let rate = fill(ctx, &subject, 0, s.tasks, fill_with).await?;
+            if wants(Scenario::Ingest) {
+                res.add_ingest(fill_with, system, rate);
+            }
+            if wants(Scenario::Memory) {
+                let used = subject.memory_bytes().await?.saturating_sub(empty);
+                res.add(
+                    Scenario::Memory,
+                    "memory_per_task",
+                    format!("bytes of RAM per pending task at {} pending", s.tasks),
+                    Unit::Bytes,
+                    system,
+                    used as f64 / s.tasks as f64,
+                );
+                res.add(
+                    Scenario::Memory,
+                    "memory_total",
+                    format!("RAM used by {} pending (above an empty server)", s.tasks),
+                    Unit::MiB,
+                    system,
+                    used as f64 / 1048576.0,
+                );
+            }
+            let ranges = Ranges::new(s);
+            if wants(Scenario::Burst) {
+                burst(ctx, &subject, ranges.burst, res).await?;
+            }
+            if wants(Scenario::Correctness) {
+                correctness(ctx, &subject, &ranges, res).await?;
+            }
+            if wants(Scenario::Restart) {
+                restart(ctx, &mut subject, ranges.restart, res).await?;
+            }
+            Ok::<(), anyhow::Error>(())
+        }
+        .await;
+        subject.stop().await;
+        outcome?;
+    }
+    if wants(Scenario::Drain) {
+        let subject = S::start(ctx).await?;
+        let outcome = drain(ctx, &subject, res).await;
+        subject.stop().await;
+        outcome?;
+    }
+    Ok(())
+}
+
+/// Sleeps until Unix time `at_ms`.
+async fn sleep_until_ms(at_ms: u64) {
+    let wait = at_ms.saturating_sub(now_ms());
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+}
+
+fn deadline_at_ms(at_ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(at_ms.saturating_sub(now_ms()))
+}
+
+/// `burst` tasks due evenly over `burst_over` on top of the pending ones; consumers take them as
+/// they fall due.
+async fn burst<S: Subject>(ctx: &Ctx, subject: &S, first: u64, res: &mut Results) -> Result<()> {
+    let s = &ctx.sizes;
+    let label = S::SYSTEM.label();
+    let start = now_ms() + s.lead_ms();
+    let jobs = (0..s.burst)
+        .map(|i| Job {
+            n: first + i,
+            due_ms: start + i * s.burst_over_ms / s.burst,
+        })
+        .collect();
+    let bar = Bar::new(format!("{label}: schedule the burst"), s.burst);
+    subject
+        .schedule(ctx, jobs, s.fill_connections(), &bar)
+        .await?;
+    bar.finish();
+    if now_ms() >= start {
+        res.notes.push(format!(
+            "{label}: the burst was still being scheduled when its first task fell due."
+        ));
+    }
+    let consumers = if S::BROADCAST { 1 } else { s.consumers };
+    let sink = Sink::new(&format!("{label}: burst"), first, s.burst, s.burst);
+    let deadline = deadline_at_ms(start + s.burst_over_ms + s.give_up_ms);
+    subject
+        .consume(ctx, consumers, sink.clone(), deadline)
+        .await?;
+    sink.finish();
+    let lateness = sink.lateness();
+    res.add_burst(S::SYSTEM, &lateness, s, sink.duplicates());
+    Ok(())
+}
+
+/// Two checks: the consumer is away while tasks fall due (are they delivered when it is back?), and
+/// two consumers take the same tasks (is any delivered to both?).
+async fn correctness<S: Subject>(
+    ctx: &Ctx,
+    subject: &S,
+    ranges: &Ranges,
+    res: &mut Results,
+) -> Result<()> {
+    let s = &ctx.sizes;
+    let label = S::SYSTEM.label();
+    let count = s.correctness;
+    // How long a consumer has to get what it should get, once it is there.
+    let catch_up_ms = s.give_up_ms.min(10_000);
+
+    // The consumer is away while every task falls due.
+    let start = now_ms() + 500;
+    let jobs = (0..count)
+        .map(|i| Job {
+            n: ranges.away + i,
+            due_ms: start + i * s.disconnect_ms / count,
+        })
+        .collect();
+    let bar = Bar::new(format!("{label}: schedule, consumer away"), count);
+    subject.schedule(ctx, jobs, 1, &bar).await?;
+    bar.finish();
+    sleep_until_ms(start + s.disconnect_ms).await;
+    let sink = Sink::new(
+        &format!("{label}: consumer back"),
+        ranges.away,
+        count,
+        count,
+    );
+    let deadline = Instant::now() + Duration::from_millis(catch_up_ms);
+    subject.consume(ctx, 1, sink.clone(), deadline).await?;
+    sink.finish();
+    res.add(
+        Scenario::Correctness,
+        "lost_away",
+        format!(
+            "lost: {count} tasks fall due while the consumer is away for {} s",
+            s.disconnect_ms as f64 / 1000.0
+        ),
+        Unit::Count,
+        S::SYSTEM,
+        (count - sink.received()) as f64,
+    );
+
+    // Two consumers at once.
+    let start = now_ms() + 500;
+    let jobs = (0..count)
+        .map(|i| Job {
+            n: ranges.twice + i,
+            due_ms: start + i * 1000 / count,
+        })
+        .collect();
+    let bar = Bar::new(format!("{label}: schedule, two consumers"), count);
+    subject.schedule(ctx, jobs, 1, &bar).await?;
+    bar.finish();
+    let sink = Sink::new(
+        &format!("{label}: two consumers"),
+        ranges.twice,
+        count,
+        count,
+    );
+    let deadline = deadline_at_ms(start + 1000 + catch_up_ms);
+    subject.consume(ctx, 2, sink.clone(), deadline).await?;
+    sink.finish();
+    res.add(
+        Scenario::Correctness,
+        "twice",
+        format!("delivered twice: {count} tasks due over 1 s, two consumers"),
+        Unit::Count,
+        S::SYSTEM,
+        sink.duplicates() as f64,
+    );
+    res.add(
+        Scenario::Correctness,
+        "lost_twice",
+        format!(
+            "not delivered within {} s: the same, two consumers",
+            catch_up_ms as f64 / 1000.0
+        ),
+        Unit::Count,
+        S::SYSTEM,
+        (count - sink.received()) as f64,
+    );
+    Ok(())
+}
+
+/// `kill -9` with the pending tasks and a few already due: how soon the server answers, how soon a
+/// due task is delivered, and how many tasks it still has.
+async fn restart<S: Subject>(
+    ctx: &Ctx,
+    subject: &mut S,
+    first: u64,
+    res: &mut Results,
+) -> Result<()> {
+    let s = &ctx.sizes;
+    let label = S::SYSTEM.label();
+    let due_now = 10;
+    let now = now_ms();
+    let jobs = (0..due_now)
+        .map(|i| Job {
+            n: first + i,
+            due_ms: now,
+        })
+        .collect();
+    let bar = Bar::new(format!("{label}: schedule, due now"), due_now);
+    subject.schedule(ctx, jobs, 1, &bar).await?;
+    bar.finish();
+    let before = subject.pending().await?;
+    let killed_us = now_us();
+    let killed = Instant::now();
+    subject.kill9_restart().await?;
+    subject::wait_until(Duration::from_secs(120), label, || subject.answers()).await?;
+    let answered = killed.elapsed();
+    let after = subject.pending().await.unwrap_or(0);
+    let sink = Sink::new(
+        &format!("{label}: first delivery after kill -9"),
+        first,
+        due_now,
+        1,
+    );
+    let deadline = Instant::now() + Duration::from_millis(s.give_up_ms.min(10_000));
+    subject.consume(ctx, 1, sink.clone(), deadline).await?;
+    sink.finish();
+    let first_ms = sink.first_at_us().map_or(f64::INFINITY, |at| {
+        at.saturating_sub(killed_us) as f64 / 1000.0
+    });
+    res.add(
+        Scenario::Restart,
+        "restart_answers",
+        "answers again after kill -9",
+        Unit::Ms,
+        S::SYSTEM,
+        answered.as_secs_f64() * 1000.0,
+    );
+    res.add(
+        Scenario::Restart,
+        "restart_first",
+        "first due task delivered after kill -9",
+        Unit::Ms,
+        S::SYSTEM,
+        first_ms,
+    );
+    res.add(
+        Scenario::Restart,
+        "restart_kept",
+        format!("tasks still there after kill -9 (of {before})"),
+        Unit::Percent,
+        S::SYSTEM,
+        after as f64 * 100.0 / before.max(1) as f64,
+    );
+    Ok(())
+}
+
+/// `drain` tasks all due at once, taken by the consumers as fast as they can.
+async fn drain<S: Subject>(ctx: &Ctx, subject: &S, res: &mut Results) -> Result<()> {
+    let s = &ctx.sizes;
+    let label = S::SYSTEM.label();
+    subject.hold_due().await?;
+    let now = now_ms();
+    let jobs = (0..s.drain).map(|n| Job { n, due_ms: now }).collect();
+    let bar = Bar::new(format!("{label}: schedule the drain"), s.drain);
+    subject
+        .schedule(ctx, jobs, s.fill_connections(), &bar)
+        .await?;
+    bar.finish();
+    let consumers = if S::BROADCAST { 1 } else { s.consumers };
+    let sink = Sink::new(&format!("{label}: drain"), 0, s.drain, s.drain);
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(s.give_up_ms.max(1000) * 10);
+    subject
+        .consume(ctx, consumers, sink.clone(), deadline)
+        .await?;
+    let secs = started.elapsed().as_secs_f64();
+    sink.finish();
+    res.add(
+        Scenario::Drain,
+        "drain_rate",
+        format!("tasks/s delivered, {} all due at once", s.drain),
+        Unit::Rate,
+        S::SYSTEM,
+        sink.received() as f64 / secs,
+    );
+    res.add(
+        Scenario::Drain,
+        "drain_missing",
+        "not delivered",
+        Unit::Count,
+        S::SYSTEM,
+        (s.drain - sink.received()) as f64,
+    );
+    res.add(
+        Scenario::Drain,
+        "drain_twice",
+        "delivered twice",
+        Unit::Count,
+        S::SYSTEM,
+        sink.duplicates() as f64,
+    );
+    Ok(())
+}
+
+/// Punctual only: RAM with `--memory-tasks` pending, filled a million at a time.
+async fn memory_big(ctx: &Ctx, res: &mut Results) -> Result<()> {
+    let s = &ctx.sizes;
+    let server = punctual::Punctual::start(ctx).await?;
+    let outcome = async {
+        let empty = server.memory_bytes().await?;
+        let mut done = 0;
+        while done < s.memory_tasks {
+            let step = (s.memory_tasks - done).min(1_000_000);
+            fill(ctx, &server, done, step, s.fill_connections()).await?;
+            done += step;
+        }
+        let used = server.memory_bytes().await?.saturating_sub(empty);
+        res.add(
+            Scenario::Memory,
+            "memory_per_task_big",
+            format!(
+                "bytes of RAM per pending task at {} pending",
+                s.memory_tasks
+            ),
+            Unit::Bytes,
+            System::Punctual,
+            used as f64 / s.memory_tasks as f64,
+        );
+        res.add(
+            Scenario::Memory,
+            "memory_total_big",
+            format!(
+                "RAM used by {} pending (above an empty server)",
+                s.memory_tasks
+            ),
+            Unit::MiB,
+            System::Punctual,
+            used as f64 / 1048576.0,
+        );
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    server.stop().await;
+    outcome.context("filling Punctual for the memory point")
+}

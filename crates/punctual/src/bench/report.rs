@@ -1,0 +1,540 @@
+//! The bench's figures and the markdown report made from them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+
+use super::subject::lateness_histogram;
+use super::{Scenario, Sizes, System};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Rate,
+    Ms,
+    Bytes,
+    MiB,
+    Count,
+    Percent,
+}
+
+pub struct Row {
+    pub scenario: Scenario,
+    pub key: String,
+    pub label: String,
+    pub unit: Unit,
+    pub values: BTreeMap<System, Vec<f64>>,
+}
+
+pub struct Results {
+    pub runs: usize,
+    pub rows: Vec<Row>,
+    pub notes: Vec<String>,
+    /// Burst lateness of every run per system, and how many tasks fell due in those bursts.
+    pub lateness: BTreeMap<System, (Histogram<u64>, u64)>,
+    pub elapsed: Duration,
+}
+
+impl Results {
+    pub fn new(runs: usize) -> Results {
+        Results {
+            runs,
+            rows: Vec::new(),
+            notes: Vec::new(),
+            lateness: BTreeMap::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    /// Records one run's `value` of a figure; `key` names the figure across runs and systems.
+    pub fn add(
+        &mut self,
+        scenario: Scenario,
+        key: impl Into<String>,
+        label: impl Into<String>,
+        unit: Unit,
+        system: System,
+        value: f64,
+    ) {
+        let key = key.into();
+        let index = match self.rows.iter().position(|r| r.key == key) {
+            Some(index) => index,
+            None => {
+                self.rows.push(Row {
+                    scenario,
+                    key,
+                    label: label.into(),
+                    unit,
+                    values: BTreeMap::new(),
+                });
+                self.rows.len() - 1
+            }
+        };
+        self.rows[index]
+            .values
+            .entry(system)
+            .or_default()
+            .push(value);
+    }
+
+    pub fn add_ingest(&mut self, connections: usize, system: System, rate: f64) {
+        self.add(
+            Scenario::Ingest,
+            format!("ingest_{connections}"),
+            format!(
+                "tasks/s acknowledged, {connections} connection{}",
+                if connections == 1 { "" } else { "s" }
+            ),
+            Unit::Rate,
+            system,
+            rate,
+        );
+    }
+
+    pub fn add_burst(
+        &mut self,
+        system: System,
+        lateness: &Histogram<u64>,
+        s: &Sizes,
+        duplicates: u64,
+    ) {
+        let ms = |q: f64| {
+            if lateness.is_empty() {
+                f64::NAN
+            } else {
+                lateness.value_at_quantile(q) as f64 / 1000.0
+            }
+        };
+        for (key, label, q) in [
+            ("burst_p50", "lateness p50", 0.5),
+            ("burst_p99", "lateness p99", 0.99),
+            ("burst_p999", "lateness p99.9", 0.999),
+            ("burst_max", "lateness max", 1.0),
+        ] {
+            self.add(Scenario::Burst, key, label, Unit::Ms, system, ms(q));
+        }
+        let on_time = lateness.count_between(0, s.give_up_ms * 1000);
+        self.add(
+            Scenario::Burst,
+            "burst_missed",
+            format!(
+                "did not fire within {} s of their due time (of {})",
+                s.give_up_ms / 1000,
+                s.burst
+            ),
+            Unit::Count,
+            system,
+            s.burst.saturating_sub(on_time) as f64,
+        );
+        self.add(
+            Scenario::Burst,
+            "burst_twice",
+            "delivered twice",
+            Unit::Count,
+            system,
+            duplicates as f64,
+        );
+        let (all, due) = self
+            .lateness
+            .entry(system)
+            .or_insert_with(|| (lateness_histogram(), 0));
+        let _ = all.add(lateness);
+        *due += s.burst;
+    }
+
+    /// The median of a figure over the runs.
+    pub fn median(&self, key: &str, system: System) -> Option<f64> {
+        let row = self.rows.iter().find(|r| r.key == key)?;
+        let mut values = row.values.get(&system)?.clone();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied()
+    }
+}
+
+fn format_value(unit: Unit, v: f64) -> String {
+    if v.is_nan() {
+        return "—".to_owned();
+    }
+    match unit {
+        Unit::Rate if v >= 1e6 => format!("{:.2} M/s", v / 1e6),
+        Unit::Rate if v >= 1e3 => format!("{:.1} k/s", v / 1e3),
+        Unit::Rate => format!("{v:.0}/s"),
+        Unit::Ms if v.is_infinite() => "never".to_owned(),
+        Unit::Ms if v < 10.0 => format!("{v:.2} ms"),
+        Unit::Ms if v < 1000.0 => format!("{v:.1} ms"),
+        Unit::Ms => format!("{:.2} s", v / 1000.0),
+        Unit::Bytes => format!("{v:.0} B"),
+        Unit::MiB => format!("{v:.1} MiB"),
+        Unit::Count => format!("{v:.0}"),
+        Unit::Percent => format!("{v:.1} %"),
+    }
+}
+
+/// "median (min–max)" over the runs, or the one value.
+fn cell(unit: Unit, values: Option<&Vec<f64>>) -> String {
+    let Some(values) = values.filter(|v| !v.is_empty()) else {
+        return "—".to_owned();
+    };
+    let mut sorted = values.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = format_value(unit, sorted[sorted.len() / 2]);
+    let (low, high) = (
+        format_value(unit, sorted[0]),
+        format_value(unit, sorted[sorted.len() - 1]),
+    );
+    if low == high {
+        median
+    } else {
+        format!("{median} ({low} – {high})")
+    }
+}
+
+fn scenario_intro(scenario: Scenario, s: &Sizes) -> String {
+    let m = |n: u64| {
+        if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
+            format!("{} M", n / 1_000_000)
+        } else if n >= 1000 && n.is_multiple_of(1000) {
+            format!("{} k", n / 1000)
+        } else {
+            n.to_string()
+        }
+    };
+    let conns = s
+        .connections
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(" and ");
+    match scenario {
+        Scenario::Ingest => format!(
+            "{} tasks due over 30 days, {} per round trip (a batch request or a pipeline), over {conns} connections, each on a fresh server; tasks/s until the last was acknowledged.",
+            m(s.tasks),
+            s.batch
+        ),
+        Scenario::Burst => format!(
+            "{} pending, then {} more due evenly over {} s; {} consumers (one subscriber for keyspace events, where every subscriber gets every event). Lateness is from the due time to the consumer holding the payload.",
+            m(s.tasks),
+            m(s.burst),
+            s.burst_over_ms as f64 / 1000.0,
+            s.consumers
+        ),
+        Scenario::Drain => format!(
+            "{} tasks all due at once on a fresh server, taken by {} consumers (up to {} per reserve or claim; beanstalkd reserves one at a time; keyspace: one subscriber).",
+            m(s.drain),
+            s.consumers,
+            s.reserve_max
+        ),
+        Scenario::Memory => "RAM per pending task: RSS above the empty server's for Punctual and beanstalkd, `used_memory` above the empty server's for Redis.".to_owned(),
+        Scenario::Restart => format!(
+            "`kill -9` with {} pending and 10 already due, then the same command line again; times are from the kill.",
+            m(s.tasks)
+        ),
+        Scenario::Correctness => format!(
+            "With {} pending: {} tasks fall due over {} s while no consumer is connected; then {} tasks due over 1 s with two consumers taking them at once.",
+            m(s.tasks),
+            s.correctness,
+            s.disconnect_ms as f64 / 1000.0,
+            s.correctness
+        ),
+        Scenario::Webhook => "Punctual only: webhook tasks delivered to a local target that answers 204 at once, 64 deliveries in flight.".to_owned(),
+    }
+}
+
+fn scenario_title(scenario: Scenario) -> &'static str {
+    match scenario {
+        Scenario::Ingest => "Ingest",
+        Scenario::Burst => "Lateness under a burst",
+        Scenario::Drain => "Drain",
+        Scenario::Memory => "Memory",
+        Scenario::Restart => "Restart after kill -9",
+        Scenario::Correctness => "Correctness",
+        Scenario::Webhook => "Webhooks",
+    }
+}
+
+fn durability(system: System) -> &'static str {
+    match system {
+        System::Punctual => "yes: fsync before the answer",
+        System::Zset | System::Keyspace => "no: in RAM only (persistence off)",
+        System::Beanstalkd => "written to the binlog, not fsynced (`-b`, default policy)",
+    }
+}
+
+fn version_of(program: &str, arg: &str) -> Option<String> {
+    let out = std::process::Command::new(program).arg(arg).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (!text.is_empty()).then_some(text)
+}
+
+fn machine() -> String {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let mem_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1048576.0);
+    format!(
+        "{} cores ({cpu}), {mem_gib:.0} GiB RAM, Linux {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        read("/proc/sys/kernel/osrelease").trim()
+    )
+}
+
+pub fn render(
+    s: &Sizes,
+    res: &Results,
+    systems: &[System],
+    command: &str,
+    plot: Option<&str>,
+) -> String {
+    let mut md = String::new();
+    let now = super::subject::now_ms();
+    let _ = writeln!(md, "## Side by side (generated by `punctual bench`)\n");
+    let _ = writeln!(md, "- **Command:** `{command}`");
+    let _ = writeln!(
+        md,
+        "- **When:** {} (took {:.0} s); {} run{} per figure: each cell is the median, with the range when runs differ.",
+        punctual_core::time::format_rfc3339_ms(now),
+        res.elapsed.as_secs_f64(),
+        res.runs,
+        if res.runs == 1 { "" } else { "s" }
+    );
+    let _ = writeln!(
+        md,
+        "- **Machine:** {}; every server and the load generator share it.",
+        machine()
+    );
+    let git = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|v| !v.is_empty());
+    let _ = writeln!(
+        md,
+        "- **Versions:** punctual {}{}; {}; {}.",
+        env!("CARGO_PKG_VERSION"),
+        git.map(|g| format!(" ({g})")).unwrap_or_default(),
+        version_of("redis-server", "--version").unwrap_or_else(|| "redis-server not found".into()),
+        version_of("beanstalkd", "-v").unwrap_or_else(|| "beanstalkd not found".into())
+    );
+    let _ = writeln!(
+        md,
+        "- **Systems:** Punctual on its embedded store with default settings; Redis sorted-set polling (`ZADD` + a hash of payloads, an atomic Lua claim, 10 ms sleep when idle); Redis keyspace notifications (`notify-keyspace-events Ex`, `SET … PX`, the payload in a second key, a subscriber on `__keyevent@0__:expired`); beanstalkd with `-b` (`put` with a delay in whole seconds, `reserve` + `delete`). Redis runs with persistence off.\n"
+    );
+
+    let header = format!(
+        "| | {} |\n|---|{}\n",
+        systems
+            .iter()
+            .map(|s| s.label())
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(systems.len())
+    );
+    let mut scenarios: Vec<Scenario> = res.rows.iter().map(|r| r.scenario).collect();
+    scenarios.sort();
+    scenarios.dedup();
+    for scenario in scenarios {
+        let _ = writeln!(
+            md,
+            "### {}\n\n{}\n",
+            scenario_title(scenario),
+            scenario_intro(scenario, s)
+        );
+        if scenario == Scenario::Webhook {
+            let _ = writeln!(md, "| | Punctual |\n|---|---|");
+            for row in res.rows.iter().filter(|r| r.scenario == scenario) {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} |",
+                    row.label,
+                    cell(row.unit, row.values.get(&System::Punctual))
+                );
+            }
+            md.push('\n');
+            continue;
+        }
+        md.push_str(&header);
+        for row in res.rows.iter().filter(|r| r.scenario == scenario) {
+            let cells: Vec<String> = systems
+                .iter()
+                .map(|sys| cell(row.unit, row.values.get(sys)))
+                .collect();
+            let _ = writeln!(md, "| {} | {} |", row.label, cells.join(" | "));
+        }
+        if scenario == Scenario::Ingest {
+            let cells: Vec<&str> = systems.iter().map(|&sys| durability(sys)).collect();
+            let _ = writeln!(md, "| acknowledged task on disk? | {} |", cells.join(" | "));
+        }
+        if scenario == Scenario::Burst
+            && let Some(plot) = plot
+        {
+            let _ = writeln!(
+                md,
+                "\n![Share of the burst delivered within a given lateness, per system]({plot})\n\nThe plot: the share of the burst's tasks delivered within a given lateness (log scale); a curve that stops short of 100 % is tasks that never came."
+            );
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(md, "### Against the targets of issue 4\n");
+    for line in targets(res) {
+        let _ = writeln!(md, "- {line}");
+    }
+    if !res.notes.is_empty() {
+        let _ = writeln!(md, "\n### Notes from this run\n");
+        for note in &res.notes {
+            let _ = writeln!(md, "- {note}");
+        }
+    }
+    md
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+/// One line per target of issue 4 that this run measured.
+fn targets(res: &Results) -> Vec<String> {
+    use System::*;
+    let get = |key: &str, sys| res.median(key, sys);
+    let ms = |v: f64| format_value(Unit::Ms, v);
+    let rate = |v: f64| format_value(Unit::Rate, v);
+    let mut lines = Vec::new();
+    if let (Some(p99), Some(max), Some(missed)) = (
+        get("burst_p99", Punctual),
+        get("burst_max", Punctual),
+        get("burst_missed", Punctual),
+    ) {
+        lines.push(format!(
+            "Lateness p99 ≤ 2 ms: {} ({}). Max ≤ 20 ms: {} ({}). 0 missed: {} ({missed:.0}). Sorted set p99 {}, beanstalkd p99 {}, keyspace events missed {}.",
+            verdict(p99 <= 2.0),
+            ms(p99),
+            verdict(max <= 20.0),
+            ms(max),
+            verdict(missed == 0.0),
+            get("burst_p99", Zset).map_or("—".into(), ms),
+            get("burst_p99", Beanstalkd).map_or("—".into(), ms),
+            get("burst_missed", Keyspace).map_or("—".into(), |v| format!("{v:.0}")),
+        ));
+    }
+    let ingest_key = res
+        .rows
+        .iter()
+        .filter(|r| r.scenario == Scenario::Ingest)
+        .map(|r| r.key.clone())
+        .next_back();
+    if let Some(key) = ingest_key
+        && let Some(ours) = get(&key, Punctual)
+    {
+        let mut parts = Vec::new();
+        if let Some(zset) = get(&key, Zset) {
+            parts.push(format!(
+                "≥ 2× the sorted set ({}): {} ({:.2}×)",
+                rate(zset),
+                verdict(ours >= 2.0 * zset),
+                ours / zset
+            ));
+        }
+        if let Some(bean) = get(&key, Beanstalkd) {
+            parts.push(format!(
+                "≥ 3× beanstalkd ({}): {} ({:.2}×)",
+                rate(bean),
+                verdict(ours >= 3.0 * bean),
+                ours / bean
+            ));
+        }
+        if !parts.is_empty() {
+            let connections = key.trim_start_matches("ingest_");
+            lines.push(format!(
+                "Durable ingest with {connections} connection(s), {}: {}.",
+                rate(ours),
+                parts.join("; ")
+            ));
+        }
+    }
+    if let (Some(ours), Some(zset)) = (get("drain_rate", Punctual), get("drain_rate", Zset)) {
+        lines.push(format!(
+            "Drain ≥ the sorted set: {} ({} vs {}, {:.2}×).",
+            verdict(ours >= zset),
+            rate(ours),
+            rate(zset),
+            ours / zset
+        ));
+    }
+    let ours = get("memory_per_task_big", Punctual).or(get("memory_per_task", Punctual));
+    if let (Some(ours), Some(redis)) = (ours, get("memory_per_task", Zset)) {
+        lines.push(format!(
+            "RAM per pending task ≤ 1/10 of Redis's: {} ({ours:.0} B vs {redis:.0} B for the sorted set{}).",
+            verdict(ours * 10.0 <= redis),
+            if get("memory_per_task_big", Punctual).is_some() { ", Punctual at the larger size" } else { "" }
+        ));
+    }
+    if let Some(first) = get("restart_first", Punctual) {
+        lines.push(format!(
+            "First delivery after kill -9 ≤ 1 s: {} ({}).",
+            verdict(first <= 1000.0),
+            ms(first)
+        ));
+    }
+    let faults: Vec<(String, f64)> = [
+        "burst_missed",
+        "burst_twice",
+        "drain_missing",
+        "drain_twice",
+        "lost_away",
+        "twice",
+        "lost_twice",
+    ]
+    .iter()
+    .filter_map(|key| {
+        Some((
+            key.to_string(),
+            res.rows
+                .iter()
+                .find(|r| r.key == *key)?
+                .values
+                .get(&Punctual)?
+                .iter()
+                .sum::<f64>(),
+        ))
+    })
+    .collect();
+    if !faults.is_empty() {
+        let total: f64 = faults.iter().map(|(_, v)| v).sum();
+        lines.push(format!(
+            "0 lost, 0 duplicates (every run of burst, drain and correctness): {} ({total:.0}).",
+            verdict(total == 0.0)
+        ));
+    }
+    lines
+}
+
+const BEGIN: &str = "<!-- generated by `punctual bench --report`: everything down to the end marker is rewritten by the next run -->";
+const END: &str = "<!-- end of the generated section -->";
+
+/// Writes the generated section into `path`, keeping what is written around it by hand.
+pub fn write(path: &Path, generated: &str) -> Result<()> {
+    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    let section = format!("{BEGIN}\n{generated}{END}");
+    let out = match (existing.find(BEGIN), existing.find(END)) {
+        (Some(begin), Some(end)) if begin < end => format!(
+            "{}{section}{}",
+            &existing[..begin],
+            &existing[end + END.len()..]
+        ),
+        _ if existing.trim().is_empty() => format!("# Benchmarks\n\n{section}\n"),
+        _ => format!("{}\n{section}\n", existing.trim_end()),
+    };
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
