@@ -225,7 +225,7 @@ pub fn lateness_cdf(path: &Path, res: &Results, s: &Sizes) -> Result<bool> {
             }
             last = Some(point);
         }
-        let (lx, ly) = (x_of(2e6), y_of(0.7) + i as i64 * 24);
+        let (lx, ly) = (x_of(1.5e6), y_of(0.7) + i as i64 * 24);
         canvas.rect(lx, ly + 2, 28, 10, c);
         canvas.text(lx + 38, ly, system.label(), 2, BLACK);
     }
