@@ -538,3 +538,80 @@ pub fn write(path: &Path, generated: &str) -> Result<()> {
     };
     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cell_is_the_median_with_the_range() {
+        assert_eq!(
+            cell(Unit::Ms, Some(&vec![3.0, 1.0, 2.0])),
+            "2.00 ms (1.00 ms – 3.00 ms)"
+        );
+        assert_eq!(cell(Unit::Count, Some(&vec![0.0, 0.0])), "0");
+        assert_eq!(cell(Unit::Ms, Some(&vec![f64::INFINITY])), "never");
+        assert_eq!(cell(Unit::Rate, None), "—");
+        assert_eq!(format_value(Unit::Rate, 22_400.0), "22.4 k/s");
+    }
+
+    #[test]
+    fn rewriting_keeps_the_text_around_the_generated_section() {
+        let dir = std::env::temp_dir().join(format!("punctual-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("b.md");
+        let _ = std::fs::remove_file(&path);
+        write(&path, "first\n").unwrap();
+        let fresh = std::fs::read_to_string(&path).unwrap();
+        assert!(fresh.starts_with("# Benchmarks\n") && fresh.contains("first\n"));
+        let edited = fresh.replace("# Benchmarks\n", "# Benchmarks\n\nby hand, before\n")
+            + "by hand, after\n";
+        std::fs::write(&path, edited).unwrap();
+        write(&path, "second\n").unwrap();
+        let again = std::fs::read_to_string(&path).unwrap();
+        assert!(again.contains("by hand, before") && again.contains("by hand, after"));
+        assert!(again.contains("second\n") && !again.contains("first\n"));
+        assert_eq!(again.matches(BEGIN).count(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn targets_say_met_or_missed_from_the_medians() {
+        let mut res = Results::new(1);
+        res.add(
+            Scenario::Drain,
+            "drain_rate",
+            "d",
+            Unit::Rate,
+            System::Punctual,
+            10.0,
+        );
+        res.add(
+            Scenario::Drain,
+            "drain_rate",
+            "d",
+            Unit::Rate,
+            System::Zset,
+            20.0,
+        );
+        res.add(
+            Scenario::Restart,
+            "restart_first",
+            "r",
+            Unit::Ms,
+            System::Punctual,
+            19.0,
+        );
+        let lines = targets(&res);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("Drain ≥ the sorted set: **missed**"))
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("First delivery after kill -9 ≤ 1 s: met"))
+        );
+    }
+}
