@@ -120,7 +120,8 @@ enum Cmd {
     },
     /// Run a shell command for each task of a queue: exit 0 acks, anything else nacks.
     Work(work::WorkOpts),
-    /// Measure Punctual on this machine (see docs/benchmarks.md).
+    /// Measure Punctual side by side with Redis sorted sets, Redis keyspace events and beanstalkd
+    /// (see docs/benchmarks.md).
     Bench(bench::BenchOpts),
 }
 
