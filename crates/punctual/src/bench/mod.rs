@@ -134,7 +134,7 @@ pub struct BenchOpts {
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// Extra arguments for `punctual serve`, e.g. "--cache-mb 32".
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     serve_args: String,
 }
 
