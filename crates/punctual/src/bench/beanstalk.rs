@@ -11,8 +11,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use super::progress::Bar;
 use super::subject::{
-    Job, Sink, Subject, fan_out, free_port, fresh_dir, now_ms, now_us, parse_payload_bytes,
-    rss_bytes, wait_until,
+    Job, Sink, Subject, fan_out, free_port, fresh_dir, job_chunks, now_ms, now_us,
+    parse_payload_bytes, rss_bytes, wait_until,
 };
 use super::{Ctx, System};
 
@@ -156,20 +156,20 @@ impl Subject for Beanstalkd {
         connections: usize,
         bar: &Bar,
     ) -> Result<f64> {
-        let chunks: Vec<Vec<Job>> = jobs.chunks(ctx.sizes.batch).map(<[_]>::to_vec).collect();
         let mut clients = Vec::new();
         for _ in 0..connections.max(1) {
             clients.push(Client::connect(&self.addr).await?);
         }
-        let bar = bar.clone();
-        fan_out(chunks, clients, move |mut client, chunk: Vec<Job>| {
-            let bar = bar.clone();
-            async move {
+        let chunks = job_chunks(&jobs, ctx.sizes.batch);
+        fan_out(
+            chunks,
+            clients,
+            bar,
+            |mut client, (_, chunk): (usize, Vec<Job>)| async move {
                 client.put_many(&chunk).await?;
-                bar.add(chunk.len() as u64);
                 Ok(client)
-            }
-        })
+            },
+        )
         .await
     }
 

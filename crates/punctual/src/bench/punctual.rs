@@ -74,23 +74,23 @@ impl Punctual {
                  Ok(r) if r.status().is_success())
     }
 
-    /// Posts task objects (JSON) in batches; every one must be accepted.
+    /// Posts batch bodies, each `(tasks in it, body)`; every task must be accepted.
     pub async fn post_batches(
         &self,
         bodies: Vec<(usize, Vec<u8>)>,
         connections: usize,
         bar: &Bar,
     ) -> Result<f64> {
-        let (http, batch_url, bar) = (
+        let (http, batch_url) = (
             self.http.clone(),
             format!("{}/v1/queues/{QUEUE}/batch", self.url),
-            bar.clone(),
         );
         fan_out(
             bodies,
             vec![(); connections.max(1)],
+            bar,
             move |(), (count, body): (usize, Vec<u8>)| {
-                let (http, batch_url, bar) = (http.clone(), batch_url.clone(), bar.clone());
+                let (http, batch_url) = (http.clone(), batch_url.clone());
                 async move {
                     let response = http
                         .post(batch_url)
@@ -110,7 +110,6 @@ impl Punctual {
                     if ok != count {
                         bail!("only {ok} of {count} tasks in a batch were accepted: {answer}");
                     }
-                    bar.add(count as u64);
                     Ok(())
                 }
             },

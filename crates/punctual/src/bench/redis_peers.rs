@@ -16,7 +16,8 @@ use futures_util::StreamExt;
 
 use super::progress::Bar;
 use super::subject::{
-    Job, Sink, Subject, fan_out, free_port, now_ms, now_us, parse_payload_bytes, wait_until,
+    Job, Sink, Subject, fan_out, free_port, job_chunks, now_ms, now_us, parse_payload_bytes,
+    wait_until,
 };
 use super::{Ctx, System};
 
@@ -93,24 +94,23 @@ impl RedisChild {
         bar: &Bar,
         add: fn(&mut redis::Pipeline, &Job),
     ) -> Result<f64> {
-        let chunks: Vec<Vec<Job>> = jobs.chunks(batch).map(<[_]>::to_vec).collect();
         let mut cons = Vec::new();
         for _ in 0..connections.max(1) {
             cons.push(self.connection().await?);
         }
-        let bar = bar.clone();
-        fan_out(chunks, cons, move |mut con, chunk: Vec<Job>| {
-            let bar = bar.clone();
-            async move {
+        fan_out(
+            job_chunks(&jobs, batch),
+            cons,
+            bar,
+            move |mut con, (_, chunk): (usize, Vec<Job>)| async move {
                 let mut pipe = redis::pipe();
                 for job in &chunk {
                     add(&mut pipe, job);
                 }
                 pipe.query_async::<()>(&mut con).await?;
-                bar.add(chunk.len() as u64);
                 Ok(con)
-            }
-        })
+            },
+        )
         .await
     }
 }

@@ -148,10 +148,15 @@ impl Results {
     /// The median of a figure over the runs.
     pub fn median(&self, key: &str, system: System) -> Option<f64> {
         let row = self.rows.iter().find(|r| r.key == key)?;
-        let mut values = row.values.get(&system)?.clone();
-        values.sort_by(f64::total_cmp);
-        values.get(values.len() / 2).copied()
+        spread(row.values.get(&system)?).map(|(_, median, _)| median)
     }
+}
+
+/// (min, median, max) of one figure's runs.
+fn spread(values: &[f64]) -> Option<(f64, f64, f64)> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Some((*sorted.first()?, sorted[sorted.len() / 2], *sorted.last()?))
 }
 
 fn format_value(unit: Unit, v: f64) -> String {
@@ -175,16 +180,10 @@ fn format_value(unit: Unit, v: f64) -> String {
 
 /// "median (min–max)" over the runs, or the one value.
 fn cell(unit: Unit, values: Option<&Vec<f64>>) -> String {
-    let Some(values) = values.filter(|v| !v.is_empty()) else {
+    let Some((low, median, high)) = values.and_then(|v| spread(v)) else {
         return "—".to_owned();
     };
-    let mut sorted = values.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = format_value(unit, sorted[sorted.len() / 2]);
-    let (low, high) = (
-        format_value(unit, sorted[0]),
-        format_value(unit, sorted[sorted.len() - 1]),
-    );
+    let [low, median, high] = [low, median, high].map(|v| format_value(unit, v));
     if low == high {
         median
     } else {
@@ -437,23 +436,24 @@ fn targets(res: &Results) -> Vec<String> {
     if let Some(key) = ingest_key
         && let Some(ours) = get(&key, Punctual)
     {
-        let mut parts = Vec::new();
-        if let Some(zset) = get(&key, Zset) {
-            parts.push(format!(
-                "≥ 2× the sorted set ({}): {} ({:.2}×)",
-                rate(zset),
-                verdict(ours >= 2.0 * zset),
-                ours / zset
-            ));
-        }
-        if let Some(bean) = get(&key, Beanstalkd) {
-            parts.push(format!(
-                "≥ 3× beanstalkd ({}): {} ({:.2}×)",
-                rate(bean),
-                verdict(ours >= 3.0 * bean),
-                ours / bean
-            ));
-        }
+        // Punctual against a peer, as a multiple of the peer's rate.
+        let against = |peer: System, name: &str, times: f64| {
+            get(&key, peer).map(|theirs| {
+                format!(
+                    "≥ {times}× {name} ({}): {} ({:.2}×)",
+                    rate(theirs),
+                    verdict(ours >= times * theirs),
+                    ours / theirs
+                )
+            })
+        };
+        let parts: Vec<String> = [
+            against(Zset, "the sorted set", 2.0),
+            against(Beanstalkd, "beanstalkd", 3.0),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         if !parts.is_empty() {
             let connections = key.trim_start_matches("ingest_");
             lines.push(format!(

@@ -177,13 +177,19 @@ pub trait Subject: Sized {
 }
 
 /// Sends every work item through one of `connections`, each used by its own worker that takes the
-/// next item when it is done with the last; returns the seconds it took. `send` gets the connection
-/// by value and hands it back, which keeps the workers' futures `Send` and `'static`.
-pub async fn fan_out<W, C, F, Fut>(work: Vec<W>, connections: Vec<C>, send: F) -> Result<f64>
+/// next item when it is done with the last; returns the seconds it took. An item is `(tasks, work)`:
+/// `tasks` is added to `bar` once `send` is done with the item. `send` gets the connection by value
+/// and hands it back, which keeps the workers' futures `Send` and `'static`.
+pub async fn fan_out<W, C, F, Fut>(
+    work: Vec<(usize, W)>,
+    connections: Vec<C>,
+    bar: &Bar,
+    send: F,
+) -> Result<f64>
 where
     W: Send + 'static,
     C: Send + 'static,
-    F: Fn(C, W) -> Fut + Clone + Send + 'static,
+    F: Fn(C, (usize, W)) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<C>> + Send,
 {
     let mut work = work;
@@ -192,14 +198,16 @@ where
     let started = Instant::now();
     let mut workers = Vec::new();
     for connection in connections {
-        let (queue, send) = (queue.clone(), send.clone());
+        let (queue, send, bar) = (queue.clone(), send.clone(), bar.clone());
         workers.push(tokio::spawn(async move {
             let mut connection = connection;
             loop {
                 let Some(item) = queue.lock().await.pop() else {
                     return Ok::<(), anyhow::Error>(());
                 };
+                let tasks = item.0;
                 connection = send(connection, item).await?;
+                bar.add(tasks as u64);
             }
         }));
     }
@@ -207,6 +215,11 @@ where
         worker.await??;
     }
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// The jobs in round trips of `batch`, as work items for [`fan_out`].
+pub fn job_chunks(jobs: &[Job], batch: usize) -> Vec<(usize, Vec<Job>)> {
+    jobs.chunks(batch).map(|c| (c.len(), c.to_vec())).collect()
 }
 
 /// A fresh, empty directory for one system's data.
