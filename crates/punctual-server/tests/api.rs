@@ -663,6 +663,16 @@ async fn patch_and_delete(h: &Harness) {
 }
 each_store!(patch_reschedules_and_delete_cancels, patch_and_delete);
 
+/// The `status` of each entry of a batch answer's `results`.
+fn result_statuses(answer: &Value) -> Vec<u64> {
+    answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect()
+}
+
 async fn batch_and_listing(h: &Harness) {
     let body = json!({"tasks": [
         {"id": "a", "delay_ms": 60_000},
@@ -674,12 +684,7 @@ async fn batch_and_listing(h: &Harness) {
     ]});
     let (status, answer) = h.json("POST", "/v1/queues/pages/batch", body).await;
     assert_eq!(status, StatusCode::OK);
-    let statuses: Vec<u64> = answer["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["status"].as_u64().unwrap())
-        .collect();
+    let statuses = result_statuses(&answer);
     assert_eq!(statuses, [201, 422, 200, 409, 201, 413]);
     assert_eq!(answer["results"][0]["task"]["id"], "a");
     assert_eq!(answer["results"][1]["error"]["code"], "invalid_field");
@@ -924,12 +929,7 @@ async fn ack_in_batches(h: &Harness) {
         .json("POST", "/v1/queues/q/ack", json!({"tasks": acks}))
         .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    let statuses: Vec<u64> = answer["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["status"].as_u64().unwrap())
-        .collect();
+    let statuses = result_statuses(&answer);
     assert_eq!(statuses, [204, 204, 204, 204, 204, 409, 404]);
     assert_eq!(answer["results"][5]["error"]["code"], "lease_lost");
     let (_, stats) = h.call("GET", "/v1/queues/q", None).await;

@@ -146,24 +146,31 @@ impl Punctual {
     }
 }
 
-/// Waits until the target has seen a request.
-async fn wait_for_first_request(seen: &Mutex<Vec<Seen>>) {
+/// Schedules webhook task `id`, and once its delivery has started, stops the app; answers how long
+/// the stop took and the task as stored afterwards (read through the router; the store stays readable).
+async fn stop_mid_delivery(
+    p: Punctual,
+    id: &str,
+    url: &str,
+    seen: &Mutex<Vec<Seen>>,
+) -> (Duration, Value) {
+    p.schedule(json!({"id": id, "webhook": {"url": url}})).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while seen.lock().unwrap().is_empty() {
         assert!(Instant::now() < deadline, "the delivery never started");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-/// Reads a task through a router whose app has stopped (the store stays readable).
-async fn task_after_stop(router: Router, id: &str) -> Value {
+    let router = p.router.clone();
+    let started = Instant::now();
+    p.stop().await;
+    let stopping = started.elapsed();
     let request = Request::builder()
         .uri(format!("/v1/queues/hooks/tasks/{id}"))
         .body(Body::empty())
         .unwrap();
     let response = router.oneshot(request).await.unwrap();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    serde_json::from_slice(&bytes).unwrap()
+    (stopping, serde_json::from_slice(&bytes).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,18 +375,12 @@ async fn redirects_are_failures_not_followed() {
 async fn shutdown_lets_deliveries_in_flight_finish() {
     let (url, seen) = target(|_| Reply::Hang(Duration::from_millis(700))).await;
     let p = Punctual::start(WebhookConfig::default());
-    p.schedule(json!({"id": "inflight", "webhook": {"url": url}}))
-        .await;
-    wait_for_first_request(&seen).await;
-    let router = p.router.clone();
-    let started = Instant::now();
-    p.stop().await;
+    let (stopping, task) = stop_mid_delivery(p, "inflight", &url, &seen).await;
     assert!(
-        started.elapsed() >= Duration::from_millis(500),
+        stopping >= Duration::from_millis(500),
         "stop waited for the delivery"
     );
     // The outcome was recorded before the writer stopped: the task is acked, not left leased.
-    let task = task_after_stop(router, "inflight").await;
     assert_eq!(task["state"], "succeeded", "{task}");
 }
 
@@ -390,17 +391,11 @@ async fn shutdown_releases_deliveries_that_outlive_the_grace_period() {
         shutdown_grace_ms: 200,
         ..WebhookConfig::default()
     });
-    p.schedule(json!({"id": "stuck", "webhook": {"url": url}}))
-        .await;
-    wait_for_first_request(&seen).await;
-    let router = p.router.clone();
-    let started = Instant::now();
-    p.stop().await;
+    let (stopping, task) = stop_mid_delivery(p, "stuck", &url, &seen).await;
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        stopping < Duration::from_secs(3),
         "stop did not wait for the hung target"
     );
-    let task = task_after_stop(router, "stuck").await;
     assert_eq!(
         (task["state"].as_str(), task["attempt"].as_u64()),
         (Some("ready"), Some(0)),
