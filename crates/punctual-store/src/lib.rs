@@ -6,12 +6,15 @@
 //!
 //! - [`MemoryStore`]: `BTreeMap`s behind a lock; the test oracle.
 //! - [`RedbStore`]: the embedded, durable default (one redb file).
+//! - [`RedisStore`]: the distributed mode, on a standalone Redis or a Redis Cluster shared by many nodes.
 
 mod codec;
 pub mod conformance;
 mod engine;
 mod memory;
 mod redb_store;
+mod redis_store;
+pub mod redis_testing;
 
 use punctual_core::{LeaseCheck, Task, TaskState};
 use thiserror::Error;
@@ -20,6 +23,7 @@ pub use codec::FORMAT_VERSION;
 pub use engine::ready_target;
 pub use memory::MemoryStore;
 pub use redb_store::{RedbOptions, RedbStore};
+pub use redis_store::{MAX_SHARDS, RedisOptions, RedisStore, RedisTarget};
 
 /// A store failure. Expected outcomes (not found, lease lost, …) are [`Outcome`]s, not errors.
 #[derive(Debug, Error)]
@@ -232,6 +236,16 @@ pub struct DueTimes {
 /// Most index entries one listing scans before it returns a (possibly short) page with a cursor.
 pub const LIST_SCAN_BUDGET: usize = 20_000;
 
+/// News one node sends the others that share its store: due times it committed (so their timers wake for
+/// them) and queues that got ready tasks (so their long-polls are served).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Notice {
+    pub due_times: Vec<u64>,
+    pub ready_queues: Vec<String>,
+    /// Notices may have been missed (the subscription was re-established): re-read due times from the store.
+    pub resync: bool,
+}
+
 /// The narrow storage interface the server sees.
 pub trait Store: Send + Sync + 'static {
     /// Applies `commands` in order in one transaction, durable (fsynced) if any command
@@ -257,4 +271,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// `Err` once the store is poisoned.
     fn health(&self) -> Result<(), StoreError>;
+
+    /// Whether other nodes may change this store (then the server publishes and subscribes to notices,
+    /// and re-reads due times periodically).
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Tells the other nodes what this node just committed. Best effort: a lost notice only delays the
+    /// other nodes until their next periodic re-read.
+    fn publish(&self, _notice: Notice) {}
+
+    /// Delivers the other nodes' notices to `sink`, on a thread of the store's, until the store is dropped.
+    fn subscribe(&self, _sink: Box<dyn Fn(Notice) + Send + Sync>) {}
 }

@@ -1,7 +1,10 @@
 //! Runs the conformance suite against every backend, and the generated workload against the oracle.
 
+mod common;
+
+use common::step;
 use proptest::prelude::*;
-use punctual_store::conformance::{self, Step};
+use punctual_store::conformance;
 use punctual_store::{MemoryStore, RedbOptions, RedbStore, Store};
 
 fn temp_dir(tag: &str) -> std::path::PathBuf {
@@ -32,24 +35,6 @@ fn memory_store_conforms() {
 #[test]
 fn redb_store_conforms() {
     conformance::run_all(&redb);
-}
-
-fn step() -> impl Strategy<Value = Step> {
-    prop_oneof![
-        (any::<u8>(), 0u16..600, any::<u8>()).prop_map(|(id, delay_ms, max_attempts)| {
-            Step::Schedule {
-                id,
-                delay_ms,
-                max_attempts,
-            }
-        }),
-        any::<u8>().prop_map(|max| Step::Reserve { max }),
-        (any::<u8>(), any::<u8>()).prop_map(|(nth, how)| Step::Settle { nth, how }),
-        any::<u8>().prop_map(|id| Step::Cancel { id }),
-        (any::<u8>(), 0u16..600).prop_map(|(id, delay_ms)| Step::Reschedule { id, delay_ms }),
-        any::<u8>().prop_map(|id| Step::Retry { id }),
-        (0u16..400).prop_map(|ms| Step::Advance { ms }),
-    ]
 }
 
 proptest! {

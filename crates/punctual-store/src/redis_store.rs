@@ -1,0 +1,1303 @@
+//! The distributed store: tasks, indexes and counters in a standalone Redis or a Redis Cluster, shared by
+//! any number of stateless Punctual nodes.
+//!
+//! The transition logic is the same `engine::apply_one` every backend runs. A batch is evaluated against an
+//! overlay of the records it read ([`Tx`]); the result is committed as one *unit* per changed task. A unit
+//! is applied by a Lua script, atomically on the Redis server, only if the task's record still carries the
+//! version that was read (a compare-and-set); it writes the record, moves the task's due and ready index
+//! entries and adjusts the counters in one step. Index entries and counters are derived from the record
+//! before and after, so they cannot drift. A unit whose version moved (another node changed the task in
+//! between) is not applied: commands about that one task are evaluated again on fresh reads, and commands
+//! that handed out several tasks (reserve, tick) drop it from their answer. So two nodes never both lease a
+//! task, and every transition is one atomic script.
+//!
+//! Keys carry a hash tag per queue shard, `{<hash of queue>.<shard>}`, so every script touches one slot;
+//! a task's shard is a hash of its id, so one busy queue spreads over `shards` slots (and cluster masters).
+//!
+//! ```text
+//! P:meta                 hash   format, shards (fixed when the keyspace is first used)
+//! P:queues               set    every queue that ever had a task
+//! P:events               pub/sub channel: due times and ready queues other nodes committed
+//! P:{T}:t:<queue>        hash   id -> 8-byte version + record (codec)
+//! P:{T}:d:<queue>        zset   due index: id scored by due time
+//! P:{T}:r:<queue>        zset   ready index (pull consumers): id scored by ready time
+//! P:{T}:p:<queue>        zset   ready index of webhook tasks (the push sender)
+//! P:{T}:i:<queue>        zset   every id at score 0, for listing in id order
+//! P:{T}:c:<queue>        hash   state index -> task count
+//! ```
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::Duration;
+
+use punctual_core::{Task, TaskState};
+use redis::{Cmd, ConnectionLike, RedisResult, Value, cmd};
+
+use crate::engine::{self, Txn};
+use crate::{
+    Command, DueTimes, LIST_SCAN_BUDGET, Notice, Outcome, PUSH_INDEX, Page, QueueCounts, Store,
+    StoreError, codec,
+};
+
+/// Where the Redis store lives.
+#[derive(Debug, Clone)]
+pub enum RedisTarget {
+    /// One Redis server: `redis://[:password@]host:port/db` (or `rediss://` for TLS).
+    Standalone(String),
+    /// A Redis Cluster, given by one or more of its nodes.
+    Cluster(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// Prefix of every key (letters, digits, `_`, `-`, `.`), so several deployments can share a Redis.
+    pub prefix: String,
+    /// Shards (hash slots) per queue. Fixed by the first node that uses the keyspace; a node started
+    /// with a different explicit value refuses to start. `None`: the stored value, else 1 on a standalone
+    /// Redis and 12 on a cluster.
+    pub shards: Option<u32>,
+    /// After a commit that must be durable, wait until this many replicas have it (`WAIT`); 0 = don't.
+    pub wait_replicas: u32,
+    /// How long `WAIT` may take before the request fails.
+    pub wait_timeout_ms: u64,
+    /// Connect, read and write timeout of every connection.
+    pub io_timeout_ms: u64,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            prefix: "punctual".into(),
+            shards: None,
+            wait_replicas: 0,
+            wait_timeout_ms: 1_000,
+            io_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Most shards a queue may have.
+pub const MAX_SHARDS: u32 = 1024;
+
+/// Rounds a batch may need when other nodes keep changing the same tasks, before it fails.
+const MAX_ROUNDS: usize = 32;
+
+/// How long the cached list of queues is trusted before it is read again.
+const QUEUE_CACHE_MS: u128 = 1_000;
+
+/// Applies a batch of units (see the module docs) to one queue shard. KEYS: record hash, due, ready,
+/// push, ids, counts. ARGV: 10 fields per unit: id, expected version (8 bytes, or empty for "absent"),
+/// new value (empty to delete), remove from due (flag), due score, remove from ready ("r", "p" or empty),
+/// add to ready ("r", "p" or empty), ready score, state index to decrement, state index to increment.
+/// Answers 1 per applied unit and 0 per unit whose record changed since it was read.
+const COMMIT_SCRIPT: &str = r#"
+local res = {}
+for i = 1, #ARGV, 10 do
+  local id = ARGV[i]
+  local cur = redis.call('HGET', KEYS[1], id)
+  local ok
+  if ARGV[i+1] == '' then
+    ok = (cur == false)
+  else
+    ok = (cur ~= false) and (string.sub(cur, 1, 8) == ARGV[i+1])
+  end
+  if ok then
+    if ARGV[i+2] == '' then
+      redis.call('HDEL', KEYS[1], id)
+      redis.call('ZREM', KEYS[5], id)
+    else
+      redis.call('HSET', KEYS[1], id, ARGV[i+2])
+      if cur == false then redis.call('ZADD', KEYS[5], 0, id) end
+    end
+    if ARGV[i+3] ~= '' then redis.call('ZREM', KEYS[2], id) end
+    if ARGV[i+4] ~= '' then redis.call('ZADD', KEYS[2], ARGV[i+4], id) end
+    if ARGV[i+5] == 'r' then redis.call('ZREM', KEYS[3], id) elseif ARGV[i+5] == 'p' then redis.call('ZREM', KEYS[4], id) end
+    if ARGV[i+6] == 'r' then redis.call('ZADD', KEYS[3], ARGV[i+7], id) elseif ARGV[i+6] == 'p' then redis.call('ZADD', KEYS[4], ARGV[i+7], id) end
+    if ARGV[i+8] ~= '' then redis.call('HINCRBY', KEYS[6], ARGV[i+8], -1) end
+    if ARGV[i+9] ~= '' then redis.call('HINCRBY', KEYS[6], ARGV[i+9], 1) end
+    res[#res+1] = 1
+  else
+    res[#res+1] = 0
+  end
+end
+return res
+"#;
+
+/// A connection to a standalone server or to a cluster.
+enum Conn {
+    One(redis::Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+/// A record as read: its version and the task.
+type Versioned = ([u8; 8], Task);
+
+/// A queue shard's units in one commit: their keys, and the script arguments.
+type Units = (Vec<(String, String)>, Vec<Vec<u8>>);
+
+impl Conn {
+    fn one(&mut self, command: &Cmd) -> RedisResult<Value> {
+        match self {
+            Conn::One(c) => c.req_command(command),
+            Conn::Cluster(c) => c.req_command(command),
+        }
+    }
+
+    /// Sends `commands` in one pipeline (per node, on a cluster) and answers one value each.
+    fn pipe(&mut self, commands: Vec<Cmd>) -> RedisResult<Vec<Value>> {
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Conn::One(c) => {
+                let mut pipe = redis::pipe();
+                for command in commands {
+                    pipe.add_command(command);
+                }
+                pipe.query(c)
+            }
+            Conn::Cluster(c) => {
+                let mut pipe = redis::cluster::cluster_pipe();
+                for command in commands {
+                    pipe.add_command(command);
+                }
+                pipe.query(c)
+            }
+        }
+    }
+}
+
+enum Client {
+    One(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// The Redis-backed [`Store`].
+pub struct RedisStore {
+    client: Client,
+    /// Plain clients for pub/sub: the server itself, or each cluster node in turn.
+    pubsub_clients: Vec<redis::Client>,
+    pool: Mutex<Vec<Conn>>,
+    prefix: String,
+    shards: u32,
+    options: RedisOptions,
+    timeout: Duration,
+    /// Distinguishes this node's own notices from other nodes'.
+    node: String,
+    versions: (AtomicU64, std::collections::hash_map::RandomState),
+    queues: Mutex<(Option<std::time::Instant>, BTreeSet<String>)>,
+    publisher: Mutex<Option<mpsc::Sender<Notice>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+fn storage(error: redis::RedisError) -> StoreError {
+    StoreError::Storage(format!("redis: {error}"))
+}
+
+/// FNV-1a: a hash every node computes the same way (std's hashers are seeded per process).
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+fn from<T: redis::FromRedisValue>(value: &Value) -> Result<T, StoreError> {
+    redis::from_redis_value(value).map_err(storage)
+}
+
+fn score(raw: f64) -> u64 {
+    raw.max(0.0) as u64
+}
+
+/// Which ready index a task sits in, and since when.
+fn ready_of(task: &Task) -> Option<(&'static str, u64)> {
+    task.ready_at_ms()
+        .map(|at| (if task.webhook.is_some() { "p" } else { "r" }, at))
+}
+
+impl RedisStore {
+    /// Connects, checks (or sets) the keyspace's format and shard count, and starts the publisher.
+    pub fn open(target: &RedisTarget, options: &RedisOptions) -> Result<RedisStore, StoreError> {
+        if options.prefix.is_empty()
+            || !options
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
+            return Err(StoreError::Open {
+                path: options.prefix.clone(),
+                reason: "the key prefix may only hold letters, digits, '_', '-' and '.'".into(),
+            });
+        }
+        if options.shards.is_some_and(|s| s == 0 || s > MAX_SHARDS) {
+            return Err(StoreError::Open {
+                path: options.prefix.clone(),
+                reason: format!("shards must be between 1 and {MAX_SHARDS}"),
+            });
+        }
+        let open_error = |url: &str, e: redis::RedisError| StoreError::Open {
+            path: url.to_owned(),
+            reason: e.to_string(),
+        };
+        let timeout = Duration::from_millis(options.io_timeout_ms.max(1));
+        let (client, pubsub_clients, default_shards) = match target {
+            RedisTarget::Standalone(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(|e| open_error(url, e))?;
+                (Client::One(client.clone()), vec![client], 1)
+            }
+            RedisTarget::Cluster(urls) => {
+                let cluster = redis::cluster::ClusterClient::builder(urls.clone())
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .build()
+                    .map_err(|e| open_error(&urls.join(","), e))?;
+                let plain = urls
+                    .iter()
+                    .map(|u| redis::Client::open(u.as_str()).map_err(|e| open_error(u, e)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (Client::Cluster(cluster), plain, 12)
+            }
+        };
+        let versions = (
+            AtomicU64::new(1),
+            std::collections::hash_map::RandomState::new(),
+        );
+        let node = format!("{:016x}", versions.1.hash_one(std::process::id()));
+        let mut store = RedisStore {
+            client,
+            pubsub_clients,
+            pool: Mutex::new(Vec::new()),
+            prefix: options.prefix.clone(),
+            shards: 1,
+            options: options.clone(),
+            timeout,
+            node,
+            versions,
+            queues: Mutex::new((None, BTreeSet::new())),
+            publisher: Mutex::new(None),
+            stopping: Arc::new(AtomicBool::new(false)),
+        };
+        let meta = format!("{}:meta", store.prefix);
+        let wanted = options.shards.unwrap_or(default_shards);
+        let values = store.with_conn(|c| {
+            c.pipe(vec![
+                cmd("HSETNX")
+                    .arg(&meta)
+                    .arg("format")
+                    .arg(codec::FORMAT_VERSION)
+                    .clone(),
+                cmd("HSETNX").arg(&meta).arg("shards").arg(wanted).clone(),
+                cmd("HMGET").arg(&meta).arg("format").arg("shards").clone(),
+            ])
+            .map_err(storage)
+        })?;
+        let (format, shards): (u64, u32) = from(&values[2])?;
+        if format != u64::from(codec::FORMAT_VERSION) {
+            return Err(StoreError::FormatVersion {
+                path: meta,
+                found: format,
+                expected: u64::from(codec::FORMAT_VERSION),
+            });
+        }
+        if options.shards.is_some_and(|s| s != shards) {
+            return Err(StoreError::Open {
+                path: meta,
+                reason: format!(
+                    "this keyspace was created with {shards} shards per queue; start with that value \
+                     (or none) or use another key prefix"
+                ),
+            });
+        }
+        store.shards = shards;
+        store.start_publisher();
+        Ok(store)
+    }
+
+    /// Shards per queue in this keyspace.
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    fn connect(&self) -> RedisResult<Conn> {
+        match &self.client {
+            Client::One(client) => {
+                let conn = client.get_connection_with_timeout(self.timeout)?;
+                conn.set_read_timeout(Some(self.timeout))?;
+                conn.set_write_timeout(Some(self.timeout))?;
+                Ok(Conn::One(conn))
+            }
+            Client::Cluster(client) => Ok(Conn::Cluster(Box::new(client.get_connection()?))),
+        }
+    }
+
+    fn pool(&self) -> MutexGuard<'_, Vec<Conn>> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on a pooled connection. A connection that failed is dropped, not reused.
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = self.pool().pop();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => self.connect().map_err(storage)?,
+        };
+        let result = f(&mut conn);
+        if result.is_ok() {
+            self.pool().push(conn);
+        }
+        result
+    }
+
+    fn tag(&self, queue: &str, shard: u32) -> String {
+        format!("{}:{{{:016x}.{shard}}}", self.prefix, fnv(queue.as_bytes()))
+    }
+
+    fn shard_of(&self, id: &str) -> u32 {
+        (fnv(id.as_bytes()) % u64::from(self.shards)) as u32
+    }
+
+    fn key(&self, queue: &str, shard: u32, kind: &str) -> String {
+        format!("{}:{kind}:{queue}", self.tag(queue, shard))
+    }
+
+    fn task_key(&self, queue: &str, id: &str, kind: &str) -> String {
+        self.key(queue, self.shard_of(id), kind)
+    }
+
+    fn next_version(&self) -> [u8; 8] {
+        let n = self.versions.0.fetch_add(1, Ordering::Relaxed);
+        self.versions.1.hash_one(n).to_be_bytes()
+    }
+
+    fn registry(&self) -> String {
+        format!("{}:queues", self.prefix)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    /// Every queue that ever had a task (cached for a second; a queue this node creates is added at once).
+    fn all_queues(&self, conn: &mut Conn) -> Result<Vec<String>, StoreError> {
+        let mut cache = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = cache
+            .0
+            .is_some_and(|at| at.elapsed().as_millis() < QUEUE_CACHE_MS);
+        if !fresh {
+            let names: Vec<String> = from(
+                &conn
+                    .one(&cmd("SMEMBERS").arg(self.registry()).clone())
+                    .map_err(storage)?,
+            )?;
+            cache.1.extend(names);
+            #[allow(clippy::disallowed_methods)] // Cache age only; never drives task behaviour.
+            let now = std::time::Instant::now();
+            cache.0 = Some(now);
+        }
+        Ok(cache.1.iter().cloned().collect())
+    }
+
+    /// Adds queues to the registry before tasks are written to them.
+    fn register(&self, conn: &mut Conn, queues: &BTreeSet<&str>) -> Result<(), StoreError> {
+        let missing: Vec<&str> = {
+            let cache = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            queues
+                .iter()
+                .filter(|q| !cache.1.contains(**q))
+                .copied()
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        conn.one(&cmd("SADD").arg(self.registry()).arg(&missing).clone())
+            .map_err(storage)?;
+        let mut cache = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        cache.1.extend(missing.into_iter().map(str::to_owned));
+        Ok(())
+    }
+
+    /// Decodes `version + record`.
+    fn decode(queue: &str, id: &str, bytes: &[u8]) -> Result<Versioned, StoreError> {
+        if bytes.len() < 9 {
+            return Err(StoreError::Corrupt {
+                queue: queue.to_owned(),
+                id: id.to_owned(),
+                reason: format!("record of {} bytes", bytes.len()),
+            });
+        }
+        let mut version = [0u8; 8];
+        version.copy_from_slice(&bytes[..8]);
+        Ok((version, codec::decode(queue, id, &bytes[8..])?))
+    }
+
+    /// Reads records, one `HMGET` per queue shard, all in one pipeline.
+    fn fetch(
+        &self,
+        conn: &mut Conn,
+        keys: &[(String, String)],
+    ) -> Result<Vec<Option<Versioned>>, StoreError> {
+        let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, (queue, id)) in keys.iter().enumerate() {
+            groups
+                .entry(self.task_key(queue, id, "t"))
+                .or_default()
+                .push(i);
+        }
+        let groups: Vec<(String, Vec<usize>)> = groups.into_iter().collect();
+        let commands = groups
+            .iter()
+            .map(|(key, members)| {
+                let mut c = cmd("HMGET");
+                c.arg(key);
+                for i in members {
+                    c.arg(&keys[*i].1);
+                }
+                c
+            })
+            .collect();
+        let values = conn.pipe(commands).map_err(storage)?;
+        let mut out: Vec<Option<Versioned>> = keys.iter().map(|_| None).collect();
+        for ((_, members), value) in groups.iter().zip(&values) {
+            let records: Vec<Option<Vec<u8>>> = from(value)?;
+            for (i, record) in members.iter().zip(records) {
+                if let Some(bytes) = record {
+                    let (queue, id) = &keys[*i];
+                    out[*i] = Some(Self::decode(queue, id, &bytes)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn start_publisher(&self) {
+        let (tx, rx) = mpsc::channel::<Notice>();
+        *self.publisher.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        let client = match &self.client {
+            Client::One(c) => PubClient::One(c.clone()),
+            Client::Cluster(c) => PubClient::Cluster(c.clone()),
+        };
+        let channel = self.channel();
+        let node = self.node.clone();
+        let timeout = self.timeout;
+        let spawned = std::thread::Builder::new()
+            .name("punctual-redis-pub".into())
+            .spawn(move || publish_loop(&rx, &client, &channel, &node, timeout));
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start the notice publisher");
+        }
+    }
+}
+
+enum PubClient {
+    One(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// Encodes a notice: `node|t1,t2|q1,q2` (queue names hold neither `|` nor `,`).
+fn encode_notice(node: &str, notice: &Notice) -> String {
+    let times: Vec<String> = notice.due_times.iter().map(u64::to_string).collect();
+    format!(
+        "{node}|{}|{}",
+        times.join(","),
+        notice.ready_queues.join(",")
+    )
+}
+
+fn decode_notice(text: &str) -> Option<(&str, Notice)> {
+    let mut parts = text.splitn(3, '|');
+    let node = parts.next()?;
+    let times = parts.next()?;
+    let queues = parts.next()?;
+    let due_times = times
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::parse)
+        .collect::<Result<Vec<u64>, _>>()
+        .ok()?;
+    let ready_queues = queues
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Some((
+        node,
+        Notice {
+            due_times,
+            ready_queues,
+            resync: false,
+        },
+    ))
+}
+
+fn publish_loop(
+    rx: &mpsc::Receiver<Notice>,
+    client: &PubClient,
+    channel: &str,
+    node: &str,
+    timeout: Duration,
+) {
+    let mut conn: Option<Conn> = None;
+    while let Ok(first) = rx.recv() {
+        // Everything queued meanwhile goes out in one message.
+        let mut notice = first;
+        while let Ok(more) = rx.try_recv() {
+            notice.due_times.extend(more.due_times);
+            notice.ready_queues.extend(more.ready_queues);
+        }
+        notice.due_times.sort_unstable();
+        notice.due_times.dedup();
+        notice.ready_queues.sort_unstable();
+        notice.ready_queues.dedup();
+        let message = encode_notice(node, &notice);
+        for _attempt in 0..2 {
+            if conn.is_none() {
+                conn = match client {
+                    PubClient::One(c) => c.get_connection_with_timeout(timeout).map(Conn::One).ok(),
+                    PubClient::Cluster(c) => {
+                        c.get_connection().map(|c| Conn::Cluster(Box::new(c))).ok()
+                    }
+                };
+            }
+            let Some(c) = conn.as_mut() else { break };
+            match c.one(cmd("PUBLISH").arg(channel).arg(&message)) {
+                Ok(_) => break,
+                Err(_) => conn = None,
+            }
+        }
+    }
+}
+
+/// A record as this batch sees it.
+struct Rec {
+    original: Option<Versioned>,
+    current: Option<Task>,
+}
+
+/// One batch's view: records read (and changed), plus index changes not yet committed.
+struct Tx<'a> {
+    store: &'a RedisStore,
+    conn: &'a mut Conn,
+    recs: HashMap<(String, String), Rec>,
+    /// Due index changes: (queue, id) -> new due time, or `None` when removed.
+    due: HashMap<(String, String), Option<u64>>,
+    /// Ready index changes: (index, member) -> new ready time, or `None` when removed. The index is a
+    /// queue or [`PUSH_INDEX`] (whose members are `queue 0x00 id`).
+    ready: HashMap<(String, String), Option<u64>>,
+}
+
+impl<'a> Tx<'a> {
+    fn new(store: &'a RedisStore, conn: &'a mut Conn) -> Self {
+        Tx {
+            store,
+            conn,
+            recs: HashMap::new(),
+            due: HashMap::new(),
+            ready: HashMap::new(),
+        }
+    }
+
+    /// Reads the records of `keys` not read yet, in one round trip.
+    fn prefetch(&mut self, keys: Vec<(String, String)>) -> Result<(), StoreError> {
+        let mut missing: Vec<(String, String)> = keys
+            .into_iter()
+            .filter(|k| !self.recs.contains_key(k))
+            .collect();
+        missing.sort();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let found = self.store.fetch(self.conn, &missing)?;
+        for (key, original) in missing.into_iter().zip(found) {
+            let current = original.as_ref().map(|(_, t)| t.clone());
+            self.recs.insert(key, Rec { original, current });
+        }
+        Ok(())
+    }
+
+    fn rec(&mut self, queue: &str, id: &str) -> Result<&mut Rec, StoreError> {
+        let key = (queue.to_owned(), id.to_owned());
+        if !self.recs.contains_key(&key) {
+            self.prefetch(vec![key.clone()])?;
+        }
+        Ok(self.recs.get_mut(&key).expect("prefetched"))
+    }
+
+    /// Index entries from per-shard sorted sets, merged with this batch's own changes, by (score, member).
+    fn merged(
+        fetched: Vec<(u64, String, String)>,
+        changes: impl Iterator<Item = (u64, String, String)>,
+        changed: &dyn Fn(&str, &str) -> bool,
+        upto: Option<u64>,
+        limit: usize,
+    ) -> Vec<(u64, String, String)> {
+        let mut all: Vec<(u64, String, String)> = fetched
+            .into_iter()
+            .filter(|(_, a, b)| !changed(a, b))
+            .chain(changes.filter(|(s, _, _)| upto.is_none_or(|u| *s <= u)))
+            .collect();
+        all.sort();
+        all.truncate(limit);
+        all
+    }
+
+    /// Commits every changed record as a unit. Answers the keys whose unit was not applied.
+    fn commit(self) -> Result<HashSet<(String, String)>, StoreError> {
+        let store = self.store;
+        // queue shard tag -> (queue, shard, unit keys, args)
+        let mut groups: HashMap<(String, u32), Units> = HashMap::new();
+        for ((queue, id), rec) in self.recs {
+            let old = rec.original.as_ref().map(|(_, t)| t);
+            let new = rec.current.as_ref();
+            if old == new {
+                continue;
+            }
+            let mut args: Vec<Vec<u8>> = Vec::with_capacity(10);
+            args.push(id.as_bytes().to_vec());
+            args.push(
+                rec.original
+                    .as_ref()
+                    .map_or(Vec::new(), |(v, _)| v.to_vec()),
+            );
+            args.push(new.map_or(Vec::new(), |t| {
+                let mut value = store.next_version().to_vec();
+                value.extend(codec::encode(t));
+                value
+            }));
+            let (old_due, new_due) = (old.and_then(Task::due_at_ms), new.and_then(Task::due_at_ms));
+            let due_del = old_due.is_some() && new_due.is_none();
+            args.push(if due_del { b"1".to_vec() } else { Vec::new() });
+            args.push(match new_due {
+                Some(d) if Some(d) != old_due => d.to_string().into_bytes(),
+                _ => Vec::new(),
+            });
+            let (old_ready, new_ready) = (old.and_then(ready_of), new.and_then(ready_of));
+            let ready_del = match (old_ready, new_ready) {
+                (Some((k, _)), Some((nk, _))) if k != nk => k,
+                (Some((k, _)), None) => k,
+                _ => "",
+            };
+            args.push(ready_del.as_bytes().to_vec());
+            match new_ready {
+                Some((k, at)) if new_ready != old_ready => {
+                    args.push(k.as_bytes().to_vec());
+                    args.push(at.to_string().into_bytes());
+                }
+                _ => {
+                    args.push(Vec::new());
+                    args.push(Vec::new());
+                }
+            }
+            let (old_state, new_state) = (old.map(|t| t.state), new.map(|t| t.state));
+            let same = old_state == new_state;
+            for state in [old_state, new_state] {
+                args.push(match state {
+                    Some(s) if !same => s.index().to_string().into_bytes(),
+                    _ => Vec::new(),
+                });
+            }
+            let shard = store.shard_of(&id);
+            let group = groups.entry((queue.clone(), shard)).or_default();
+            group.0.push((queue, id));
+            group.1.extend(args);
+        }
+        if groups.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let groups: Vec<_> = groups.into_iter().collect();
+        let commands = groups
+            .iter()
+            .map(|((queue, shard), (_, args))| {
+                let mut c = cmd("EVAL");
+                c.arg(COMMIT_SCRIPT).arg(6);
+                for kind in ["t", "d", "r", "p", "i", "c"] {
+                    c.arg(store.key(queue, *shard, kind));
+                }
+                for a in args {
+                    c.arg(a.as_slice());
+                }
+                c
+            })
+            .collect();
+        let values = self.conn.pipe(commands).map_err(storage)?;
+        let mut failed = HashSet::new();
+        for ((_, (keys, _)), value) in groups.into_iter().zip(values) {
+            let applied: Vec<i64> = from(&value)?;
+            for (key, ok) in keys.into_iter().zip(applied) {
+                if ok != 1 {
+                    failed.insert(key);
+                }
+            }
+        }
+        Ok(failed)
+    }
+}
+
+impl Txn for Tx<'_> {
+    fn get(&mut self, queue: &str, id: &str) -> Result<Option<Task>, StoreError> {
+        Ok(self.rec(queue, id)?.current.clone())
+    }
+
+    fn put(&mut self, task: &Task) -> Result<(), StoreError> {
+        self.rec(&task.queue, &task.id)?.current = Some(task.clone());
+        Ok(())
+    }
+
+    fn create(&mut self, task: &Task) -> Result<Option<Task>, StoreError> {
+        let rec = self.rec(&task.queue, &task.id)?;
+        if let Some(existing) = &rec.current {
+            return Ok(Some(existing.clone()));
+        }
+        rec.current = Some(task.clone());
+        Ok(None)
+    }
+
+    fn remove(&mut self, queue: &str, id: &str) -> Result<(), StoreError> {
+        self.rec(queue, id)?.current = None;
+        Ok(())
+    }
+
+    fn due_add(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError> {
+        self.due
+            .insert((queue.to_owned(), id.to_owned()), Some(due_ms));
+        Ok(())
+    }
+
+    fn due_remove(&mut self, _due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError> {
+        self.due.insert((queue.to_owned(), id.to_owned()), None);
+        Ok(())
+    }
+
+    fn due_upto(
+        &mut self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String, String)>, StoreError> {
+        let queues = self.store.all_queues(self.conn)?;
+        let want = limit + self.due.len();
+        let mut keys = Vec::new();
+        let mut commands = Vec::new();
+        for queue in &queues {
+            for shard in 0..self.store.shards {
+                keys.push(queue);
+                commands.push(
+                    cmd("ZRANGEBYSCORE")
+                        .arg(self.store.key(queue, shard, "d"))
+                        .arg("-inf")
+                        .arg(now_ms)
+                        .arg("WITHSCORES")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(want)
+                        .clone(),
+                );
+            }
+        }
+        let values = self.conn.pipe(commands).map_err(storage)?;
+        let mut fetched = Vec::new();
+        for (queue, value) in keys.into_iter().zip(values) {
+            let entries: Vec<(String, f64)> = from(&value)?;
+            fetched.extend(
+                entries
+                    .into_iter()
+                    .map(|(id, s)| (score(s), queue.clone(), id)),
+            );
+        }
+        let due = &self.due;
+        let changes = due
+            .iter()
+            .filter_map(|((q, id), s)| s.map(|s| (s, q.clone(), id.clone())));
+        let entries = Self::merged(
+            fetched,
+            changes,
+            &|q, id| due.contains_key(&(q.to_owned(), id.to_owned())),
+            Some(now_ms),
+            limit,
+        );
+        self.prefetch(
+            entries
+                .iter()
+                .map(|(_, q, id)| (q.clone(), id.clone()))
+                .collect(),
+        )?;
+        Ok(entries)
+    }
+
+    fn ready_add(&mut self, queue: &str, at_ms: u64, id: &str) -> Result<(), StoreError> {
+        self.ready
+            .insert((queue.to_owned(), id.to_owned()), Some(at_ms));
+        Ok(())
+    }
+
+    fn ready_remove(&mut self, queue: &str, _at_ms: u64, id: &str) -> Result<(), StoreError> {
+        self.ready.insert((queue.to_owned(), id.to_owned()), None);
+        Ok(())
+    }
+
+    fn ready_first(&mut self, queue: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let push = queue == PUSH_INDEX;
+        let queues = if push {
+            self.store.all_queues(self.conn)?
+        } else {
+            vec![queue.to_owned()]
+        };
+        let want = limit + self.ready.len();
+        let mut owners = Vec::new();
+        let mut commands = Vec::new();
+        for q in &queues {
+            for shard in 0..self.store.shards {
+                owners.push(q);
+                commands.push(
+                    cmd("ZRANGE")
+                        .arg(self.store.key(q, shard, if push { "p" } else { "r" }))
+                        .arg(0)
+                        .arg(want.saturating_sub(1))
+                        .arg("WITHSCORES")
+                        .clone(),
+                );
+            }
+        }
+        let values = self.conn.pipe(commands).map_err(storage)?;
+        let mut fetched = Vec::new();
+        for (q, value) in owners.into_iter().zip(values) {
+            let entries: Vec<(String, f64)> = from(&value)?;
+            fetched.extend(entries.into_iter().map(|(id, s)| {
+                let member = if push { format!("{q}\0{id}") } else { id };
+                (score(s), queue.to_owned(), member)
+            }));
+        }
+        let ready = &self.ready;
+        let changes = ready
+            .iter()
+            .filter(|((index, _), _)| index == queue)
+            .filter_map(|((index, member), s)| s.map(|s| (s, index.clone(), member.clone())));
+        let entries = Self::merged(
+            fetched,
+            changes,
+            &|index, member| ready.contains_key(&(index.to_owned(), member.to_owned())),
+            None,
+            limit,
+        );
+        let members: Vec<String> = entries.into_iter().map(|(_, _, m)| m).collect();
+        let keys = members
+            .iter()
+            .map(|m| match m.split_once('\0') {
+                Some((q, id)) if push => (q.to_owned(), id.to_owned()),
+                _ => (queue.to_owned(), m.clone()),
+            })
+            .collect();
+        self.prefetch(keys)?;
+        Ok(members)
+    }
+
+    fn count(&mut self, _queue: &str, _state: TaskState, _delta: i64) {
+        // Counters are derived from each record's state before and after, at commit.
+    }
+}
+
+/// The one task a command is about, for commands about one task.
+fn single_key(command: &Command) -> Option<(&str, &str)> {
+    match command {
+        Command::Schedule(task) => Some((&task.queue, &task.id)),
+        Command::Reschedule { queue, id, .. }
+        | Command::Cancel { queue, id }
+        | Command::Ack { queue, id, .. }
+        | Command::Nack { queue, id, .. }
+        | Command::Release { queue, id, .. }
+        | Command::Extend { queue, id, .. }
+        | Command::Retry { queue, id } => Some((queue, id)),
+        Command::Reserve { .. }
+        | Command::ReservePush { .. }
+        | Command::Tick { .. }
+        | Command::Sync => None,
+    }
+}
+
+/// Removes from a multi-task outcome the tasks whose unit was not applied.
+fn drop_failed(outcome: &mut Outcome, failed: &HashSet<(String, String)>) {
+    let lost = |t: &Task| failed.contains(&(t.queue.clone(), t.id.clone()));
+    match outcome {
+        Outcome::Reserved(tasks) => tasks.retain(|t| !lost(t)),
+        Outcome::Ticked(report) => {
+            for tasks in &mut report.taken {
+                tasks.retain(|t| !lost(t));
+            }
+            // Something it saw changed under it: look again at once.
+            report.more = true;
+        }
+        _ => {}
+    }
+}
+
+impl Store for RedisStore {
+    fn apply(&self, now_ms: u64, commands: &[Command]) -> Result<Vec<Outcome>, StoreError> {
+        self.with_conn(|conn| {
+            let created: BTreeSet<&str> = commands
+                .iter()
+                .filter_map(|c| match c {
+                    Command::Schedule(task) => Some(task.queue.as_str()),
+                    _ => None,
+                })
+                .collect();
+            self.register(conn, &created)?;
+            let mut outcomes: Vec<Option<Outcome>> = commands.iter().map(|_| None).collect();
+            let mut pending: Vec<usize> = (0..commands.len()).collect();
+            for _round in 0..MAX_ROUNDS {
+                let mut tx = Tx::new(self, conn);
+                tx.prefetch(
+                    pending
+                        .iter()
+                        .filter_map(|i| single_key(&commands[*i]))
+                        .map(|(q, id)| (q.to_owned(), id.to_owned()))
+                        .collect(),
+                )?;
+                for &i in &pending {
+                    outcomes[i] = Some(engine::apply_one(&mut tx, now_ms, &commands[i])?);
+                }
+                let failed = tx.commit()?;
+                if failed.is_empty() {
+                    pending.clear();
+                    break;
+                }
+                let mut again = Vec::new();
+                for &i in &pending {
+                    match single_key(&commands[i]) {
+                        Some((q, id)) if failed.contains(&(q.to_owned(), id.to_owned())) => {
+                            again.push(i)
+                        }
+                        Some(_) => {}
+                        None => {
+                            if let Some(outcome) = outcomes[i].as_mut() {
+                                drop_failed(outcome, &failed);
+                            }
+                        }
+                    }
+                }
+                pending = again;
+                if pending.is_empty() {
+                    break;
+                }
+            }
+            if !pending.is_empty() {
+                return Err(StoreError::Storage(format!(
+                    "{} commands still conflicted with other nodes after {MAX_ROUNDS} attempts",
+                    pending.len()
+                )));
+            }
+            if self.options.wait_replicas > 0 && commands.iter().any(Command::is_durable) {
+                let acked: i64 = from(
+                    &conn
+                        .one(
+                            cmd("WAIT")
+                                .arg(self.options.wait_replicas)
+                                .arg(self.options.wait_timeout_ms),
+                        )
+                        .map_err(storage)?,
+                )?;
+                if acked < i64::from(self.options.wait_replicas) {
+                    return Err(StoreError::Storage(format!(
+                        "the commit reached {acked} of {} replicas within {} ms (it is applied on the \
+                         primary, but a failover could lose it)",
+                        self.options.wait_replicas, self.options.wait_timeout_ms
+                    )));
+                }
+            }
+            Ok(outcomes.into_iter().map(|o| o.expect("applied")).collect())
+        })
+    }
+
+    fn get(&self, queue: &str, id: &str) -> Result<Option<Task>, StoreError> {
+        self.with_conn(|conn| {
+            let found = self.fetch(conn, &[(queue.to_owned(), id.to_owned())])?;
+            Ok(found.into_iter().next().flatten().map(|(_, t)| t))
+        })
+    }
+
+    fn list(
+        &self,
+        queue: &str,
+        state: Option<TaskState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        self.with_conn(|conn| {
+            let mut page = Page::default();
+            let mut scanned = 0;
+            let mut cursor = after.map(str::to_owned);
+            loop {
+                let want = if state.is_none() {
+                    limit.saturating_sub(page.tasks.len()).max(1)
+                } else {
+                    512
+                }
+                .min(LIST_SCAN_BUDGET);
+                let start = cursor
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |c| format!("({c}"));
+                let commands = (0..self.shards)
+                    .map(|shard| {
+                        cmd("ZRANGEBYLEX")
+                            .arg(self.key(queue, shard, "i"))
+                            .arg(&start)
+                            .arg("+")
+                            .arg("LIMIT")
+                            .arg(0)
+                            .arg(want)
+                            .clone()
+                    })
+                    .collect();
+                let mut ids: Vec<String> = Vec::new();
+                for value in conn.pipe(commands).map_err(storage)? {
+                    ids.extend(from::<Vec<String>>(&value)?);
+                }
+                ids.sort();
+                let exhausted = ids.len() < want;
+                ids.truncate(want);
+                let keys: Vec<(String, String)> = ids
+                    .iter()
+                    .map(|id| (queue.to_owned(), id.clone()))
+                    .collect();
+                let records = self.fetch(conn, &keys)?;
+                for (id, record) in ids.iter().zip(records) {
+                    cursor = Some(id.clone());
+                    let Some((_, task)) = record else { continue };
+                    scanned += 1;
+                    if state.is_none_or(|s| s == task.state) {
+                        page.tasks.push(task);
+                    }
+                    if page.tasks.len() >= limit || scanned >= LIST_SCAN_BUDGET {
+                        page.next_cursor = Some(id.clone());
+                        return Ok(page);
+                    }
+                }
+                if exhausted {
+                    return Ok(page);
+                }
+            }
+        })
+    }
+
+    fn queues(&self) -> Result<Vec<QueueCounts>, StoreError> {
+        self.with_conn(|conn| {
+            let queues = self.all_queues(conn)?;
+            let commands = queues
+                .iter()
+                .flat_map(|q| (0..self.shards).map(move |s| (q, s)))
+                .map(|(q, s)| {
+                    cmd("HMGET")
+                        .arg(self.key(q, s, "c"))
+                        .arg(&["0", "1", "2", "3", "4"])
+                        .clone()
+                })
+                .collect();
+            let values = conn.pipe(commands).map_err(storage)?;
+            let mut out = Vec::new();
+            let mut values = values.iter();
+            for queue in queues {
+                let mut counts = [0u64; 5];
+                for value in values.by_ref().take(self.shards as usize) {
+                    let shard: Vec<Option<i64>> = from(value)?;
+                    for (total, n) in counts.iter_mut().zip(shard) {
+                        *total += n.unwrap_or(0).max(0) as u64;
+                    }
+                }
+                if counts.iter().any(|c| *c > 0) {
+                    out.push(QueueCounts { queue, counts });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn due_times(&self, from_ms: u64, to_ms: u64, limit: usize) -> Result<DueTimes, StoreError> {
+        self.with_conn(|conn| {
+            let queues = self.all_queues(conn)?;
+            let keys: Vec<String> = queues
+                .iter()
+                .flat_map(|q| (0..self.shards).map(move |s| self.key(q, s, "d")))
+                .collect();
+            // Each index gives its first `limit + 1` distinct times; a full chunk continues after its
+            // last time, skipping the rest of the tasks due at that same time.
+            let chunk = (limit + 1).clamp(2, 10_000);
+            let mut times = BTreeSet::new();
+            let mut open: Vec<(String, String, usize)> = keys
+                .into_iter()
+                .map(|k| (k, from_ms.to_string(), 0))
+                .collect();
+            while !open.is_empty() {
+                let commands = open
+                    .iter()
+                    .map(|(key, start, _)| {
+                        cmd("ZRANGEBYSCORE")
+                            .arg(key)
+                            .arg(start)
+                            .arg(to_ms)
+                            .arg("WITHSCORES")
+                            .arg("LIMIT")
+                            .arg(0)
+                            .arg(chunk)
+                            .clone()
+                    })
+                    .collect();
+                let values = conn.pipe(commands).map_err(storage)?;
+                let mut next = Vec::new();
+                for ((key, _, mut distinct), value) in open.into_iter().zip(values) {
+                    let entries: Vec<(String, f64)> = from(&value)?;
+                    let full = entries.len() >= chunk;
+                    let mut last = None;
+                    for (_, s) in entries {
+                        let t = score(s);
+                        if last != Some(t) {
+                            distinct += 1;
+                            last = Some(t);
+                            times.insert(t);
+                        }
+                    }
+                    if let (true, Some(last)) = (full && distinct <= limit, last) {
+                        next.push((key, format!("({last}"), distinct));
+                    }
+                }
+                open = next;
+            }
+            let truncated = times.len() > limit;
+            Ok(DueTimes {
+                times: times.into_iter().take(limit).collect(),
+                truncated,
+            })
+        })
+    }
+
+    fn health(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn| conn.one(&cmd("PING")).map(|_| ()).map_err(storage))
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn publish(&self, notice: Notice) {
+        if notice.due_times.is_empty() && notice.ready_queues.is_empty() {
+            return;
+        }
+        if let Some(tx) = self
+            .publisher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(notice);
+        }
+    }
+
+    fn subscribe(&self, sink: Box<dyn Fn(Notice) + Send + Sync>) {
+        let clients = self.pubsub_clients.clone();
+        let channel = self.channel();
+        let node = self.node.clone();
+        let stopping = self.stopping.clone();
+        let timeout = self.timeout;
+        let spawned = std::thread::Builder::new()
+            .name("punctual-redis-sub".into())
+            .spawn(move || subscribe_loop(&clients, &channel, &node, &stopping, timeout, &*sink));
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start the notice subscriber");
+        }
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.publisher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+}
+
+/// Delivers other nodes' notices to `sink` until the store is dropped. After every (re)connection it
+/// sends a `resync` notice: whatever was published while it was away must be read from the store.
+fn subscribe_loop(
+    clients: &[redis::Client],
+    channel: &str,
+    node: &str,
+    stopping: &AtomicBool,
+    timeout: Duration,
+    sink: &(dyn Fn(Notice) + Send + Sync),
+) {
+    let mut next = 0;
+    while !stopping.load(Ordering::Relaxed) {
+        let client = &clients[next % clients.len()];
+        next += 1;
+        let Ok(mut conn) = client.get_connection_with_timeout(timeout) else {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        };
+        let mut pubsub = conn.as_pubsub();
+        if pubsub.subscribe(channel).is_err()
+            || pubsub
+                .set_read_timeout(Some(Duration::from_millis(250)))
+                .is_err()
+        {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        sink(Notice {
+            resync: true,
+            ..Notice::default()
+        });
+        while !stopping.load(Ordering::Relaxed) {
+            match pubsub.get_message() {
+                Ok(message) => {
+                    let Ok(text) = message.get_payload::<String>() else {
+                        continue;
+                    };
+                    if let Some((from_node, notice)) = decode_notice(&text)
+                        && from_node != node
+                    {
+                        sink(notice);
+                    }
+                }
+                Err(error) if error.is_timeout() => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_round_trip() {
+        let notice = Notice {
+            due_times: vec![1, 20, 300],
+            ready_queues: vec!["a".into(), PUSH_INDEX.into()],
+            resync: false,
+        };
+        let text = encode_notice("n1", &notice);
+        let (node, back) = decode_notice(&text).unwrap();
+        assert_eq!(node, "n1");
+        assert_eq!(back, notice);
+        assert!(decode_notice("n1|x|").is_none());
+    }
+
+    #[test]
+    fn fnv_is_stable() {
+        // Every node must agree on shards: the hash may never change.
+        assert_eq!(fnv(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

@@ -1,0 +1,276 @@
+//! The Redis store against real `redis-server` processes this test starts on free loopback ports:
+//! the conformance suite and the oracle comparison on a standalone server (one shard and several) and
+//! on a 3-master cluster, and exclusivity when several stores race for the same tasks.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+mod common;
+
+use common::step;
+use proptest::prelude::*;
+use punctual_store::conformance;
+use punctual_store::redis_testing::{RedisCluster, RedisServer};
+use punctual_store::{Command, Outcome, RedisOptions, RedisStore, RedisTarget, Store, Taker};
+
+fn server() -> &'static RedisServer {
+    static SERVER: OnceLock<RedisServer> = OnceLock::new();
+    SERVER.get_or_init(|| RedisServer::start(&[]).expect("start redis-server"))
+}
+
+fn cluster() -> &'static RedisCluster {
+    static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| RedisCluster::start(3).expect("start a 3-master cluster"))
+}
+
+/// A fresh keyspace on the shared server: every store gets its own key prefix.
+fn prefix() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("t{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+fn standalone(shards: u32) -> RedisStore {
+    RedisStore::open(
+        &RedisTarget::Standalone(server().url()),
+        &RedisOptions {
+            prefix: prefix(),
+            shards: Some(shards),
+            ..RedisOptions::default()
+        },
+    )
+    .expect("open the redis store")
+}
+
+fn on_cluster(shards: u32) -> RedisStore {
+    RedisStore::open(
+        &RedisTarget::Cluster(cluster().urls()),
+        &RedisOptions {
+            prefix: prefix(),
+            shards: Some(shards),
+            ..RedisOptions::default()
+        },
+    )
+    .expect("open the redis store on the cluster")
+}
+
+#[test]
+fn redis_store_conforms_with_one_shard() {
+    conformance::run_all(&|| Box::new(standalone(1)));
+}
+
+#[test]
+fn redis_store_conforms_with_seven_shards() {
+    conformance::run_all(&|| Box::new(standalone(7)));
+}
+
+#[test]
+fn redis_cluster_store_conforms() {
+    conformance::run_all(&|| Box::new(on_cluster(12)));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// One shard keeps the oracle's global order exactly (several shards order per shard, see
+    /// docs/distributed.md), so the generated workload is compared on one shard.
+    #[test]
+    fn redis_matches_the_oracle(steps in proptest::collection::vec(step(), 1..120), batch in 1usize..8) {
+        let store = standalone(1);
+        conformance::compare_with_oracle(&store, &steps, batch);
+    }
+}
+
+#[test]
+fn a_keyspace_keeps_its_shard_count() {
+    let prefix = prefix();
+    let open = |shards: Option<u32>| {
+        RedisStore::open(
+            &RedisTarget::Standalone(server().url()),
+            &RedisOptions {
+                prefix: prefix.clone(),
+                shards,
+                ..RedisOptions::default()
+            },
+        )
+    };
+    assert_eq!(open(Some(5)).unwrap().shards(), 5);
+    assert_eq!(open(None).unwrap().shards(), 5, "a later node adopts it");
+    let error = open(Some(3)).err().expect("a different count is refused");
+    assert!(error.to_string().contains("5 shards"), "{error}");
+}
+
+#[test]
+fn a_bad_url_or_prefix_is_a_clear_error() {
+    let refused = RedisStore::open(
+        &RedisTarget::Standalone(format!(
+            "redis://127.0.0.1:{}/",
+            punctual_store::redis_testing::free_port()
+        )),
+        &RedisOptions::default(),
+    )
+    .err()
+    .expect("nothing listens there");
+    assert!(refused.to_string().contains("redis"), "{refused}");
+    let bad = RedisStore::open(
+        &RedisTarget::Standalone(server().url()),
+        &RedisOptions {
+            prefix: "a{b}".into(),
+            ..RedisOptions::default()
+        },
+    )
+    .err()
+    .expect("braces would break the hash tags");
+    assert!(bad.to_string().contains("prefix"), "{bad}");
+}
+
+/// Four stores (as four nodes would) fire and lease the same 2 000 tasks at once, with reserves and
+/// ticks racing: every task is leased exactly once.
+fn race(make: impl Fn(&str) -> RedisStore) {
+    let prefix = prefix();
+    let first = make(&prefix);
+    let schedules: Vec<Command> = (0..2000)
+        .map(|i| {
+            Command::Schedule(Box::new(conformance::task(
+                "q",
+                &format!("t{i}"),
+                1_000 + (i % 50),
+                3,
+                &[],
+            )))
+        })
+        .collect();
+    first.apply(500, &schedules).unwrap();
+    let stores: Vec<Arc<RedisStore>> = std::iter::once(first)
+        .chain((1..4).map(|_| make(&prefix)))
+        .map(Arc::new)
+        .collect();
+    let threads: Vec<_> = stores
+        .iter()
+        .enumerate()
+        .map(|(n, store)| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut leased = Vec::new();
+                for round in 0..400 {
+                    let taker = Taker {
+                        queue: "q".into(),
+                        max: 7,
+                        lease_ms: Some(60_000),
+                        default_lease_ms: 60_000,
+                        token_prefix: format!("n{n}r{round}."),
+                    };
+                    let commands = [
+                        Command::Tick {
+                            limit: 100,
+                            takers: vec![taker.clone()],
+                        },
+                        Command::Reserve {
+                            queue: "q".into(),
+                            max: 11,
+                            lease_ms: Some(60_000),
+                            default_lease_ms: 60_000,
+                            token_prefix: format!("n{n}R{round}."),
+                        },
+                    ];
+                    for outcome in store.apply(2_000, &commands).unwrap() {
+                        match outcome {
+                            Outcome::Ticked(report) => {
+                                leased.extend(report.taken.into_iter().flatten())
+                            }
+                            Outcome::Reserved(tasks) => leased.extend(tasks),
+                            other => panic!("unexpected {other:?}"),
+                        }
+                    }
+                }
+                leased
+            })
+        })
+        .collect();
+    let leased: Vec<_> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let distinct: HashSet<&str> = leased.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(distinct.len(), leased.len(), "a task was leased twice");
+    assert_eq!(distinct.len(), 2000, "every task was leased");
+    // The store agrees: each task is leased with the token its one consumer got.
+    for task in &leased {
+        let stored = stores[0].get("q", &task.id).unwrap().unwrap();
+        assert_eq!(stored.lease, task.lease, "{}", task.id);
+    }
+    assert_eq!(stores[0].queues().unwrap()[0].counts, [0, 0, 2000, 0, 0]);
+}
+
+#[test]
+fn racing_stores_lease_each_task_once() {
+    race(|prefix| {
+        RedisStore::open(
+            &RedisTarget::Standalone(server().url()),
+            &RedisOptions {
+                prefix: prefix.to_owned(),
+                shards: Some(4),
+                ..RedisOptions::default()
+            },
+        )
+        .unwrap()
+    });
+}
+
+#[test]
+fn racing_stores_on_a_cluster_lease_each_task_once() {
+    race(|prefix| {
+        RedisStore::open(
+            &RedisTarget::Cluster(cluster().urls()),
+            &RedisOptions {
+                prefix: prefix.to_owned(),
+                shards: Some(12),
+                ..RedisOptions::default()
+            },
+        )
+        .unwrap()
+    });
+}
+
+#[test]
+fn notices_reach_the_other_stores_only() {
+    let prefix = prefix();
+    let open = || {
+        RedisStore::open(
+            &RedisTarget::Standalone(server().url()),
+            &RedisOptions {
+                prefix: prefix.clone(),
+                ..RedisOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let (a, b) = (open(), open());
+    let (tx_a, rx_a) = std::sync::mpsc::channel();
+    let (tx_b, rx_b) = std::sync::mpsc::channel();
+    let tx_a = std::sync::Mutex::new(tx_a);
+    let tx_b = std::sync::Mutex::new(tx_b);
+    a.subscribe(Box::new(move |n| {
+        let _ = tx_a.lock().unwrap().send(n);
+    }));
+    b.subscribe(Box::new(move |n| {
+        let _ = tx_b.lock().unwrap().send(n);
+    }));
+    let wait = std::time::Duration::from_secs(5);
+    // Each first says "resync" once subscribed.
+    assert!(rx_a.recv_timeout(wait).unwrap().resync);
+    assert!(rx_b.recv_timeout(wait).unwrap().resync);
+    a.publish(punctual_store::Notice {
+        due_times: vec![42],
+        ready_queues: vec!["q".into()],
+        resync: false,
+    });
+    let got = rx_b.recv_timeout(wait).expect("b hears a");
+    assert_eq!(got.due_times, vec![42]);
+    assert_eq!(got.ready_queues, vec!["q".to_owned()]);
+    assert!(
+        rx_a.recv_timeout(std::time::Duration::from_millis(300))
+            .is_err(),
+        "a does not hear itself"
+    );
+}
