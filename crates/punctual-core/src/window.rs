@@ -52,6 +52,16 @@ impl DueWindow {
         self.deadlines.is_empty()
     }
 
+    /// Most distinct due times it holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// True until the first `fill`.
+    pub fn is_unloaded(&self) -> bool {
+        !self.loaded
+    }
+
     pub fn horizon_ms(&self) -> u64 {
         self.horizon_ms
     }

@@ -27,6 +27,9 @@ pub struct ServerConfig {
     /// Whether `/metrics` also needs a token (when tokens are configured).
     pub protect_metrics: bool,
     pub webhook: WebhookConfig,
+    /// On a store shared with other nodes: how often the timer re-reads what is due soon, in case it
+    /// missed another node's notice.
+    pub resync_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +46,7 @@ impl Default for ServerConfig {
             auth_tokens: Vec::new(),
             protect_metrics: false,
             webhook: WebhookConfig::default(),
+            resync_ms: 1_000,
         }
     }
 }

@@ -59,12 +59,29 @@ impl App {
             clock,
         ));
         let webhooks = tokio::spawn(sender.run(push_wake, shutdown_rx.clone()));
+        let shared = store.shared();
+        if shared {
+            // Other nodes' commits: their due times wake this node's timer, their ready queues serve
+            // this node's long-polls.
+            let timer = timer.clone();
+            let writer = writer.clone();
+            store.subscribe(Box::new(move |notice| {
+                if notice.resync {
+                    timer.request_resync();
+                }
+                timer.insert_all(&notice.due_times);
+                if !notice.ready_queues.is_empty() {
+                    writer.ready_elsewhere(notice.ready_queues);
+                }
+            }));
+        }
         let driver = timer::start(
             timer.clone(),
             store.clone(),
             writer.clone(),
             clock,
             config.tick_limit,
+            shared.then_some(config.resync_ms.max(1)),
         );
         let state = Arc::new(Shared {
             store,

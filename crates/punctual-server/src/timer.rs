@@ -22,6 +22,8 @@ struct Signal {
     /// Something changed (an earlier due time, or shutdown): re-plan the sleep.
     woken: bool,
     stopping: bool,
+    /// Notices from other nodes may have been missed: re-read what is due soon now.
+    resync: bool,
 }
 
 /// The window shared by the writer (which inserts committed due times) and the driver.
@@ -51,6 +53,30 @@ impl Timer {
     fn wake(&self) {
         self.signal().woken = true;
         self.condvar.notify_one();
+    }
+
+    /// Asks the driver to re-read the store's due times up to shortly ahead (a shared store's notices may
+    /// have been missed).
+    pub fn request_resync(&self) {
+        let mut signal = self.signal();
+        signal.resync = true;
+        signal.woken = true;
+        self.condvar.notify_one();
+    }
+
+    fn take_resync(&self) -> bool {
+        std::mem::take(&mut self.signal().resync)
+    }
+
+    /// Reads every due time up to `to_ms` from the store into the window. On a shared store this catches
+    /// what another node committed without this node hearing of it (a lost notice, or a node that died
+    /// between its commit and its notice).
+    fn resync(&self, store: &dyn Store, to_ms: u64) {
+        let limit = self.window().capacity();
+        match store.due_times(0, to_ms, limit) {
+            Ok(found) => self.insert_all(&found.times),
+            Err(error) => tracing::error!(%error, "cannot re-read due times"),
+        }
     }
 
     /// Ends the driver thread.
@@ -121,22 +147,50 @@ impl Timer {
 }
 
 /// Starts the driver thread; it runs until [`Timer::stop`].
+///
+/// `resync_ms`: on a store shared with other nodes, how often to re-read what is due within the next
+/// `2 × resync_ms` (see [`Timer::request_resync`]); `None` on a store this node alone writes.
 pub fn start(
     timer: Arc<Timer>,
     store: Arc<dyn Store>,
     writer: Writer,
     clock: Clock,
     tick_limit: usize,
+    resync_ms: Option<u64>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("punctual-timer".into())
-        .spawn(move || drive(&timer, store.as_ref(), &writer, clock, tick_limit))
+        .spawn(move || {
+            drive(
+                &timer,
+                store.as_ref(),
+                &writer,
+                clock,
+                tick_limit,
+                resync_ms,
+            )
+        })
         .expect("spawn timer thread")
 }
 
-fn drive(timer: &Timer, store: &dyn Store, writer: &Writer, clock: Clock, tick_limit: usize) {
+fn drive(
+    timer: &Timer,
+    store: &dyn Store,
+    writer: &Writer,
+    clock: Clock,
+    tick_limit: usize,
+    resync_ms: Option<u64>,
+) {
+    let mut next_resync_ms = 0;
     while !timer.stopping() {
         let now_ms = clock.now_ms();
+        if let Some(every) = resync_ms
+            && (now_ms >= next_resync_ms || timer.take_resync())
+            && !timer.window().is_unloaded()
+        {
+            timer.resync(store, now_ms + 2 * every);
+            next_resync_ms = now_ms + every;
+        }
         if !timer.refill(store, now_ms) {
             timer.sleep_until(&clock, now_ms + 100);
             continue;
@@ -161,7 +215,10 @@ fn drive(timer: &Timer, store: &dyn Store, writer: &Writer, clock: Clock, tick_l
             }
             continue;
         }
-        let wake_ms = timer.window().next_wake_ms();
+        let mut wake_ms = timer.window().next_wake_ms();
+        if resync_ms.is_some() {
+            wake_ms = wake_ms.min(next_resync_ms);
+        }
         if wake_ms <= now_ms {
             continue;
         }

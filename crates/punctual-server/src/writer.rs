@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use punctual_core::{Task, TaskState};
-use punctual_store::{Command, Outcome, Store, StoreError, Taker};
+use punctual_store::{Command, Notice, Outcome, Store, StoreError, Taker};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Clock;
@@ -27,6 +27,8 @@ struct Job {
 enum Message {
     Job(Job),
     Park(Park),
+    /// Another node made tasks of these queues ready: serve the long-polls waiting for them.
+    Ready(Vec<String>),
     /// Commit what is queued, then end the thread (later submissions get "shutting down").
     Stop,
 }
@@ -90,6 +92,11 @@ impl Writer {
             Ok(result) => result.map_err(ApiError::from),
             Err(_) => Err(ApiError::unavailable("the server is shutting down")),
         }
+    }
+
+    /// Tells the writer that another node made tasks of `queues` ready (a shared store's notice).
+    pub fn ready_elsewhere(&self, queues: Vec<String>) {
+        let _ = self.tx.send(Message::Ready(queues));
     }
 
     /// Asks the thread to finish what is queued and stop, even while other handles are alive.
@@ -184,9 +191,16 @@ impl Loop<'_> {
         metrics::histogram!(m::COMMIT_COMMANDS).record(commands.len() as f64);
         match result {
             Ok(outcomes) => {
-                let ready = after_commit(self.effects, now_ms, commands, &outcomes);
+                let (ready, due_times) = after_commit(self.effects, now_ms, commands, &outcomes);
                 if ready.iter().any(|q| q == punctual_store::PUSH_INDEX) {
                     self.effects.push_wake.notify_one();
+                }
+                if self.store.shared() {
+                    self.store.publish(Notice {
+                        due_times,
+                        ready_queues: ready.clone(),
+                        resync: false,
+                    });
                 }
                 Ok((outcomes, ready))
             }
@@ -273,9 +287,14 @@ fn run(
     };
     let mut jobs: Vec<Job> = Vec::new();
     let mut parks: Vec<Park> = Vec::new();
+    let mut ready_elsewhere: Vec<String> = Vec::new();
     let mut stopping = false;
     while !stopping {
         let mut total = match rx.blocking_recv() {
+            Some(Message::Ready(queues)) => {
+                ready_elsewhere.extend(queues);
+                0
+            }
             Some(Message::Job(first)) => {
                 let n = first.commands.len();
                 jobs.push(first);
@@ -297,6 +316,7 @@ fn run(
                     total += 1;
                     parks.push(park);
                 }
+                Ok(Message::Ready(queues)) => ready_elsewhere.extend(queues),
                 Ok(Message::Stop) => {
                     stopping = true;
                     break;
@@ -315,6 +335,17 @@ fn run(
         }
         if !durable.is_empty() {
             run_jobs(&mut state, durable, Vec::new());
+        }
+        if !ready_elsewhere.is_empty() {
+            ready_elsewhere.sort_unstable();
+            ready_elsewhere.dedup();
+            if ready_elsewhere
+                .iter()
+                .any(|q| q == punctual_store::PUSH_INDEX)
+            {
+                state.effects.push_wake.notify_one();
+            }
+            state.serve_parked(&std::mem::take(&mut ready_elsewhere));
         }
     }
     // Shutting down: make leases and timer work durable, so that after a clean restart consumers can
@@ -383,13 +414,14 @@ fn run_jobs(state: &mut Loop<'_>, jobs: Vec<Job>, parks: Vec<Park>) {
     }
 }
 
-/// Feeds new due times to the timer and bumps counters; returns the queues that got ready tasks.
+/// Feeds new due times to the timer and bumps counters; returns the queues that got ready tasks and
+/// the new due times.
 fn after_commit<'a>(
     effects: &Effects,
     now_ms: u64,
     commands: &'a [Command],
     outcomes: &'a [Outcome],
-) -> Vec<String> {
+) -> (Vec<String>, Vec<u64>) {
     let mut due_times: Vec<u64> = Vec::new();
     let mut wake_queues: Vec<&str> = Vec::new();
     // Counters are summed per (metric, queue) and recorded once per commit: a batch of 1000 schedules
@@ -457,5 +489,8 @@ fn after_commit<'a>(
     effects.timer.insert_all(&due_times);
     wake_queues.sort_unstable();
     wake_queues.dedup();
-    wake_queues.into_iter().map(str::to_owned).collect()
+    (
+        wake_queues.into_iter().map(str::to_owned).collect(),
+        due_times,
+    )
 }

@@ -66,6 +66,39 @@ pub struct ServeOpts {
     /// Webhook deliveries in flight at once to one host:port [default: 16].
     #[arg(long, env = "PUNCTUAL_WEBHOOK_PER_HOST")]
     pub webhook_per_host: Option<usize>,
+    /// Run as a stateless node of a distributed deployment on this Redis instead of the embedded store:
+    /// redis://[user:password@]host:port/db, or rediss:// for TLS [default: none, embedded store].
+    #[arg(
+        long,
+        env = "PUNCTUAL_REDIS",
+        hide_env_values = true,
+        conflicts_with = "redis_cluster"
+    )]
+    pub redis: Option<String>,
+    /// Run on a Redis Cluster, given by one or more of its nodes (comma-separated redis:// URLs)
+    /// [default: none].
+    #[arg(
+        long,
+        env = "PUNCTUAL_REDIS_CLUSTER",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    #[serde(default)]
+    pub redis_cluster: Vec<String>,
+    /// Prefix of every Redis key, so several deployments can share one Redis [default: punctual].
+    #[arg(long, env = "PUNCTUAL_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Shards (hash slots) per queue, fixed when the keyspace is first used; later nodes adopt it
+    /// [default: the stored value, else 1 on a standalone Redis and 12 on a cluster].
+    #[arg(long, env = "PUNCTUAL_REDIS_SHARDS")]
+    pub redis_shards: Option<u32>,
+    /// Answer a schedule, ack, nack, cancel … only once this many replicas have it (Redis WAIT)
+    /// [default: 0, don't wait].
+    #[arg(long, env = "PUNCTUAL_REDIS_WAIT_REPLICAS")]
+    pub redis_wait_replicas: Option<u32>,
+    /// How long to wait for those replicas before the request fails, in ms [default: 1000].
+    #[arg(long, env = "PUNCTUAL_REDIS_WAIT_TIMEOUT_MS")]
+    pub redis_wait_timeout_ms: Option<u64>,
     /// Print the resolved settings as JSON and exit (tokens are not shown).
     #[arg(long)]
     #[serde(skip)]
@@ -94,6 +127,32 @@ pub struct Settings {
     pub webhook_signing: bool,
     pub webhook_concurrency: usize,
     pub webhook_per_host: usize,
+    /// `redb` (embedded), `redis` or `redis-cluster`.
+    pub store: &'static str,
+    #[serde(skip)]
+    pub redis_urls: Vec<String>,
+    /// The Redis URLs with any password hidden.
+    pub redis_nodes: Vec<String>,
+    pub redis_prefix: String,
+    pub redis_shards: Option<u32>,
+    pub redis_wait_replicas: u32,
+    pub redis_wait_timeout_ms: u64,
+}
+
+/// `redis://user:secret@host` shown as `redis://user:***@host`.
+fn hide_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let auth = &url[scheme + 3..at];
+            let user = auth.split_once(':').map_or("", |(user, _)| user);
+            if auth.contains(':') {
+                format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+            } else {
+                format!("{}***{}", &url[..scheme + 3], &url[at..])
+            }
+        }
+        _ => url.to_owned(),
+    }
 }
 
 fn read_file(path: &Path) -> Result<ServeOpts> {
@@ -123,7 +182,42 @@ impl ServeOpts {
         .into_iter()
         .filter(|t| !t.is_empty())
         .collect();
+        let data_dir_given = self.data_dir.is_some() || file.data_dir.is_some();
+        let redis = self.redis.or(file.redis).filter(|u| !u.is_empty());
+        let redis_cluster: Vec<String> = if self.redis_cluster.is_empty() {
+            file.redis_cluster
+        } else {
+            self.redis_cluster
+        }
+        .into_iter()
+        .filter(|u| !u.is_empty())
+        .collect();
+        let (store, redis_urls) = match (redis, redis_cluster.is_empty()) {
+            (None, true) => ("redb", Vec::new()),
+            (Some(url), true) => ("redis", vec![url]),
+            (None, false) => ("redis-cluster", redis_cluster),
+            (Some(_), false) => bail!("give either redis or redis_cluster, not both"),
+        };
+        if store != "redb" && data_dir_given {
+            bail!("data_dir is for the embedded store; a node on Redis keeps no data of its own");
+        }
         let settings = Settings {
+            store,
+            redis_nodes: redis_urls.iter().map(|u| hide_password(u)).collect(),
+            redis_urls,
+            redis_prefix: self
+                .redis_prefix
+                .or(file.redis_prefix)
+                .unwrap_or_else(|| "punctual".into()),
+            redis_shards: self.redis_shards.or(file.redis_shards),
+            redis_wait_replicas: self
+                .redis_wait_replicas
+                .or(file.redis_wait_replicas)
+                .unwrap_or(0),
+            redis_wait_timeout_ms: self
+                .redis_wait_timeout_ms
+                .or(file.redis_wait_timeout_ms)
+                .unwrap_or(1_000),
             data_dir: self
                 .data_dir
                 .or(file.data_dir)
@@ -210,6 +304,26 @@ impl Settings {
         if !(1..=10_000).contains(&self.webhook_per_host) {
             bail!("webhook_per_host must be between 1 and 10000");
         }
+        if self
+            .redis_shards
+            .is_some_and(|s| s == 0 || s > punctual_store::MAX_SHARDS)
+        {
+            bail!(
+                "redis_shards must be between 1 and {}",
+                punctual_store::MAX_SHARDS
+            );
+        }
+        if !(1..=60_000).contains(&self.redis_wait_timeout_ms) {
+            bail!("redis_wait_timeout_ms must be between 1 and 60000");
+        }
+        for url in &self.redis_urls {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                bail!(
+                    "a Redis URL starts with redis:// or rediss://, not {}",
+                    hide_password(url)
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -243,6 +357,46 @@ mod tests {
             (30, 1000, 1000)
         );
         assert_eq!(settings.auth_tokens, ["a", "b"]);
+    }
+
+    #[test]
+    fn redis_settings_are_checked_and_passwords_hidden() {
+        let settings = ServeOpts {
+            redis: Some("redis://app:s3cret@10.0.0.5:6380/2".into()),
+            ..ServeOpts::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(settings.store, "redis");
+        assert_eq!(settings.redis_nodes, ["redis://app:***@10.0.0.5:6380/2"]);
+        let printed = serde_json::to_string(&settings).unwrap();
+        assert!(!printed.contains("s3cret"), "{printed}");
+        let both = ServeOpts {
+            redis: Some("redis://a:1/".into()),
+            redis_cluster: vec!["redis://b:1/".into()],
+            ..ServeOpts::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(both.contains("not both"), "{both}");
+        let with_dir = ServeOpts {
+            redis_cluster: vec!["redis://b:1/".into()],
+            data_dir: Some("/tmp/x".into()),
+            ..ServeOpts::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(with_dir.contains("data_dir"), "{with_dir}");
+        let scheme = ServeOpts {
+            redis: Some("http://a:1/".into()),
+            ..ServeOpts::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(scheme.contains("redis://"), "{scheme}");
     }
 
     #[test]

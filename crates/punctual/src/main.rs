@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use punctual_server::ServerConfig;
-use punctual_store::{RedbOptions, RedbStore, Store};
+use punctual_store::{RedbOptions, RedbStore, RedisOptions, RedisStore, RedisTarget, Store};
 
 use crate::client::{Client, ScheduleSpec};
 use crate::config::ServeOpts;
@@ -161,6 +161,7 @@ async fn serve(opts: ServeOpts) -> Result<()> {
         return Ok(());
     }
     init_logging();
+    let store = open_store(&settings)?;
     let mut config = ServerConfig {
         default_lease_ms: settings.default_lease_ms,
         default_max_attempts: settings.default_max_attempts,
@@ -175,15 +176,6 @@ async fn serve(opts: ServeOpts) -> Result<()> {
     config.webhook.secret = settings.webhook_secret;
     config.webhook.concurrency = settings.webhook_concurrency;
     config.webhook.per_host = settings.webhook_per_host;
-    let store = RedbStore::open(
-        &settings.data_dir,
-        &RedbOptions {
-            cache_bytes: settings.cache_mb << 20,
-        },
-    )
-    .context("opening the data directory")?;
-    tracing::info!(path = %store.path().display(), "store open");
-    let store: Arc<dyn Store> = Arc::new(store);
     let listener = tokio::net::TcpListener::bind(settings.http)
         .await
         .with_context(|| format!("cannot listen on {}", settings.http))?;
@@ -191,6 +183,49 @@ async fn serve(opts: ServeOpts) -> Result<()> {
     punctual_server::serve(listener, store, config, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn open_store(settings: &config::Settings) -> Result<Arc<dyn Store>> {
+    if settings.store == "redb" {
+        let store = RedbStore::open(
+            &settings.data_dir,
+            &RedbOptions {
+                cache_bytes: settings.cache_mb << 20,
+            },
+        )
+        .context("opening the data directory")?;
+        tracing::info!(path = %store.path().display(), "store open");
+        return Ok(Arc::new(store));
+    }
+    let target = if settings.store == "redis" {
+        RedisTarget::Standalone(settings.redis_urls[0].clone())
+    } else {
+        RedisTarget::Cluster(settings.redis_urls.clone())
+    };
+    let store = RedisStore::open(
+        &target,
+        &RedisOptions {
+            prefix: settings.redis_prefix.clone(),
+            shards: settings.redis_shards,
+            wait_replicas: settings.redis_wait_replicas,
+            wait_timeout_ms: settings.redis_wait_timeout_ms,
+            ..RedisOptions::default()
+        },
+    )
+    .with_context(|| {
+        format!(
+            "opening the Redis store at {}",
+            settings.redis_nodes.join(",")
+        )
+    })?;
+    tracing::info!(
+        store = settings.store,
+        nodes = %settings.redis_nodes.join(","),
+        prefix = %settings.redis_prefix,
+        shards = store.shards(),
+        "store open"
+    );
+    Ok(Arc::new(store))
 }
 
 #[tokio::main]

@@ -33,13 +33,19 @@ pub struct Server {
     pub url: String,
     pub addr: String,
     pub dir: PathBuf,
+    /// The extra arguments it was started with (a restart reuses them).
+    pub args: Vec<String>,
 }
 
 impl Server {
     pub fn spawn(dir: &Path, addr: &str, extra: &[&str]) -> Child {
-        Command::new(bin())
-            .args(["serve", "--data-dir"])
-            .arg(dir)
+        let mut command = Command::new(bin());
+        command.arg("serve");
+        // A node on Redis keeps no data of its own.
+        if !extra.iter().any(|a| a.starts_with("--redis")) {
+            command.arg("--data-dir").arg(dir);
+        }
+        command
             .args(["--http", addr])
             .args(extra)
             .env("RUST_LOG", "warn")
@@ -57,6 +63,7 @@ impl Server {
             url: format!("http://{addr}"),
             addr,
             dir: dir.to_owned(),
+            args: extra.iter().map(|a| a.to_string()).collect(),
         };
         server.wait_healthy().await;
         server
@@ -83,7 +90,8 @@ impl Server {
     }
 
     pub async fn restart(&mut self) {
-        self.child = Self::spawn(&self.dir, &self.addr, &[]);
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.child = Self::spawn(&self.dir, &self.addr, &args);
         self.wait_healthy().await;
     }
 }
