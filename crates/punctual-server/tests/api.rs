@@ -1,8 +1,9 @@
-//! API tests through the router (no socket), against the in-memory store and the redb store.
+//! API tests through the router (no socket), against the in-memory store, the redb store, and the Redis
+//! store on a standalone `redis-server` and on a 3-master cluster that the tests start themselves.
 //! Timing-dependent checks poll for a condition with a deadline; none sleeps to "wait for" something.
 #![allow(clippy::disallowed_methods)] // Tests measure elapsed time directly.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -10,7 +11,10 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use punctual_server::{App, ServerConfig};
-use punctual_store::{MemoryStore, RedbOptions, RedbStore, Store};
+use punctual_store::redis_testing::{RedisCluster, RedisServer};
+use punctual_store::{
+    MemoryStore, RedbOptions, RedbStore, RedisOptions, RedisStore, RedisTarget, Store,
+};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -95,12 +99,35 @@ fn temp_dir() -> std::path::PathBuf {
     dir
 }
 
+fn redis_store(target: RedisTarget, shards: u32) -> Arc<dyn Store> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let options = RedisOptions {
+        prefix: format!("api{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+        shards: Some(shards),
+        ..RedisOptions::default()
+    };
+    Arc::new(RedisStore::open(&target, &options).expect("open the redis store"))
+}
+
 fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
+    static SERVER: OnceLock<RedisServer> = OnceLock::new();
+    static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
+    let server = SERVER.get_or_init(|| RedisServer::start(&[]).expect("start redis-server"));
+    let cluster = CLUSTER.get_or_init(|| RedisCluster::start(3).expect("start a redis cluster"));
     vec![
         ("memory", Arc::new(MemoryStore::new())),
         (
             "redb",
             Arc::new(RedbStore::open(&temp_dir(), &RedbOptions::default()).unwrap()),
+        ),
+        (
+            "redis",
+            redis_store(RedisTarget::Standalone(server.url()), 3),
+        ),
+        (
+            "redis-cluster",
+            redis_store(RedisTarget::Cluster(cluster.urls()), 12),
         ),
     ]
 }

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     child: Child,
+    /// Kills the server if this process dies without dropping it (a server in a `static`, a panic that
+    /// aborts): a test run never leaves servers behind.
+    watchdog: Child,
     dir: PathBuf,
 }
 
@@ -48,6 +51,21 @@ fn ping(port: u16) -> bool {
         && &answer == b"+PONG\r\n"
 }
 
+/// A shell loop that waits for this process to end, then kills `pid` and removes `dir`.
+fn watchdog(pid: u32, dir: &std::path::Path) -> std::io::Result<Child> {
+    let script = format!(
+        "while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill -9 {pid} 2>/dev/null; rm -rf '{dir}'",
+        parent = std::process::id(),
+        dir = dir.display()
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+}
+
 impl RedisServer {
     /// Starts a server with persistence off, plus `extra` arguments (e.g. `--appendonly yes`).
     pub fn start(extra: &[&str]) -> std::io::Result<RedisServer> {
@@ -69,7 +87,13 @@ impl RedisServer {
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if ping(port) {
-                    return Ok(RedisServer { port, child, dir });
+                    let watchdog = watchdog(child.id(), &dir)?;
+                    return Ok(RedisServer {
+                        port,
+                        child,
+                        watchdog,
+                        dir,
+                    });
                 }
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // The port was taken after all: try another.
@@ -105,6 +129,8 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -118,13 +144,12 @@ impl RedisCluster {
     pub fn start(masters: usize) -> std::io::Result<RedisCluster> {
         let mut nodes = Vec::new();
         for _ in 0..masters {
-            let conf = unique_dir("cluster-conf").join("nodes.conf");
-            let conf = conf.to_string_lossy().into_owned();
+            // Relative to the server's own --dir.
             nodes.push(RedisServer::start(&[
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
-                &conf,
+                "nodes.conf",
                 "--cluster-node-timeout",
                 "2000",
             ])?);

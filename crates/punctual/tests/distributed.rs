@@ -175,7 +175,7 @@ async fn three_nodes_one_killed(args: &[&str]) {
     for consumer in consumers {
         let _ = consumer.await;
     }
-    let tally = tally.lock().unwrap();
+    let tally = std::mem::take(&mut *tally.lock().unwrap());
     let twice: Vec<_> = tally.acks.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "acked more than once: {twice:?}");
     // Every task's ack was answered, but for those whose answer the kill cut off.
