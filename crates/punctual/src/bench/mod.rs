@@ -9,6 +9,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod beanstalk;
+mod distributed;
 mod plot;
 mod progress;
 mod punctual;
@@ -72,6 +73,8 @@ pub enum Scenario {
     Correctness,
     /// Punctual only: webhook deliveries to a local target.
     Webhook,
+    /// Punctual only: 1, 2 and 3 nodes on one Redis and on a 3-master Redis Cluster.
+    Distributed,
 }
 
 #[derive(clap::Args)]
@@ -82,7 +85,7 @@ pub struct BenchOpts {
     systems: Vec<System>,
     /// Scenarios to run, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',',
-          default_values = ["ingest", "burst", "drain", "memory", "restart", "correctness", "webhook"])]
+          default_values = ["ingest", "burst", "drain", "memory", "restart", "correctness", "webhook", "distributed"])]
     scenarios: Vec<Scenario>,
     /// Runs of every scenario; the report gives medians and ranges.
     #[arg(long, default_value_t = 1)]
@@ -118,6 +121,9 @@ pub struct BenchOpts {
     /// A task not delivered within this long after its due time counts as missed [default: 60s; quick: 2s].
     #[arg(long)]
     give_up: Option<String>,
+    /// Distributed mode: how long idle nodes' Redis commands are counted [default: 10s; quick: 2s].
+    #[arg(long)]
+    idle: Option<String>,
     /// Tasks per round trip (batch request or pipeline) when scheduling.
     #[arg(long, default_value_t = 100)]
     batch: usize,
@@ -148,6 +154,7 @@ pub struct Sizes {
     pub correctness: u64,
     pub disconnect_ms: u64,
     pub give_up_ms: u64,
+    pub idle_ms: u64,
     pub batch: usize,
     pub connections: Vec<usize>,
     pub consumers: usize,
@@ -173,6 +180,7 @@ impl Sizes {
             correctness: n(opts.correctness, 1_000, 200),
             disconnect_ms: ms(&opts.disconnect, "5s", "1s")?,
             give_up_ms: ms(&opts.give_up, "60s", "2s")?,
+            idle_ms: ms(&opts.idle, "10s", "2s")?.max(100),
             batch: opts.batch,
             connections: opts.connections.clone(),
             consumers: opts.consumers,
@@ -291,6 +299,20 @@ pub async fn run(opts: BenchOpts) -> Result<()> {
             }
         }
     }
+    if systems.contains(&System::Punctual) && scenarios.contains(&Scenario::Distributed) {
+        if on_path("redis-server") && on_path("redis-cli") {
+            if let Err(e) = distributed::run(&ctx, &mut results).await {
+                results
+                    .notes
+                    .push(format!("Punctual distributed mode: failed: {e:#}"));
+            }
+        } else {
+            results.notes.push(
+                "Punctual distributed mode: `redis-server` or `redis-cli` is not on PATH, so it was not run (Debian: `apt-get install -y redis-server redis-tools`)."
+                    .to_owned(),
+            );
+        }
+    }
     if systems.contains(&System::Punctual)
         && scenarios.contains(&Scenario::Memory)
         && ctx.sizes.memory_tasks > 0
@@ -344,7 +366,7 @@ pub async fn run(opts: BenchOpts) -> Result<()> {
 }
 
 /// Task `n` of the pending set: due somewhere between one hour and 30 days from `now_ms`.
-fn pending_job(n: u64, now_ms: u64) -> Job {
+pub(crate) fn pending_job(n: u64, now_ms: u64) -> Job {
     const THIRTY_DAYS_MS: u64 = 30 * 86_400_000;
     Job {
         n,
@@ -476,15 +498,13 @@ async fn sleep_until_ms(at_ms: u64) {
     tokio::time::sleep(Duration::from_millis(wait)).await;
 }
 
-fn deadline_at_ms(at_ms: u64) -> Instant {
+pub(crate) fn deadline_at_ms(at_ms: u64) -> Instant {
     Instant::now() + Duration::from_millis(at_ms.saturating_sub(now_ms()))
 }
 
-/// `burst` tasks due evenly over `burst_over` on top of the pending ones; consumers take them as
-/// they fall due.
-async fn burst<S: Subject>(ctx: &Ctx, subject: &S, first: u64, res: &mut Results) -> Result<()> {
-    let s = &ctx.sizes;
-    let label = S::SYSTEM.label();
+/// The burst's tasks `first..first+burst`, due evenly over `burst_over` from `lead_ms` after now; and
+/// when the first is due.
+pub(crate) fn burst_jobs(s: &Sizes, first: u64) -> (u64, Vec<Job>) {
     let start = now_ms() + s.lead_ms();
     let jobs = (0..s.burst)
         .map(|i| Job {
@@ -492,6 +512,15 @@ async fn burst<S: Subject>(ctx: &Ctx, subject: &S, first: u64, res: &mut Results
             due_ms: start + i * s.burst_over_ms / s.burst,
         })
         .collect();
+    (start, jobs)
+}
+
+/// `burst` tasks due evenly over `burst_over` on top of the pending ones; consumers take them as
+/// they fall due.
+async fn burst<S: Subject>(ctx: &Ctx, subject: &S, first: u64, res: &mut Results) -> Result<()> {
+    let s = &ctx.sizes;
+    let label = S::SYSTEM.label();
+    let (start, jobs) = burst_jobs(s, first);
     let bar = Bar::new(format!("{label}: schedule the burst"), s.burst);
     subject
         .schedule(ctx, jobs, s.fill_connections(), &bar)

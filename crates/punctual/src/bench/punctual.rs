@@ -32,10 +32,13 @@ fn spawn_serve(dir: &Path, addr: &str, extra: &[String]) -> Result<Child> {
         .create(true)
         .append(true)
         .open(dir.join("serve.log"))?;
-    Command::new(std::env::current_exe()?)
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(dir)
+    let mut command = Command::new(std::env::current_exe()?);
+    command.arg("serve");
+    // A node on Redis keeps no data of its own.
+    if !extra.iter().any(|a| a.starts_with("--redis")) {
+        command.arg("--data-dir").arg(dir);
+    }
+    command
         .arg("--http")
         .arg(addr)
         .args(extra)
@@ -108,7 +111,9 @@ impl Punctual {
                             .count()
                     });
                     if ok != count {
-                        bail!("only {ok} of {count} tasks in a batch were accepted: {answer}");
+                        let answer = answer.to_string();
+                        let shown: String = answer.chars().take(300).collect();
+                        bail!("only {ok} of {count} tasks in a batch were accepted: {shown}…");
                     }
                     Ok(())
                 }

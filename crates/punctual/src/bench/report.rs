@@ -239,6 +239,17 @@ fn scenario_intro(scenario: Scenario, s: &Sizes) -> String {
             s.correctness
         ),
         Scenario::Webhook => "Punctual only: webhook tasks delivered to a local target that answers 204 at once, 64 deliveries in flight.".to_owned(),
+        Scenario::Distributed => format!(
+            "Punctual only: nodes on Redis (`serve --redis` / `--redis-cluster`), Redis with AOF on and `appendfsync everysec`, started fresh for each row. Per row: ingest of {} due over 30 days ({} per batch, {} connections spread over the nodes); Redis commands per second and node while idle with them pending (counted over {} s); a burst of {} due over {} s on top, and a drain of {} all due at once, each taken by {} consumers spread over the nodes. Every node and Redis process shares the machine with the load generator.",
+            m(s.tasks),
+            s.batch,
+            s.fill_connections(),
+            s.idle_ms as f64 / 1000.0,
+            m(s.burst),
+            s.burst_over_ms as f64 / 1000.0,
+            m(s.drain),
+            s.consumers
+        ),
     }
 }
 
@@ -251,6 +262,7 @@ fn scenario_title(scenario: Scenario) -> &'static str {
         Scenario::Restart => "Restart after kill -9",
         Scenario::Correctness => "Correctness",
         Scenario::Webhook => "Webhooks",
+        Scenario::Distributed => "Distributed mode (Redis)",
     }
 }
 
@@ -351,6 +363,10 @@ pub fn render(
             scenario_title(scenario),
             scenario_intro(scenario, s)
         );
+        if scenario == Scenario::Distributed {
+            md.push_str(&distributed_table(res));
+            continue;
+        }
         if scenario == Scenario::Webhook {
             let _ = writeln!(md, "| | Punctual |\n|---|---|");
             for row in res.rows.iter().filter(|r| r.scenario == scenario) {
@@ -396,6 +412,55 @@ pub fn render(
             let _ = writeln!(md, "- {note}");
         }
     }
+    md
+}
+
+/// One row per backend and node count, one column per figure.
+fn distributed_table(res: &Results) -> String {
+    use super::distributed::{Backend, NODES};
+    let columns = [
+        ("ingest", "ingest", Unit::Rate),
+        ("idle", "idle Redis cmd/s per node", Unit::Rate),
+        ("p50", "burst p50", Unit::Ms),
+        ("p99", "burst p99", Unit::Ms),
+        ("max", "burst max", Unit::Ms),
+        ("missed", "burst missed", Unit::Count),
+        ("drain", "drain", Unit::Rate),
+        ("drain_missing", "drain missing", Unit::Count),
+        ("twice", "delivered twice", Unit::Count),
+    ];
+    let mut md = format!(
+        "| | {} |\n|---|{}\n",
+        columns.map(|c| c.1).join(" | "),
+        "---|".repeat(columns.len())
+    );
+    for backend in Backend::ALL {
+        for nodes in NODES {
+            let cells: Vec<String> = columns
+                .iter()
+                .map(|(metric, _, unit)| {
+                    let key = format!("dist_{}_{nodes}_{metric}", backend.key());
+                    let values = res
+                        .rows
+                        .iter()
+                        .find(|r| r.key == key)
+                        .and_then(|r| r.values.get(&System::Punctual));
+                    cell(*unit, values)
+                })
+                .collect();
+            if cells.iter().all(|c| c == "—") {
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "| {}, {nodes} node{} | {} |",
+                backend.label(),
+                if nodes == 1 { "" } else { "s" },
+                cells.join(" | ")
+            );
+        }
+    }
+    md.push('\n');
     md
 }
 
