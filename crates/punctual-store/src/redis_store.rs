@@ -94,6 +94,7 @@ const QUEUE_CACHE_MS: u128 = 1_000;
 /// Answers 1 per applied unit and 0 per unit whose record changed since it was read.
 const COMMIT_SCRIPT: &str = r#"
 local res = {}
+local counts = {}
 for i = 1, #ARGV, 10 do
   local id = ARGV[i]
   local cur = redis.call('HGET', KEYS[1], id)
@@ -115,12 +116,16 @@ for i = 1, #ARGV, 10 do
     if ARGV[i+4] ~= '' then redis.call('ZADD', KEYS[2], ARGV[i+4], id) end
     if ARGV[i+5] == 'r' then redis.call('ZREM', KEYS[3], id) elseif ARGV[i+5] == 'p' then redis.call('ZREM', KEYS[4], id) end
     if ARGV[i+6] == 'r' then redis.call('ZADD', KEYS[3], ARGV[i+7], id) elseif ARGV[i+6] == 'p' then redis.call('ZADD', KEYS[4], ARGV[i+7], id) end
-    if ARGV[i+8] ~= '' then redis.call('HINCRBY', KEYS[6], ARGV[i+8], -1) end
-    if ARGV[i+9] ~= '' then redis.call('HINCRBY', KEYS[6], ARGV[i+9], 1) end
+    local dec, inc = ARGV[i+8], ARGV[i+9]
+    if dec ~= '' then counts[dec] = (counts[dec] or 0) - 1 end
+    if inc ~= '' then counts[inc] = (counts[inc] or 0) + 1 end
     res[#res+1] = 1
   else
     res[#res+1] = 0
   end
+end
+for state, delta in pairs(counts) do
+  if delta ~= 0 then redis.call('HINCRBY', KEYS[6], state, delta) end
 end
 return res
 "#;
