@@ -967,3 +967,83 @@ async fn ack_in_batches(h: &Harness) {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }
 each_store!(acks_can_be_sent_in_batches, ack_in_batches);
+
+/// A store two apps share without any notices between them, as two nodes would if every pub/sub message
+/// were lost: the periodic re-read of due times must still get a task to the other node's long-poll.
+struct SilentShared(MemoryStore);
+
+impl Store for SilentShared {
+    fn apply(
+        &self,
+        now_ms: u64,
+        commands: &[punctual_store::Command],
+    ) -> Result<Vec<punctual_store::Outcome>, punctual_store::StoreError> {
+        self.0.apply(now_ms, commands)
+    }
+    fn get(
+        &self,
+        queue: &str,
+        id: &str,
+    ) -> Result<Option<punctual_core::Task>, punctual_store::StoreError> {
+        self.0.get(queue, id)
+    }
+    fn list(
+        &self,
+        queue: &str,
+        state: Option<punctual_core::TaskState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<punctual_store::Page, punctual_store::StoreError> {
+        self.0.list(queue, state, after, limit)
+    }
+    fn queues(&self) -> Result<Vec<punctual_store::QueueCounts>, punctual_store::StoreError> {
+        self.0.queues()
+    }
+    fn due_times(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Result<punctual_store::DueTimes, punctual_store::StoreError> {
+        self.0.due_times(from_ms, to_ms, limit)
+    }
+    fn health(&self) -> Result<(), punctual_store::StoreError> {
+        self.0.health()
+    }
+    fn shared(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_hears_nothing_still_delivers_after_its_resync() {
+    let store: Arc<dyn Store> = Arc::new(SilentShared(MemoryStore::new()));
+    let config = ServerConfig {
+        resync_ms: 200,
+        ..ServerConfig::default()
+    };
+    let a = Harness::with_config(store.clone(), config.clone());
+    let b = Harness::with_config(store, config);
+    // B waits first, then A schedules: B never hears of it but through the store.
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let task = reserve_one(&b, "silent", 10_000, None).await;
+        (task, started.elapsed(), b)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, _) = a
+        .json(
+            "POST",
+            "/v1/queues/silent/tasks",
+            json!({"id": "x", "delay_ms": 300}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (task, waited, b) = waiting.await.unwrap();
+    let task = task.expect("B delivered the task A scheduled");
+    assert_eq!(task["id"], "x");
+    // Due 400 ms after B started waiting; B's timer learns of it within one resync (200 ms).
+    assert!(waited < Duration::from_millis(1_500), "{waited:?}");
+    a.stop().await;
+    b.stop().await;
+}

@@ -1,6 +1,7 @@
 //! The Redis store against real `redis-server` processes this test starts on free loopback ports:
 //! the conformance suite and the oracle comparison on a standalone server (one shard and several) and
 //! on a 3-master cluster, and exclusivity when several stores race for the same tasks.
+#![allow(clippy::disallowed_methods)] // Tests measure elapsed time directly.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -276,4 +277,77 @@ fn notices_reach_the_other_stores_only() {
             .is_err(),
         "a does not hear itself"
     );
+}
+
+/// `wait_replicas`: a durable commit is answered once that many replicas have it, and fails clearly
+/// when they do not confirm in time; leases (not durable) never wait.
+#[test]
+fn wait_replicas_holds_durable_answers_until_replicas_confirm() {
+    let primary = RedisServer::start(&[]).expect("start the primary");
+    let port = primary.port.to_string();
+    let replica =
+        RedisServer::start(&["--replicaof", "127.0.0.1", &port]).expect("start the replica");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !primary
+        .cli(&["info", "replication"])
+        .unwrap()
+        .contains("state=online")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never synced"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let open = |replicas: u32, timeout_ms: u64| {
+        RedisStore::open(
+            &RedisTarget::Standalone(primary.url()),
+            &RedisOptions {
+                prefix: "w".into(),
+                wait_replicas: replicas,
+                wait_timeout_ms: timeout_ms,
+                ..RedisOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let schedule = |id: &str| Command::Schedule(Box::new(conformance::task("q", id, 0, 1, &[])));
+
+    let one = open(1, 5_000);
+    one.apply(10, &[schedule("a")])
+        .expect("one replica confirms");
+    // The replica has it the moment the answer comes.
+    let on_replica = replica
+        .cli(&["hlen", &format!("w:{{{}}}:t:q", tag_of("q"))])
+        .unwrap();
+    assert_eq!(on_replica.trim(), "1");
+
+    let two = open(2, 200);
+    let error = two
+        .apply(10, &[schedule("b")])
+        .expect_err("there is only one replica");
+    assert!(
+        error.to_string().contains("reached 1 of 2 replicas"),
+        "{error}"
+    );
+    let reserve = Command::Reserve {
+        queue: "q".into(),
+        max: 10,
+        lease_ms: None,
+        default_lease_ms: 30_000,
+        token_prefix: "r.".into(),
+    };
+    let started = std::time::Instant::now();
+    two.apply(20, &[reserve]).expect("a lease does not wait");
+    assert!(started.elapsed() < std::time::Duration::from_millis(150));
+}
+
+/// The hash tag of a queue's shard 0 (FNV-1a of the name), as the store computes it.
+fn tag_of(queue: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in queue.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}.0")
 }
