@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use punctual_core::time::{format_rfc3339_ms, parse_rfc3339_ms};
 use punctual_core::{Backoff, LeaseCheck, Task, TaskState, Webhook, fnv1a64};
-use punctual_store::{Command, Outcome, QueueCounts, Store};
+use punctual_store::{Command, Outcome, QueueCounts, Store, StoreError};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::watch;
@@ -40,6 +40,20 @@ pub struct Shared {
 }
 
 pub type AppState = Arc<Shared>;
+
+impl Shared {
+    /// Runs a store read on a blocking thread: a read may wait on the network (the Redis store), and
+    /// must never hold up the async workers that serve every other request.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || read(store.as_ref()))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Storage(format!("store read failed: {e}"))))
+    }
+}
 
 /// Unpredictable, unique identifiers (generated task ids, lease tokens) without a random-number crate:
 /// std's `RandomState` is seeded from the OS, and hashing a counter with it gives distinct values.
@@ -601,7 +615,7 @@ fn unexpected(outcome: &Outcome) -> ApiError {
 // Handlers
 
 async fn healthz(State(state): State<AppState>) -> Response {
-    match state.store.health() {
+    match state.read(|s| s.health()).await {
         Ok(()) => (
             StatusCode::OK,
             axum::Json(serde_json::json!({"status": "ok"})),
@@ -617,7 +631,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
     let handle = crate::metrics::handle();
-    if let Ok(queues) = state.store.queues() {
+    if let Ok(queues) = state.read(|s| s.queues()).await {
         let mut reported = state
             .reported_queues
             .lock()
@@ -654,7 +668,12 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
 }
 
 async fn list_queues(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let queues: Vec<serde_json::Value> = state.store.queues()?.iter().map(counts_json).collect();
+    let queues: Vec<serde_json::Value> = state
+        .read(|s| s.queues())
+        .await?
+        .iter()
+        .map(counts_json)
+        .collect();
     Ok(axum::Json(serde_json::json!({ "queues": queues })).into_response())
 }
 
@@ -664,8 +683,8 @@ async fn queue_stats(
 ) -> Result<Response, ApiError> {
     let queue = queue_path(&state, p)?;
     let counts = state
-        .store
-        .queues()?
+        .read(|s| s.queues())
+        .await?
         .into_iter()
         .find(|c| c.queue == queue)
         .unwrap_or(QueueCounts {
@@ -821,7 +840,8 @@ async fn get_task(
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let (queue, id) = task_path(&state, p)?;
-    match state.store.get(&queue, &id)? {
+    let (q, i) = (queue.clone(), id.clone());
+    match state.read(move |s| s.get(&q, &i)).await? {
         Some(task) => Ok(task_response(StatusCode::OK, &task)),
         None => Err(ApiError::not_found(&queue, &id)),
     }
@@ -1173,12 +1193,10 @@ async fn list_tasks(
             })?,
         None => LIST_DEFAULT_LIMIT,
     };
-    let page = state.store.list(
-        &queue,
-        filter,
-        params.get("cursor").map(String::as_str),
-        limit,
-    )?;
+    let (q, cursor) = (queue.clone(), params.get("cursor").cloned());
+    let page = state
+        .read(move |s| s.list(&q, filter, cursor.as_deref(), limit))
+        .await?;
     let tasks: Vec<TaskView<'_>> = page.tasks.iter().map(|t| view(t, false)).collect();
     Ok(
         axum::Json(serde_json::json!({ "tasks": tasks, "next_cursor": page.next_cursor }))
