@@ -30,6 +30,7 @@ pub struct App {
     shutdown: watch::Sender<bool>,
     timer: Arc<Timer>,
     driver: std::thread::JoinHandle<()>,
+    resync: Option<std::thread::JoinHandle<()>>,
     webhooks: tokio::task::JoinHandle<()>,
     writer_thread: std::thread::JoinHandle<()>,
 }
@@ -81,8 +82,10 @@ impl App {
             writer.clone(),
             clock,
             config.tick_limit,
-            shared.then_some(config.resync_ms.max(1)),
         );
+        let resync = shared.then(|| {
+            timer::start_resync(timer.clone(), store.clone(), clock, config.resync_ms.max(1))
+        });
         let state = Arc::new(Shared {
             store,
             writer,
@@ -97,6 +100,7 @@ impl App {
             shutdown,
             timer,
             driver,
+            resync,
             webhooks,
             writer_thread,
         }
@@ -113,6 +117,7 @@ impl App {
             state,
             writer_thread,
             driver,
+            resync,
             webhooks,
             timer,
             ..
@@ -124,6 +129,9 @@ impl App {
         drop(state);
         let _ = tokio::task::spawn_blocking(move || {
             let _ = driver.join();
+            if let Some(resync) = resync {
+                let _ = resync.join();
+            }
             let _ = writer_thread.join();
         })
         .await;

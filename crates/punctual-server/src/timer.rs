@@ -17,6 +17,9 @@ use punctual_store::{Command, Outcome, Store};
 use crate::clock::Clock;
 use crate::writer::Writer;
 
+/// Most distinct due times one resync reads.
+const RESYNC_LIMIT: usize = 1_000;
+
 #[derive(Default)]
 struct Signal {
     /// Something changed (an earlier due time, or shutdown): re-plan the sleep.
@@ -52,37 +55,60 @@ impl Timer {
 
     fn wake(&self) {
         self.signal().woken = true;
-        self.condvar.notify_one();
+        self.condvar.notify_all();
     }
 
     /// Asks the driver to re-read the store's due times up to shortly ahead (a shared store's notices may
     /// have been missed).
     pub fn request_resync(&self) {
+        self.signal().resync = true;
+        self.condvar.notify_all();
+    }
+
+    /// Waits until `every_ms` has passed since the last resync, a resync is requested, or shutdown.
+    /// Returns false on shutdown.
+    fn wait_resync(&self, clock: &Clock, due_us: u64) -> bool {
+        self.wait(clock, due_us, |signal| std::mem::take(&mut signal.resync))
+    }
+
+    /// Waits until the wall clock reaches `until_us`, `flag` takes a raised flag, or shutdown. Returns
+    /// false on shutdown.
+    fn wait(&self, clock: &Clock, until_us: u64, flag: impl Fn(&mut Signal) -> bool) -> bool {
         let mut signal = self.signal();
-        signal.resync = true;
-        signal.woken = true;
-        self.condvar.notify_one();
+        loop {
+            if signal.stopping {
+                return false;
+            }
+            let remaining_us = until_us.saturating_sub(clock.now_us());
+            if flag(&mut signal) || remaining_us == 0 {
+                return true;
+            }
+            signal = self
+                .condvar
+                .wait_timeout(signal, Duration::from_micros(remaining_us))
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 
-    fn take_resync(&self) -> bool {
-        std::mem::take(&mut self.signal().resync)
-    }
-
-    /// Reads every due time up to `to_ms` from the store into the window. On a shared store this catches
-    /// what another node committed without this node hearing of it (a lost notice, or a node that died
-    /// between its commit and its notice).
+    /// Reads the earliest due times up to `to_ms` from the store into the window. On a shared store this
+    /// catches what another node committed without this node hearing of it (a lost notice, or a node
+    /// that died between its commit and its notice). Only the earliest [`RESYNC_LIMIT`] distinct times
+    /// are read: those are the ones about to matter, and later ones are read by later resyncs.
     fn resync(&self, store: &dyn Store, to_ms: u64) {
-        let limit = self.window().capacity();
-        match store.due_times(0, to_ms, limit) {
+        if self.window().is_unloaded() {
+            return;
+        }
+        match store.due_times(0, to_ms, RESYNC_LIMIT) {
             Ok(found) => self.insert_all(&found.times),
             Err(error) => tracing::error!(%error, "cannot re-read due times"),
         }
     }
 
-    /// Ends the driver thread.
+    /// Ends the driver thread (and the resync thread).
     pub fn stop(&self) {
         self.signal().stopping = true;
-        self.condvar.notify_one();
+        self.condvar.notify_all();
     }
 
     /// Records due times that were just committed; wakes the driver if one is earlier than its plan.
@@ -120,25 +146,9 @@ impl Timer {
 
     /// Sleeps until the wall clock reaches `wake_ms`, a wake-up, or shutdown. Returns false on shutdown.
     fn sleep_until(&self, clock: &Clock, wake_ms: u64) -> bool {
-        let mut signal = self.signal();
-        loop {
-            if signal.stopping {
-                return false;
-            }
-            if signal.woken {
-                signal.woken = false;
-                return true;
-            }
-            let remaining_us = (wake_ms * 1000).saturating_sub(clock.now_us());
-            if remaining_us == 0 {
-                return true;
-            }
-            signal = self
-                .condvar
-                .wait_timeout(signal, Duration::from_micros(remaining_us))
-                .map(|(guard, _)| guard)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
+        self.wait(clock, wake_ms * 1000, |signal| {
+            std::mem::take(&mut signal.woken)
+        })
     }
 
     fn stopping(&self) -> bool {
@@ -147,50 +157,44 @@ impl Timer {
 }
 
 /// Starts the driver thread; it runs until [`Timer::stop`].
-///
-/// `resync_ms`: on a store shared with other nodes, how often to re-read what is due within the next
-/// `2 × resync_ms` (see [`Timer::request_resync`]); `None` on a store this node alone writes.
 pub fn start(
     timer: Arc<Timer>,
     store: Arc<dyn Store>,
     writer: Writer,
     clock: Clock,
     tick_limit: usize,
-    resync_ms: Option<u64>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("punctual-timer".into())
-        .spawn(move || {
-            drive(
-                &timer,
-                store.as_ref(),
-                &writer,
-                clock,
-                tick_limit,
-                resync_ms,
-            )
-        })
+        .spawn(move || drive(&timer, store.as_ref(), &writer, clock, tick_limit))
         .expect("spawn timer thread")
 }
 
-fn drive(
-    timer: &Timer,
-    store: &dyn Store,
-    writer: &Writer,
+/// On a store shared with other nodes: a thread that every `every_ms` (or when asked, see
+/// [`Timer::request_resync`]) re-reads what is due within the next `2 × every_ms`. It runs beside the
+/// driver, so its reads never delay a tick.
+pub fn start_resync(
+    timer: Arc<Timer>,
+    store: Arc<dyn Store>,
     clock: Clock,
-    tick_limit: usize,
-    resync_ms: Option<u64>,
-) {
-    let mut next_resync_ms = 0;
+    every_ms: u64,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("punctual-resync".into())
+        .spawn(move || {
+            let mut due_us = 0;
+            while timer.wait_resync(&clock, due_us) {
+                let now_ms = clock.now_ms();
+                timer.resync(store.as_ref(), now_ms + 2 * every_ms);
+                due_us = (now_ms + every_ms) * 1000;
+            }
+        })
+        .expect("spawn resync thread")
+}
+
+fn drive(timer: &Timer, store: &dyn Store, writer: &Writer, clock: Clock, tick_limit: usize) {
     while !timer.stopping() {
         let now_ms = clock.now_ms();
-        if let Some(every) = resync_ms
-            && (now_ms >= next_resync_ms || timer.take_resync())
-            && !timer.window().is_unloaded()
-        {
-            timer.resync(store, now_ms + 2 * every);
-            next_resync_ms = now_ms + every;
-        }
         if !timer.refill(store, now_ms) {
             timer.sleep_until(&clock, now_ms + 100);
             continue;
@@ -215,10 +219,7 @@ fn drive(
             }
             continue;
         }
-        let mut wake_ms = timer.window().next_wake_ms();
-        if resync_ms.is_some() {
-            wake_ms = wake_ms.min(next_resync_ms);
-        }
+        let wake_ms = timer.window().next_wake_ms();
         if wake_ms <= now_ms {
             continue;
         }

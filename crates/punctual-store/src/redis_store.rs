@@ -84,6 +84,16 @@ pub const MAX_SHARDS: u32 = 1024;
 /// Rounds a batch may need when other nodes keep changing the same tasks, before it fails.
 const MAX_ROUNDS: usize = 32;
 
+/// How often a node says it is alive on the events channel when it has nothing else to say.
+const HEARTBEAT_MS: u64 = 500;
+
+/// A node not heard from for this long no longer owns any shard.
+const MEMBER_TIMEOUT_MS: u128 = 1_500;
+
+/// How long after its due time a task whose shard another live node owns is left to that node before
+/// this one fires it too (takes over from a node that died or stalls).
+pub const OWNER_GRACE_MS: u64 = 1_000;
+
 /// How long the cached list of queues is trusted before it is read again.
 const QUEUE_CACHE_MS: u128 = 1_000;
 
@@ -195,6 +205,34 @@ pub struct RedisStore {
     queues: Mutex<(Option<std::time::Instant>, BTreeSet<String>)>,
     publisher: Mutex<Option<mpsc::Sender<Notice>>>,
     stopping: Arc<AtomicBool>,
+    /// Other nodes heard on the events channel, and when. Each due shard is ticked first by one live
+    /// node, its *owner* (rendezvous hashing over the live nodes), and by the others only once it is
+    /// [`OWNER_GRACE_MS`] overdue: nodes do not all race for the same tasks.
+    members: Arc<Members>,
+}
+
+/// Liveness bookkeeping; the time read here never decides what a task does, only which node looks first.
+#[derive(Default)]
+struct Members(Mutex<HashMap<String, std::time::Instant>>);
+
+impl Members {
+    fn heard(&self, node: &str) {
+        #[allow(clippy::disallowed_methods)] // Liveness only (see the type).
+        let now = std::time::Instant::now();
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_owned(), now);
+    }
+
+    /// Whether `me` wins the rendezvous hash for `tag` against every other live node.
+    fn owns(&self, me: &str, tag: &str) -> bool {
+        let score = |node: &str| (fnv(format!("{node}/{tag}").as_bytes()), node.to_owned());
+        let mine = score(me);
+        let mut members = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        members.retain(|_, seen| seen.elapsed().as_millis() < MEMBER_TIMEOUT_MS);
+        members.keys().all(|other| score(other) < mine)
+    }
 }
 
 fn storage(error: redis::RedisError) -> StoreError {
@@ -286,6 +324,7 @@ impl RedisStore {
             queues: Mutex::new((None, BTreeSet::new())),
             publisher: Mutex::new(None),
             stopping: Arc::new(AtomicBool::new(false)),
+            members: Arc::default(),
         };
         let meta = format!("{}:meta", store.prefix);
         let wanted = options.shards.unwrap_or(default_shards);
@@ -551,7 +590,13 @@ fn publish_loop(
     timeout: Duration,
 ) {
     let mut conn: Option<Conn> = None;
-    while let Ok(first) = rx.recv() {
+    loop {
+        // Nothing to say for a while: a heartbeat (an empty notice) tells the others this node is alive.
+        let first = match rx.recv_timeout(Duration::from_millis(HEARTBEAT_MS)) {
+            Ok(notice) => notice,
+            Err(mpsc::RecvTimeoutError::Timeout) => Notice::default(),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
         // Everything queued meanwhile goes out in one message.
         let mut notice = first;
         while let Ok(more) = rx.try_recv() {
@@ -597,6 +642,8 @@ struct Tx<'a> {
     /// Ready index changes: (index, member) -> new ready time, or `None` when removed. The index is a
     /// queue or [`PUSH_INDEX`] (whose members are `queue 0x00 id`).
     ready: HashMap<(String, String), Option<u64>>,
+    /// Due times left to their shard's owner: when this node should look again.
+    deferred: BTreeSet<u64>,
 }
 
 impl<'a> Tx<'a> {
@@ -607,6 +654,7 @@ impl<'a> Tx<'a> {
             recs: HashMap::new(),
             due: HashMap::new(),
             ready: HashMap::new(),
+            deferred: BTreeSet::new(),
         }
     }
 
@@ -793,7 +841,11 @@ impl Txn for Tx<'_> {
         let mut commands = Vec::new();
         for queue in &queues {
             for shard in 0..self.store.shards {
-                keys.push(queue);
+                let owned = self
+                    .store
+                    .members
+                    .owns(&self.store.node, &self.store.tag(queue, shard));
+                keys.push((queue, owned));
                 commands.push(
                     cmd("ZRANGEBYSCORE")
                         .arg(self.store.key(queue, shard, "d"))
@@ -809,13 +861,17 @@ impl Txn for Tx<'_> {
         }
         let values = self.conn.pipe(commands).map_err(storage)?;
         let mut fetched = Vec::new();
-        for (queue, value) in keys.into_iter().zip(values) {
+        let left_to_owner = now_ms.saturating_sub(OWNER_GRACE_MS);
+        for ((queue, owned), value) in keys.into_iter().zip(values) {
             let entries: Vec<(String, f64)> = from(&value)?;
-            fetched.extend(
-                entries
-                    .into_iter()
-                    .map(|(id, s)| (score(s), queue.clone(), id)),
-            );
+            for (id, s) in entries {
+                let due = score(s);
+                if owned || due <= left_to_owner {
+                    fetched.push((due, queue.clone(), id));
+                } else {
+                    self.deferred.insert(due + OWNER_GRACE_MS);
+                }
+            }
         }
         let due = &self.due;
         let changes = due
@@ -959,6 +1015,7 @@ impl Store for RedisStore {
             self.register(conn, &created)?;
             let mut outcomes: Vec<Option<Outcome>> = commands.iter().map(|_| None).collect();
             let mut pending: Vec<usize> = (0..commands.len()).collect();
+            let mut deferred = BTreeSet::new();
             for _round in 0..MAX_ROUNDS {
                 let mut tx = Tx::new(self, conn);
                 tx.prefetch(
@@ -971,6 +1028,7 @@ impl Store for RedisStore {
                 for &i in &pending {
                     outcomes[i] = Some(engine::apply_one(&mut tx, now_ms, &commands[i])?);
                 }
+                deferred.append(&mut tx.deferred);
                 let failed = tx.commit()?;
                 if failed.is_empty() {
                     pending.clear();
@@ -993,6 +1051,16 @@ impl Store for RedisStore {
                 pending = again;
                 if pending.is_empty() {
                     break;
+                }
+            }
+            if !deferred.is_empty() {
+                // The timer looks again when the owner's grace runs out.
+                let report = outcomes.iter_mut().find_map(|o| match o {
+                    Some(Outcome::Ticked(report)) => Some(report),
+                    _ => None,
+                });
+                if let Some(report) = report {
+                    report.due_times.extend(deferred.into_iter().take(1_000));
                 }
             }
             if !pending.is_empty() {
@@ -1212,9 +1280,14 @@ impl Store for RedisStore {
         let node = self.node.clone();
         let stopping = self.stopping.clone();
         let timeout = self.timeout;
+        let members = self.members.clone();
         let spawned = std::thread::Builder::new()
             .name("punctual-redis-sub".into())
-            .spawn(move || subscribe_loop(&clients, &channel, &node, &stopping, timeout, &*sink));
+            .spawn(move || {
+                subscribe_loop(
+                    &clients, &channel, &node, &stopping, timeout, &members, &*sink,
+                )
+            });
         if let Err(error) = spawned {
             tracing::warn!(%error, "cannot start the notice subscriber");
         }
@@ -1239,6 +1312,7 @@ fn subscribe_loop(
     node: &str,
     stopping: &AtomicBool,
     timeout: Duration,
+    members: &Members,
     sink: &(dyn Fn(Notice) + Send + Sync),
 ) {
     let mut next = 0;
@@ -1271,7 +1345,10 @@ fn subscribe_loop(
                     if let Some((from_node, notice)) = decode_notice(&text)
                         && from_node != node
                     {
-                        sink(notice);
+                        members.heard(from_node);
+                        if notice != Notice::default() {
+                            sink(notice);
+                        }
                     }
                 }
                 Err(error) if error.is_timeout() => {}
@@ -1297,6 +1374,32 @@ mod tests {
         assert_eq!(node, "n1");
         assert_eq!(back, notice);
         assert!(decode_notice("n1|x|").is_none());
+    }
+
+    #[test]
+    fn exactly_one_live_node_owns_each_shard() {
+        let nodes = ["n1", "n2", "n3"];
+        let views: Vec<Members> = nodes
+            .iter()
+            .map(|me| {
+                let members = Members::default();
+                for other in nodes.iter().filter(|o| *o != me) {
+                    members.heard(other);
+                }
+                members
+            })
+            .collect();
+        let mut per_node = [0; 3];
+        for shard in 0..300 {
+            let tag = format!("punctual:{{0123456789abcdef.{shard}}}");
+            let owners: Vec<usize> = (0..3).filter(|i| views[*i].owns(nodes[*i], &tag)).collect();
+            assert_eq!(owners.len(), 1, "{tag}: {owners:?}");
+            per_node[owners[0]] += 1;
+        }
+        // Spread, not all on one node.
+        assert!(per_node.iter().all(|n| *n > 50), "{per_node:?}");
+        // Alone (nobody heard), a node owns everything.
+        assert!(Members::default().owns("n1", "any"));
     }
 
     #[test]

@@ -39,9 +39,6 @@ impl Backend {
     }
 }
 
-/// Node counts measured on each backend.
-pub const NODES: [usize; 3] = [1, 2, 3];
-
 /// Redis's durability in this bench.
 const AOF: [&str; 4] = ["--appendonly", "yes", "--appendfsync", "everysec"];
 
@@ -142,7 +139,7 @@ async fn consume_all(
 
 pub async fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
     for backend in Backend::ALL {
-        for nodes in NODES {
+        for &nodes in &ctx.sizes.nodes {
             eprintln!("== Punctual on {}, {nodes} node(s)", backend.label());
             one(ctx, backend, nodes, res)
                 .await
