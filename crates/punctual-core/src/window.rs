@@ -52,6 +52,11 @@ impl DueWindow {
         self.deadlines.is_empty()
     }
 
+    /// How far ahead it looks.
+    pub fn span_ms(&self) -> u64 {
+        self.span_ms
+    }
+
     /// Most distinct due times it holds.
     pub fn capacity(&self) -> usize {
         self.capacity

@@ -70,6 +70,11 @@ impl From<StoreError> for ApiError {
                 "store_poisoned",
                 error.to_string(),
             ),
+            StoreError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                error.to_string(),
+            ),
             _ => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "store_error",

@@ -45,6 +45,11 @@ impl Timer {
         }
     }
 
+    /// How far ahead the window looks.
+    pub fn span_ms(&self) -> u64 {
+        self.window().span_ms()
+    }
+
     fn window(&self) -> MutexGuard<'_, DueWindow> {
         self.window.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -174,6 +174,7 @@ fn reserved(outcome: Outcome) -> Vec<Task> {
 fn copy_error(error: &StoreError) -> StoreError {
     match error {
         StoreError::Poisoned(message) => StoreError::Poisoned(message.clone()),
+        StoreError::Unavailable(message) => StoreError::Unavailable(message.clone()),
         other => StoreError::Storage(other.to_string()),
     }
 }
@@ -191,13 +192,25 @@ impl Loop<'_> {
         metrics::histogram!(m::COMMIT_COMMANDS).record(commands.len() as f64);
         match result {
             Ok(outcomes) => {
-                let (ready, due_times) = after_commit(self.effects, now_ms, commands, &outcomes);
+                let Committed {
+                    ready,
+                    due_tasks,
+                    untagged,
+                } = after_commit(self.effects, now_ms, commands, &outcomes);
                 if ready.iter().any(|q| q == punctual_store::PUSH_INDEX) {
                     self.effects.push_wake.notify_one();
                 }
                 if self.store.shared() {
+                    // Other nodes' windows look as far ahead as this one's: a later due time would be
+                    // dropped on arrival, and their refills read it from the store in time.
+                    let horizon = now_ms.saturating_add(self.effects.timer.span_ms());
+                    let mut due_times = untagged;
+                    due_times.retain(|t| *t <= horizon);
+                    let mut due_tasks = due_tasks;
+                    due_tasks.retain(|(t, _, _)| *t <= horizon);
                     self.store.publish(Notice {
                         due_times,
+                        due_tasks,
                         ready_queues: ready.clone(),
                         resync: false,
                     });
@@ -421,8 +434,17 @@ fn after_commit<'a>(
     now_ms: u64,
     commands: &'a [Command],
     outcomes: &'a [Outcome],
-) -> (Vec<String>, Vec<u64>) {
+) -> Committed {
     let mut due_times: Vec<u64> = Vec::new();
+    // The same due times with their task where known, for other nodes (a shared store's notice).
+    let mut due_tasks: Vec<(u64, String, String)> = Vec::new();
+    let mut untagged: Vec<u64> = Vec::new();
+    let mut note = |task: &Task, due_times: &mut Vec<u64>| {
+        if let Some(due) = task.due_at_ms() {
+            due_times.push(due);
+            due_tasks.push((due, task.queue.clone(), task.id.clone()));
+        }
+    };
     let mut wake_queues: Vec<&str> = Vec::new();
     // Counters are summed per (metric, queue) and recorded once per commit: a batch of 1000 schedules
     // is one registry lookup, not a thousand.
@@ -432,7 +454,7 @@ fn after_commit<'a>(
     for (command, outcome) in commands.iter().zip(outcomes) {
         match outcome {
             Outcome::Created(task) | Outcome::Updated(task) | Outcome::Acked(task) => {
-                due_times.extend(task.due_at_ms());
+                note(task, &mut due_times);
                 if task.state == TaskState::Ready {
                     wake_queues.push(punctual_store::ready_target(task));
                 }
@@ -453,7 +475,7 @@ fn after_commit<'a>(
                 if let Some(first) = tasks.first() {
                     let lateness = metrics::histogram!(m::LATENESS, "queue" => first.queue.clone());
                     for task in tasks {
-                        due_times.extend(task.due_at_ms());
+                        note(task, &mut due_times);
                         let lateness_ms = now_ms.saturating_sub(task.run_at_ms);
                         lateness.record(lateness_ms as f64 / 1000.0);
                     }
@@ -463,11 +485,13 @@ fn after_commit<'a>(
             Outcome::Cancelled(task) => count(m::CANCELLED, &task.queue, 1),
             Outcome::Ticked(report) => {
                 due_times.extend(&report.due_times);
+                untagged.extend(&report.due_times);
+                effects.timer.insert_all(&report.recheck_at);
                 for tasks in report.taken.iter().filter(|t| !t.is_empty()) {
                     let lateness =
                         metrics::histogram!(m::LATENESS, "queue" => tasks[0].queue.clone());
                     for task in tasks {
-                        due_times.extend(task.due_at_ms());
+                        note(task, &mut due_times);
                         lateness.record(now_ms.saturating_sub(task.run_at_ms) as f64 / 1000.0);
                     }
                     count(m::DELIVERED, &tasks[0].queue, tasks.len() as u64);
@@ -489,8 +513,17 @@ fn after_commit<'a>(
     effects.timer.insert_all(&due_times);
     wake_queues.sort_unstable();
     wake_queues.dedup();
-    (
-        wake_queues.into_iter().map(str::to_owned).collect(),
-        due_times,
-    )
+    Committed {
+        ready: wake_queues.into_iter().map(str::to_owned).collect(),
+        due_tasks,
+        untagged,
+    }
+}
+
+/// What a commit tells the rest: queues that got ready tasks, and new due times (with their task
+/// where known).
+struct Committed {
+    ready: Vec<String>,
+    due_tasks: Vec<(u64, String, String)>,
+    untagged: Vec<u64>,
 }

@@ -1047,3 +1047,25 @@ async fn a_node_that_hears_nothing_still_delivers_after_its_resync() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Redis going away is a 503 the client may retry, on writes, reads and `/healthz`; not a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_is_a_503() {
+    let redis = RedisServer::start(&[]).expect("start redis-server");
+    let h = Harness::new(redis_store(RedisTarget::Standalone(redis.url()), 1));
+    let (status, _) = h
+        .json("POST", "/v1/queues/q/tasks", json!({"id": "a"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    drop(redis);
+    let (status, answer) = h
+        .json("POST", "/v1/queues/q/tasks", json!({"id": "b"}))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["error"]["code"], "store_unavailable", "{answer}");
+    let (status, answer) = h.call("GET", "/v1/queues/q/tasks/a", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    let (status, _) = h.call("GET", "/healthz", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    h.stop().await;
+}

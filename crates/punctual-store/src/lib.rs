@@ -34,6 +34,10 @@ pub enum StoreError {
     Poisoned(String),
     #[error("storage error: {0}")]
     Storage(String),
+    /// The store cannot be reached right now (a Redis connection failed or timed out, or replicas did
+    /// not confirm in time); the request may be retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     #[error("corrupt record for {queue}/{id}: {reason}")]
     Corrupt {
         queue: String,
@@ -172,6 +176,9 @@ pub struct TickReport {
     pub purged: u64,
     /// New due times created (retries after an expired lease).
     pub due_times: Vec<u64>,
+    /// When this node should look again at due tasks it left to another node (a shared store's shard
+    /// owner, see docs/distributed.md): hints for this node's timer only, not news for other nodes.
+    pub recheck_at: Vec<u64>,
     /// The limit was hit: tick again at once.
     pub more: bool,
     /// Tasks leased to each taker, in the order of `Command::Tick::takers`.
@@ -240,7 +247,11 @@ pub const LIST_SCAN_BUDGET: usize = 20_000;
 /// them) and queues that got ready tasks (so their long-polls are served).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Notice {
+    /// Due times (as received: those this node should look at).
     pub due_times: Vec<u64>,
+    /// Due times with their task (queue, id), when sending: the store passes each on only to the node
+    /// that owns the task's shard, the others would merely race it (docs/distributed.md).
+    pub due_tasks: Vec<(u64, String, String)>,
     pub ready_queues: Vec<String>,
     /// Notices may have been missed (the subscription was re-established): re-read due times from the store.
     pub resync: bool,

@@ -203,7 +203,7 @@ pub struct RedisStore {
     node: String,
     versions: (AtomicU64, std::collections::hash_map::RandomState),
     queues: Mutex<(Option<std::time::Instant>, BTreeSet<String>)>,
-    publisher: Mutex<Option<mpsc::Sender<Notice>>>,
+    publisher: Mutex<Option<mpsc::Sender<Outgoing>>>,
     stopping: Arc<AtomicBool>,
     /// Other nodes heard on the events channel, and when. Each due shard is ticked first by one live
     /// node, its *owner* (rendezvous hashing over the live nodes), and by the others only once it is
@@ -236,7 +236,16 @@ impl Members {
 }
 
 fn storage(error: redis::RedisError) -> StoreError {
-    StoreError::Storage(format!("redis: {error}"))
+    if error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_cluster_error()
+    {
+        StoreError::Unavailable(format!("redis: {error}"))
+    } else {
+        StoreError::Storage(format!("redis: {error}"))
+    }
 }
 
 /// FNV-1a: a hash every node computes the same way (std's hashers are seeded per process).
@@ -523,7 +532,7 @@ impl RedisStore {
     }
 
     fn start_publisher(&self) {
-        let (tx, rx) = mpsc::channel::<Notice>();
+        let (tx, rx) = mpsc::channel::<Outgoing>();
         *self.publisher.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         let client = match &self.client {
             Client::One(c) => PubClient::One(c.clone()),
@@ -546,44 +555,94 @@ enum PubClient {
     Cluster(redis::cluster::ClusterClient),
 }
 
-/// Encodes a notice: `node|t1,t2|q1,q2` (queue names hold neither `|` nor `,`).
-fn encode_notice(node: &str, notice: &Notice) -> String {
-    let times: Vec<String> = notice.due_times.iter().map(u64::to_string).collect();
-    format!(
-        "{node}|{}|{}",
-        times.join(","),
-        notice.ready_queues.join(",")
-    )
+/// A notice as it travels between nodes: due times without a known task, due times by queue shard
+/// tag, and queues with new ready tasks. An empty one is a heartbeat.
+#[derive(Debug, Default, PartialEq)]
+struct Outgoing {
+    untagged: Vec<u64>,
+    tagged: Vec<(String, u64)>,
+    ready: Vec<String>,
 }
 
-fn decode_notice(text: &str) -> Option<(&str, Notice)> {
-    let mut parts = text.splitn(3, '|');
-    let node = parts.next()?;
-    let times = parts.next()?;
-    let queues = parts.next()?;
-    let due_times = times
-        .split(',')
+impl Outgoing {
+    fn absorb(&mut self, more: Outgoing) {
+        self.untagged.extend(more.untagged);
+        self.tagged.extend(more.tagged);
+        self.ready.extend(more.ready);
+    }
+
+    fn tidy(&mut self) {
+        self.untagged.sort_unstable();
+        self.untagged.dedup();
+        self.tagged.sort_unstable();
+        self.tagged.dedup();
+        self.ready.sort_unstable();
+        self.ready.dedup();
+    }
+}
+
+fn join_times(times: impl Iterator<Item = u64>) -> String {
+    times.map(|t| t.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn split_times(text: &str) -> Option<Vec<u64>> {
+    text.split(',')
         .filter(|s| !s.is_empty())
         .map(str::parse)
         .collect::<Result<Vec<u64>, _>>()
-        .ok()?;
-    let ready_queues = queues
+        .ok()
+}
+
+/// Encodes a notice: `node|t1,t2|q1,q2|tag=t3,t4;tag=t5` (queue names and tags hold none of `|,;=`).
+/// `tagged` must be sorted.
+fn encode_notice(node: &str, out: &Outgoing) -> String {
+    let mut groups: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < out.tagged.len() {
+        let tag = &out.tagged[i].0;
+        let end = out.tagged[i..]
+            .iter()
+            .position(|(t, _)| t != tag)
+            .map_or(out.tagged.len(), |n| i + n);
+        let times = join_times(out.tagged[i..end].iter().map(|(_, t)| *t));
+        groups.push(format!("{tag}={times}"));
+        i = end;
+    }
+    format!(
+        "{node}|{}|{}|{}",
+        join_times(out.untagged.iter().copied()),
+        out.ready.join(","),
+        groups.join(";")
+    )
+}
+
+fn decode_notice(text: &str) -> Option<(&str, Outgoing)> {
+    let mut parts = text.splitn(4, '|');
+    let node = parts.next()?;
+    let untagged = split_times(parts.next()?)?;
+    let ready = parts
+        .next()?
         .split(',')
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
         .collect();
+    let mut tagged = Vec::new();
+    for group in parts.next()?.split(';').filter(|g| !g.is_empty()) {
+        let (tag, times) = group.split_once('=')?;
+        tagged.extend(split_times(times)?.into_iter().map(|t| (tag.to_owned(), t)));
+    }
     Some((
         node,
-        Notice {
-            due_times,
-            ready_queues,
-            resync: false,
+        Outgoing {
+            untagged,
+            tagged,
+            ready,
         },
     ))
 }
 
 fn publish_loop(
-    rx: &mpsc::Receiver<Notice>,
+    rx: &mpsc::Receiver<Outgoing>,
     client: &PubClient,
     channel: &str,
     node: &str,
@@ -593,21 +652,17 @@ fn publish_loop(
     loop {
         // Nothing to say for a while: a heartbeat (an empty notice) tells the others this node is alive.
         let first = match rx.recv_timeout(Duration::from_millis(HEARTBEAT_MS)) {
-            Ok(notice) => notice,
-            Err(mpsc::RecvTimeoutError::Timeout) => Notice::default(),
+            Ok(out) => out,
+            Err(mpsc::RecvTimeoutError::Timeout) => Outgoing::default(),
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         };
         // Everything queued meanwhile goes out in one message.
-        let mut notice = first;
+        let mut out = first;
         while let Ok(more) = rx.try_recv() {
-            notice.due_times.extend(more.due_times);
-            notice.ready_queues.extend(more.ready_queues);
+            out.absorb(more);
         }
-        notice.due_times.sort_unstable();
-        notice.due_times.dedup();
-        notice.ready_queues.sort_unstable();
-        notice.ready_queues.dedup();
-        let message = encode_notice(node, &notice);
+        out.tidy();
+        let message = encode_notice(node, &out);
         for _attempt in 0..2 {
             if conn.is_none() {
                 conn = match client {
@@ -1060,7 +1115,7 @@ impl Store for RedisStore {
                     _ => None,
                 });
                 if let Some(report) = report {
-                    report.due_times.extend(deferred.into_iter().take(1_000));
+                    report.recheck_at.extend(deferred.into_iter().take(1_000));
                 }
             }
             if !pending.is_empty() {
@@ -1080,7 +1135,7 @@ impl Store for RedisStore {
                         .map_err(storage)?,
                 )?;
                 if acked < i64::from(self.options.wait_replicas) {
-                    return Err(StoreError::Storage(format!(
+                    return Err(StoreError::Unavailable(format!(
                         "the commit reached {acked} of {} replicas within {} ms (it is applied on the \
                          primary, but a failover could lose it)",
                         self.options.wait_replicas, self.options.wait_timeout_ms
@@ -1261,7 +1316,16 @@ impl Store for RedisStore {
     }
 
     fn publish(&self, notice: Notice) {
-        if notice.due_times.is_empty() && notice.ready_queues.is_empty() {
+        let out = Outgoing {
+            untagged: notice.due_times,
+            tagged: notice
+                .due_tasks
+                .into_iter()
+                .map(|(due, queue, id)| (self.tag(&queue, self.shard_of(&id)), due))
+                .collect(),
+            ready: notice.ready_queues,
+        };
+        if out == Outgoing::default() {
             return;
         }
         if let Some(tx) = self
@@ -1270,7 +1334,7 @@ impl Store for RedisStore {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
         {
-            let _ = tx.send(notice);
+            let _ = tx.send(out);
         }
     }
 
@@ -1342,10 +1406,24 @@ fn subscribe_loop(
                     let Ok(text) = message.get_payload::<String>() else {
                         continue;
                     };
-                    if let Some((from_node, notice)) = decode_notice(&text)
+                    if let Some((from_node, out)) = decode_notice(&text)
                         && from_node != node
                     {
                         members.heard(from_node);
+                        // Due times of shards another node owns would only make this node race it:
+                        // they are left out (the resync and the owner's grace cover a lost owner).
+                        let mut due_times = out.untagged;
+                        due_times.extend(
+                            out.tagged
+                                .into_iter()
+                                .filter(|(tag, _)| members.owns(node, tag))
+                                .map(|(_, t)| t),
+                        );
+                        let notice = Notice {
+                            due_times,
+                            ready_queues: out.ready,
+                            ..Notice::default()
+                        };
                         if notice != Notice::default() {
                             sink(notice);
                         }
@@ -1364,16 +1442,27 @@ mod tests {
 
     #[test]
     fn notices_round_trip() {
-        let notice = Notice {
-            due_times: vec![1, 20, 300],
-            ready_queues: vec!["a".into(), PUSH_INDEX.into()],
-            resync: false,
+        let mut out = Outgoing {
+            untagged: vec![1, 20, 300],
+            tagged: vec![
+                ("p:{ab.1}".into(), 7),
+                ("p:{ab.0}".into(), 5),
+                ("p:{ab.0}".into(), 6),
+            ],
+            ready: vec!["a".into(), PUSH_INDEX.into()],
         };
-        let text = encode_notice("n1", &notice);
+        out.tidy();
+        let text = encode_notice("n1", &out);
+        assert_eq!(text, "n1|1,20,300|\u{1}push,a|p:{ab.0}=5,6;p:{ab.1}=7");
         let (node, back) = decode_notice(&text).unwrap();
         assert_eq!(node, "n1");
-        assert_eq!(back, notice);
-        assert!(decode_notice("n1|x|").is_none());
+        assert_eq!(back, out);
+        assert_eq!(
+            decode_notice("n1|||").unwrap().1,
+            Outgoing::default(),
+            "a heartbeat"
+        );
+        assert!(decode_notice("n1|x||").is_none());
     }
 
     #[test]

@@ -267,7 +267,7 @@ fn notices_reach_the_other_stores_only() {
     a.publish(punctual_store::Notice {
         due_times: vec![42],
         ready_queues: vec!["q".into()],
-        resync: false,
+        ..punctual_store::Notice::default()
     });
     let got = rx_b.recv_timeout(wait).expect("b hears a");
     assert_eq!(got.due_times, vec![42]);
