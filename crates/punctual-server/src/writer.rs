@@ -196,7 +196,13 @@ impl Loop<'_> {
                     ready,
                     due_tasks,
                     untagged,
-                } = after_commit(self.effects, now_ms, commands, &outcomes);
+                } = after_commit(
+                    self.effects,
+                    now_ms,
+                    commands,
+                    &outcomes,
+                    self.store.shared(),
+                );
                 if ready.iter().any(|q| q == punctual_store::PUSH_INDEX) {
                     self.effects.push_wake.notify_one();
                 }
@@ -434,15 +440,18 @@ fn after_commit<'a>(
     now_ms: u64,
     commands: &'a [Command],
     outcomes: &'a [Outcome],
+    shared: bool,
 ) -> Committed {
     let mut due_times: Vec<u64> = Vec::new();
-    // The same due times with their task where known, for other nodes (a shared store's notice).
+    // Only on a shared store: the same due times with their task where known, for other nodes.
     let mut due_tasks: Vec<(u64, String, String)> = Vec::new();
     let mut untagged: Vec<u64> = Vec::new();
     let mut note = |task: &Task, due_times: &mut Vec<u64>| {
         if let Some(due) = task.due_at_ms() {
             due_times.push(due);
-            due_tasks.push((due, task.queue.clone(), task.id.clone()));
+            if shared {
+                due_tasks.push((due, task.queue.clone(), task.id.clone()));
+            }
         }
     };
     let mut wake_queues: Vec<&str> = Vec::new();
@@ -485,7 +494,9 @@ fn after_commit<'a>(
             Outcome::Cancelled(task) => count(m::CANCELLED, &task.queue, 1),
             Outcome::Ticked(report) => {
                 due_times.extend(&report.due_times);
-                untagged.extend(&report.due_times);
+                if shared {
+                    untagged.extend(&report.due_times);
+                }
                 effects.timer.insert_all(&report.recheck_at);
                 for tasks in report.taken.iter().filter(|t| !t.is_empty()) {
                     let lateness =

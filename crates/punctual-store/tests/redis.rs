@@ -31,28 +31,30 @@ fn prefix() -> String {
     format!("t{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// A store on `target` under `prefix`.
+fn open(target: RedisTarget, prefix: &str, shards: Option<u32>) -> RedisStore {
+    let options = RedisOptions {
+        prefix: prefix.to_owned(),
+        shards,
+        ..RedisOptions::default()
+    };
+    RedisStore::open(&target, &options).expect("open the redis store")
+}
+
 fn standalone(shards: u32) -> RedisStore {
-    RedisStore::open(
-        &RedisTarget::Standalone(server().url()),
-        &RedisOptions {
-            prefix: prefix(),
-            shards: Some(shards),
-            ..RedisOptions::default()
-        },
+    open(
+        RedisTarget::Standalone(server().url()),
+        &prefix(),
+        Some(shards),
     )
-    .expect("open the redis store")
 }
 
 fn on_cluster(shards: u32) -> RedisStore {
-    RedisStore::open(
-        &RedisTarget::Cluster(cluster().urls()),
-        &RedisOptions {
-            prefix: prefix(),
-            shards: Some(shards),
-            ..RedisOptions::default()
-        },
+    open(
+        RedisTarget::Cluster(cluster().urls()),
+        &prefix(),
+        Some(shards),
     )
-    .expect("open the redis store on the cluster")
 }
 
 #[test]
@@ -208,48 +210,19 @@ fn race(make: impl Fn(&str) -> RedisStore) {
 
 #[test]
 fn racing_stores_lease_each_task_once() {
-    race(|prefix| {
-        RedisStore::open(
-            &RedisTarget::Standalone(server().url()),
-            &RedisOptions {
-                prefix: prefix.to_owned(),
-                shards: Some(4),
-                ..RedisOptions::default()
-            },
-        )
-        .unwrap()
-    });
+    race(|prefix| open(RedisTarget::Standalone(server().url()), prefix, Some(4)));
 }
 
 #[test]
 fn racing_stores_on_a_cluster_lease_each_task_once() {
-    race(|prefix| {
-        RedisStore::open(
-            &RedisTarget::Cluster(cluster().urls()),
-            &RedisOptions {
-                prefix: prefix.to_owned(),
-                shards: Some(12),
-                ..RedisOptions::default()
-            },
-        )
-        .unwrap()
-    });
+    race(|prefix| open(RedisTarget::Cluster(cluster().urls()), prefix, Some(12)));
 }
 
 #[test]
 fn notices_reach_the_other_stores_only() {
     let prefix = prefix();
-    let open = || {
-        RedisStore::open(
-            &RedisTarget::Standalone(server().url()),
-            &RedisOptions {
-                prefix: prefix.clone(),
-                ..RedisOptions::default()
-            },
-        )
-        .unwrap()
-    };
-    let (a, b) = (open(), open());
+    let node = || open(RedisTarget::Standalone(server().url()), &prefix, None);
+    let (a, b) = (node(), node());
     let (tx_a, rx_a) = std::sync::mpsc::channel();
     let (tx_b, rx_b) = std::sync::mpsc::channel();
     let tx_a = std::sync::Mutex::new(tx_a);

@@ -16,6 +16,29 @@ use serde_json::{Value, json};
 
 const TASKS: usize = 10_000;
 
+/// The counts of queue `d` as one node sees them.
+async fn stats(url: &str) -> Value {
+    reqwest::get(format!("{url}/v1/queues/d"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// POSTs `body` and answers the JSON reply.
+async fn post(url: String, body: Value) -> Value {
+    reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn nodes(args: &[&str]) -> Vec<Server> {
     let mut nodes = Vec::new();
     for _ in 0..3 {
@@ -86,22 +109,17 @@ async fn consume(url: String, tally: Arc<Mutex<Tally>>, stop: Arc<std::sync::ato
 }
 
 async fn schedule_through_all(nodes: &[Server]) {
-    let http = reqwest::Client::new();
     for (n, chunk) in (0..TASKS).collect::<Vec<_>>().chunks(500).enumerate() {
         let url = &nodes[n % nodes.len()].url;
         let tasks: Vec<Value> = chunk
             .iter()
             .map(|i| json!({"id": format!("t{i}"), "delay_ms": (i * 7) % 3000, "payload": {"n": i}, "max_attempts": 100, "backoff_ms": [0]}))
             .collect();
-        let answer: Value = http
-            .post(format!("{url}/v1/queues/d/batch"))
-            .json(&json!({ "tasks": tasks }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer = post(
+            format!("{url}/v1/queues/d/batch"),
+            json!({ "tasks": tasks }),
+        )
+        .await;
         for result in answer["results"].as_array().unwrap() {
             assert_eq!(result["status"], 201, "{result}");
         }
@@ -134,15 +152,11 @@ async fn three_nodes_one_killed(args: &[&str]) {
     // Node 1 hands out leases that are never settled, then dies: those tasks must come back elsewhere.
     let mut hoarded: Vec<String> = Vec::new();
     while hoarded.is_empty() {
-        let answer: Value = reqwest::Client::new()
-            .post(format!("{}/v1/queues/d/reserve", nodes[1].url))
-            .json(&json!({"max": 100, "wait_ms": 1000, "lease_ms": 1000}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer = post(
+            format!("{}/v1/queues/d/reserve", nodes[1].url),
+            json!({"max": 100, "wait_ms": 1000, "lease_ms": 1000}),
+        )
+        .await;
         hoarded = answer["tasks"]
             .as_array()
             .into_iter()
@@ -152,16 +166,8 @@ async fn three_nodes_one_killed(args: &[&str]) {
         assert!(Instant::now() < deadline, "nothing left to hoard");
     }
     nodes[1].kill9();
-    let stats = |url: String| async move {
-        reqwest::get(format!("{url}/v1/queues/d"))
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
-    };
     loop {
-        let counts = stats(nodes[0].url.clone()).await;
+        let counts = stats(&nodes[0].url).await;
         if counts["succeeded"] == TASKS {
             break;
         }
@@ -199,16 +205,8 @@ async fn three_nodes_one_killed(args: &[&str]) {
         );
     }
     // Every surviving node sees the same store: all succeeded, nothing else left.
-    let http = reqwest::Client::new();
     for node in [&nodes[0], &nodes[2]] {
-        let stats: Value = http
-            .get(format!("{}/v1/queues/d", node.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let stats = stats(&node.url).await;
         assert_eq!(stats["succeeded"], TASKS, "{stats}");
         assert_eq!(stats["leased"], 0, "{stats}");
         assert_eq!(stats["ready"], 0, "{stats}");
