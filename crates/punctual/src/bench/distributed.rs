@@ -15,15 +15,16 @@ use super::subject::{Job, Sink, Subject, now_ms};
 use super::{Ctx, Scenario, System, burst_jobs, deadline_at_ms, pending_job};
 
 /// Where the nodes keep their tasks.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
+    /// One standalone Redis.
+    #[value(name = "redis")]
     Standalone,
+    /// A 3-master Redis Cluster.
     Cluster,
 }
 
 impl Backend {
-    pub const ALL: [Backend; 2] = [Backend::Standalone, Backend::Cluster];
-
     pub fn key(self) -> &'static str {
         match self {
             Backend::Standalone => "redis",
@@ -138,7 +139,7 @@ async fn consume_all(
 }
 
 pub async fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
-    for backend in Backend::ALL {
+    for &backend in &ctx.sizes.backends {
         for &nodes in &ctx.sizes.nodes {
             eprintln!("== Punctual on {}, {nodes} node(s)", backend.label());
             one(ctx, backend, nodes, res)

@@ -124,6 +124,9 @@ pub struct BenchOpts {
     /// Distributed mode: node counts to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_values = ["1", "2", "3"])]
     nodes: Vec<usize>,
+    /// Distributed mode: Redis set-ups to measure, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["redis", "cluster"])]
+    backends: Vec<distributed::Backend>,
     /// Distributed mode: how long idle nodes' Redis commands are counted [default: 10s; quick: 2s].
     #[arg(long)]
     idle: Option<String>,
@@ -159,6 +162,7 @@ pub struct Sizes {
     pub give_up_ms: u64,
     pub idle_ms: u64,
     pub nodes: Vec<usize>,
+    pub backends: Vec<distributed::Backend>,
     pub batch: usize,
     pub connections: Vec<usize>,
     pub consumers: usize,
@@ -186,6 +190,7 @@ impl Sizes {
             give_up_ms: ms(&opts.give_up, "60s", "2s")?,
             idle_ms: ms(&opts.idle, "10s", "2s")?.max(100),
             nodes: opts.nodes.clone(),
+            backends: opts.backends.clone(),
             batch: opts.batch,
             connections: opts.connections.clone(),
             consumers: opts.consumers,
@@ -196,6 +201,9 @@ impl Sizes {
         }
         if sizes.nodes.is_empty() || sizes.nodes.iter().any(|n| !(1..=16).contains(n)) {
             bail!("--nodes needs at least one count, each 1..=16");
+        }
+        if sizes.backends.is_empty() {
+            bail!("--backends needs at least one of redis, cluster");
         }
         if sizes.connections.is_empty() || sizes.connections.contains(&0) {
             bail!("--connections needs at least one count, each at least 1");
