@@ -28,7 +28,7 @@ pub struct ServerConfig {
     pub protect_metrics: bool,
     pub webhook: WebhookConfig,
     /// On a store shared with other nodes: how often the timer re-reads what is due soon, in case it
-    /// missed another node's notice.
+    /// missed another node's notice. (It also re-reads when the store asks, see `Notice::resync`.)
     pub resync_ms: u64,
 }
 
@@ -46,7 +46,7 @@ impl Default for ServerConfig {
             auth_tokens: Vec::new(),
             protect_metrics: false,
             webhook: WebhookConfig::default(),
-            resync_ms: 1_000,
+            resync_ms: 5_000,
         }
     }
 }

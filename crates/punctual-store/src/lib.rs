@@ -23,7 +23,7 @@ pub use codec::FORMAT_VERSION;
 pub use engine::ready_target;
 pub use memory::MemoryStore;
 pub use redb_store::{RedbOptions, RedbStore};
-pub use redis_store::{MAX_SHARDS, RedisOptions, RedisStore, RedisTarget};
+pub use redis_store::{MAX_SHARDS, RedisOptions, RedisStore, RedisTarget, RedisTls};
 
 /// A store failure. Expected outcomes (not found, lease lost, …) are [`Outcome`]s, not errors.
 #[derive(Debug, Error)]
@@ -253,7 +253,8 @@ pub struct Notice {
     /// that owns the task's shard, the others would merely race it (docs/distributed.md).
     pub due_tasks: Vec<(u64, String, String)>,
     pub ready_queues: Vec<String>,
-    /// Notices may have been missed (the subscription was re-established): re-read due times from the store.
+    /// Notices may have been missed (the subscription was re-established), or shards changed owners (a
+    /// node joined or left): re-read due times from the store.
     pub resync: bool,
 }
 

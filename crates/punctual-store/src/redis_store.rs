@@ -64,6 +64,59 @@ pub struct RedisOptions {
     pub wait_timeout_ms: u64,
     /// Connect, read and write timeout of every connection.
     pub io_timeout_ms: u64,
+    /// Certificates for `rediss://` URLs; without any, TLS trusts the bundled Mozilla roots.
+    pub tls: RedisTls,
+}
+
+/// PEM certificates for TLS connections to Redis.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// The CA (or CAs) to trust instead of the bundled Mozilla roots, e.g. a private CA.
+    pub ca: Option<Vec<u8>>,
+    /// A client certificate and its private key, for a Redis with `tls-auth-clients yes`.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RedisTls {
+    fn given(&self) -> bool {
+        self.ca.is_some() || self.client.is_some()
+    }
+
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.ca.clone(),
+        }
+    }
+
+    /// A client for `url`, with these certificates when there are any.
+    fn client(&self, url: &str) -> RedisResult<redis::Client> {
+        if !self.given() {
+            return redis::Client::open(url);
+        }
+        if !url.starts_with("rediss://") {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "TLS certificates were given for a redis:// URL; use rediss://",
+            )));
+        }
+        redis::Client::build_with_tls(url, self.certificates())
+    }
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca.is_some())
+            .field("client", &self.client.is_some())
+            .finish()
+    }
 }
 
 impl Default for RedisOptions {
@@ -74,6 +127,7 @@ impl Default for RedisOptions {
             wait_replicas: 0,
             wait_timeout_ms: 1_000,
             io_timeout_ms: 5_000,
+            tls: RedisTls::default(),
         }
     }
 }
@@ -216,22 +270,34 @@ pub struct RedisStore {
 struct Members(Mutex<HashMap<String, std::time::Instant>>);
 
 impl Members {
-    fn heard(&self, node: &str) {
+    /// Records that `node` spoke; true when it was not a live member before.
+    fn heard(&self, node: &str) -> bool {
         #[allow(clippy::disallowed_methods)] // Liveness only (see the type).
         let now = std::time::Instant::now();
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_owned(), now);
+            .insert(node.to_owned(), now)
+            .is_none_or(|seen| seen.elapsed().as_millis() >= MEMBER_TIMEOUT_MS)
+    }
+
+    /// Forgets nodes not heard from for [`MEMBER_TIMEOUT_MS`]; true when there were any.
+    fn expire(&self) -> bool {
+        let mut members = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let before = members.len();
+        members.retain(|_, seen| seen.elapsed().as_millis() < MEMBER_TIMEOUT_MS);
+        members.len() != before
     }
 
     /// Whether `me` wins the rendezvous hash for `tag` against every other live node.
     fn owns(&self, me: &str, tag: &str) -> bool {
         let score = |node: &str| (fnv(format!("{node}/{tag}").as_bytes()), node.to_owned());
         let mine = score(me);
-        let mut members = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        members.retain(|_, seen| seen.elapsed().as_millis() < MEMBER_TIMEOUT_MS);
-        members.keys().all(|other| score(other) < mine)
+        let members = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        members
+            .iter()
+            .filter(|(_, seen)| seen.elapsed().as_millis() < MEMBER_TIMEOUT_MS)
+            .all(|(other, _)| score(other) < mine)
     }
 }
 
@@ -296,21 +362,28 @@ impl RedisStore {
             path: url.to_owned(),
             reason: e.to_string(),
         };
+        // rustls needs a process-wide crypto provider before a rediss:// connection; a provider set
+        // already (by the embedding program) stays.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let timeout = Duration::from_millis(options.io_timeout_ms.max(1));
         let (client, pubsub_clients, default_shards) = match target {
             RedisTarget::Standalone(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(|e| open_error(url, e))?;
+                let client = options.tls.client(url).map_err(|e| open_error(url, e))?;
                 (Client::One(client.clone()), vec![client], 1)
             }
             RedisTarget::Cluster(urls) => {
-                let cluster = redis::cluster::ClusterClient::builder(urls.clone())
+                let mut builder = redis::cluster::ClusterClient::builder(urls.clone())
                     .connection_timeout(timeout)
-                    .response_timeout(timeout)
+                    .response_timeout(timeout);
+                if options.tls.given() {
+                    builder = builder.certs(options.tls.certificates());
+                }
+                let cluster = builder
                     .build()
                     .map_err(|e| open_error(&urls.join(","), e))?;
                 let plain = urls
                     .iter()
-                    .map(|u| redis::Client::open(u.as_str()).map_err(|e| open_error(u, e)))
+                    .map(|u| options.tls.client(u).map_err(|e| open_error(u, e)))
                     .collect::<Result<Vec<_>, _>>()?;
                 (Client::Cluster(cluster), plain, 12)
             }
@@ -1401,6 +1474,14 @@ fn subscribe_loop(
             ..Notice::default()
         });
         while !stopping.load(Ordering::Relaxed) {
+            // A node that left (or joined) moves shards between owners: the new owners re-read what is
+            // due at once instead of at their next periodic resync.
+            if members.expire() {
+                sink(Notice {
+                    resync: true,
+                    ..Notice::default()
+                });
+            }
             match pubsub.get_message() {
                 Ok(message) => {
                     let Ok(text) = message.get_payload::<String>() else {
@@ -1409,7 +1490,12 @@ fn subscribe_loop(
                     if let Some((from_node, out)) = decode_notice(&text)
                         && from_node != node
                     {
-                        members.heard(from_node);
+                        if members.heard(from_node) {
+                            sink(Notice {
+                                resync: true,
+                                ..Notice::default()
+                            });
+                        }
                         // Due times of shards another node owns would only make this node race it:
                         // they are left out (the resync and the owner's grace cover a lost owner).
                         let mut due_times = out.untagged;
@@ -1489,6 +1575,24 @@ mod tests {
         assert!(per_node.iter().all(|n| *n > 50), "{per_node:?}");
         // Alone (nobody heard), a node owns everything.
         assert!(Members::default().owns("n1", "any"));
+    }
+
+    /// A node joining or timing out is a change of owners (the subscriber then asks for a resync).
+    #[test]
+    #[allow(clippy::disallowed_methods)] // Liveness bookkeeping runs on Instant.
+    fn members_report_joins_and_departures() {
+        let members = Members::default();
+        assert!(members.heard("n2"), "a new node");
+        assert!(!members.heard("n2"), "a known one");
+        assert!(!members.expire());
+        let long_ago = std::time::Instant::now()
+            .checked_sub(Duration::from_millis(MEMBER_TIMEOUT_MS as u64 + 10))
+            .unwrap();
+        members.0.lock().unwrap().insert("n2".into(), long_ago);
+        assert!(members.owns("n1", "any"), "a silent node owns nothing");
+        assert!(members.expire(), "n2 timed out");
+        assert!(!members.expire());
+        assert!(members.heard("n2"), "back again");
     }
 
     #[test]

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 /// A `redis-server` child process.
 pub struct RedisServer {
+    /// The plain-text port (also open on a TLS server, for `cli()` and the start-up check).
     pub port: u16,
+    /// The TLS port of a server started with [`RedisServer::start_tls`].
+    pub tls_port: Option<u16>,
     child: Child,
     /// Kills the server if this process dies without dropping it (a server in a `static`, a panic that
     /// aborts): a test run never leaves servers behind.
@@ -66,13 +69,130 @@ fn watchdog(pid: u32, dir: &std::path::Path) -> std::io::Result<Child> {
         .spawn()
 }
 
+/// Runs `openssl` with `args` in `dir`; an error carries what it printed.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot run openssl: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+}
+
+/// Writes a throw-away CA (`ca.crt`) into `dir`, and a server (`server.*`, for 127.0.0.1 and
+/// localhost) and a client (`client.*`) certificate it signed, with their keys.
+fn make_certificates(dir: &std::path::Path) -> std::io::Result<()> {
+    // Extensions make X.509 v3 certificates, the only version rustls (webpki) accepts.
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )?;
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Punctual test CA",
+        ],
+    )?;
+    for who in ["server", "client"] {
+        let (key, csr, crt) = (
+            format!("{who}.key"),
+            format!("{who}.csr"),
+            format!("{who}.crt"),
+        );
+        let subject = format!("/CN=punctual-test-{who}");
+        openssl(
+            dir,
+            &[
+                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
+                &subject,
+            ],
+        )?;
+        let ext = format!("{who}.ext");
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 impl RedisServer {
     /// Starts a server with persistence off, plus `extra` arguments (e.g. `--appendonly yes`).
     pub fn start(extra: &[&str]) -> std::io::Result<RedisServer> {
-        let dir = unique_dir("server");
+        Self::spawn(unique_dir("server"), false, extra)
+    }
+
+    /// Starts a server that also listens for TLS (certificates from a throw-away CA made with the
+    /// `openssl` command; see [`RedisServer::tls_file`]). With `client_certificates`, a TLS client must
+    /// show a certificate that CA signed.
+    pub fn start_tls(client_certificates: bool) -> std::io::Result<RedisServer> {
+        let dir = unique_dir("tls");
+        make_certificates(&dir)?;
+        let auth = if client_certificates { "yes" } else { "no" };
+        Self::spawn(
+            dir,
+            true,
+            &[
+                "--tls-cert-file",
+                "server.crt",
+                "--tls-key-file",
+                "server.key",
+                "--tls-ca-cert-file",
+                "ca.crt",
+                "--tls-auth-clients",
+                auth,
+            ],
+        )
+    }
+
+    fn spawn(dir: PathBuf, tls: bool, extra: &[&str]) -> std::io::Result<RedisServer> {
         for _ in 0..5 {
             let port = free_port();
-            let mut child = Command::new("redis-server")
+            let tls_port = tls.then(free_port);
+            let mut command = Command::new("redis-server");
+            if let Some(tls_port) = tls_port {
+                command.args(["--tls-port", &tls_port.to_string()]);
+            }
+            let mut child = command
+                .current_dir(&dir)
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
                 .arg("--dir")
@@ -90,6 +210,7 @@ impl RedisServer {
                     let watchdog = watchdog(child.id(), &dir)?;
                     return Ok(RedisServer {
                         port,
+                        tls_port,
                         child,
                         watchdog,
                         dir,
@@ -108,6 +229,16 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The `rediss://` URL of a server started with [`RedisServer::start_tls`].
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("rediss://127.0.0.1:{p}/"))
+    }
+
+    /// A file made by [`RedisServer::start_tls`]: `ca.crt`, `client.crt`, `client.key`.
+    pub fn tls_file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 
     /// The server's process id (to read its memory or CPU).

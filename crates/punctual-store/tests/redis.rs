@@ -242,13 +242,59 @@ fn notices_reach_the_other_stores_only() {
         ready_queues: vec!["q".into()],
         ..punctual_store::Notice::default()
     });
-    let got = rx_b.recv_timeout(wait).expect("b hears a");
+    let got = news(&rx_b).expect("b hears a");
     assert_eq!(got.due_times, vec![42]);
     assert_eq!(got.ready_queues, vec!["q".to_owned()]);
+    // a hears b join (a resync: shards change owners), but nothing of its own notice.
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_millis(300) {
+        if let Ok(notice) = rx_a.recv_timeout(std::time::Duration::from_millis(50)) {
+            assert!(notice.resync, "a does not hear itself: {notice:?}");
+        }
+    }
+}
+
+/// The next notice with news in it, skipping resync requests (sent when other nodes come and go).
+fn news(rx: &std::sync::mpsc::Receiver<punctual_store::Notice>) -> Option<punctual_store::Notice> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let left = deadline.checked_duration_since(std::time::Instant::now())?;
+        let notice = rx.recv_timeout(left).ok()?;
+        if notice
+            != (punctual_store::Notice {
+                resync: true,
+                ..punctual_store::Notice::default()
+            })
+        {
+            return Some(notice);
+        }
+    }
+}
+
+/// A node that hears another one join, or stop (no heartbeat for 1.5 s), asks for a resync: the
+/// shards the two share change owners.
+#[test]
+fn a_node_joining_or_leaving_asks_for_a_resync() {
+    let prefix = prefix();
+    let node = || open(RedisTarget::Standalone(server().url()), &prefix, None);
+    let a = node();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    a.subscribe(Box::new(move |n| {
+        let _ = tx.lock().unwrap().send(n);
+    }));
+    let wait = std::time::Duration::from_secs(5);
+    assert!(rx.recv_timeout(wait).unwrap().resync, "subscribed");
+    let b = node();
+    assert!(rx.recv_timeout(wait).expect("b joins").resync);
+    drop(b);
+    let dropped = std::time::Instant::now();
+    let notice = rx.recv_timeout(wait).expect("b is gone");
+    assert!(notice.resync);
+    let after = dropped.elapsed();
     assert!(
-        rx_a.recv_timeout(std::time::Duration::from_millis(300))
-            .is_err(),
-        "a does not hear itself"
+        after >= std::time::Duration::from_millis(900),
+        "only once b is silent for 1.5 s (heartbeats every 0.5 s): {after:?}"
     );
 }
 
@@ -323,4 +369,74 @@ fn tag_of(queue: &str) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{hash:016x}.0")
+}
+
+/// TLS with a private CA and client certificates (`tls-auth-clients yes`): the conformance suite and
+/// pub/sub notices run over `rediss://`; a missing CA or client certificate, and certificates given for
+/// a `redis://` URL, are clear errors.
+#[test]
+fn tls_with_a_private_ca_and_client_certificates() {
+    use punctual_store::RedisTls;
+    let server = RedisServer::start_tls(true).expect("start redis-server with TLS");
+    let url = server.tls_url().unwrap();
+    let read = |name: &str| std::fs::read(server.tls_file(name)).unwrap();
+    let full = RedisTls {
+        ca: Some(read("ca.crt")),
+        client: Some((read("client.crt"), read("client.key"))),
+    };
+    let open = |url: &str, prefix: &str, tls: &RedisTls| {
+        RedisStore::open(
+            &RedisTarget::Standalone(url.to_owned()),
+            &RedisOptions {
+                prefix: prefix.to_owned(),
+                tls: tls.clone(),
+                io_timeout_ms: 2_000,
+                ..RedisOptions::default()
+            },
+        )
+    };
+
+    let unknown_ca = open(&url, "x", &RedisTls::default())
+        .err()
+        .expect("the bundled roots do not know the test CA");
+    assert!(
+        unknown_ca
+            .to_string()
+            .to_lowercase()
+            .contains("certificate"),
+        "{unknown_ca}"
+    );
+    let no_client = RedisTls {
+        client: None,
+        ..full.clone()
+    };
+    assert!(
+        open(&url, "x", &no_client).is_err(),
+        "the server demands a client certificate"
+    );
+    let plain = open(&server.url(), "x", &full)
+        .err()
+        .expect("certificates for a redis:// URL");
+    assert!(plain.to_string().contains("rediss://"), "{plain}");
+
+    conformance::run_all(&|| Box::new(open(&url, &prefix(), &full).expect("open over TLS")));
+
+    let prefix = prefix();
+    let (a, b) = (
+        open(&url, &prefix, &full).unwrap(),
+        open(&url, &prefix, &full).unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    b.subscribe(Box::new(move |n| {
+        let _ = tx.lock().unwrap().send(n);
+    }));
+    let wait = std::time::Duration::from_secs(5);
+    assert!(rx.recv_timeout(wait).expect("subscribed over TLS").resync);
+    a.publish(punctual_store::Notice {
+        ready_queues: vec!["q".into()],
+        ..punctual_store::Notice::default()
+    });
+    let got = news(&rx).expect("b hears a over TLS");
+    assert_eq!(got.ready_queues, vec!["q".to_owned()]);
 }

@@ -99,6 +99,17 @@ pub struct ServeOpts {
     /// How long to wait for those replicas before the request fails, in ms [default: 1000].
     #[arg(long, env = "PUNCTUAL_REDIS_WAIT_TIMEOUT_MS")]
     pub redis_wait_timeout_ms: Option<u64>,
+    /// PEM file of the CA(s) to trust for rediss:// instead of the bundled Mozilla roots, e.g. a
+    /// private CA [default: none].
+    #[arg(long, env = "PUNCTUAL_REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for rediss://, for a Redis with tls-auth-clients on; needs
+    /// --redis-tls-key [default: none].
+    #[arg(long, env = "PUNCTUAL_REDIS_TLS_CERT", requires = "redis_tls_key")]
+    pub redis_tls_cert: Option<PathBuf>,
+    /// PEM private key of --redis-tls-cert [default: none].
+    #[arg(long, env = "PUNCTUAL_REDIS_TLS_KEY", requires = "redis_tls_cert")]
+    pub redis_tls_key: Option<PathBuf>,
     /// Print the resolved settings as JSON and exit (tokens are not shown).
     #[arg(long)]
     #[serde(skip)]
@@ -137,6 +148,9 @@ pub struct Settings {
     pub redis_shards: Option<u32>,
     pub redis_wait_replicas: u32,
     pub redis_wait_timeout_ms: u64,
+    pub redis_tls_ca: Option<PathBuf>,
+    pub redis_tls_cert: Option<PathBuf>,
+    pub redis_tls_key: Option<PathBuf>,
 }
 
 /// `redis://user:secret@host` shown as `redis://user:***@host`.
@@ -218,6 +232,9 @@ impl ServeOpts {
                 .redis_wait_timeout_ms
                 .or(file.redis_wait_timeout_ms)
                 .unwrap_or(1_000),
+            redis_tls_ca: self.redis_tls_ca.or(file.redis_tls_ca),
+            redis_tls_cert: self.redis_tls_cert.or(file.redis_tls_cert),
+            redis_tls_key: self.redis_tls_key.or(file.redis_tls_key),
             data_dir: self
                 .data_dir
                 .or(file.data_dir)
@@ -323,6 +340,23 @@ impl Settings {
                     hide_password(url)
                 );
             }
+        }
+        if self.redis_tls_cert.is_some() != self.redis_tls_key.is_some() {
+            bail!("redis_tls_cert and redis_tls_key go together");
+        }
+        let tls_files = self.redis_tls_ca.is_some() || self.redis_tls_cert.is_some();
+        if tls_files && self.redis_urls.is_empty() {
+            bail!("the redis_tls_* settings are for a node on Redis (redis or redis_cluster)");
+        }
+        if let Some(url) = self
+            .redis_urls
+            .iter()
+            .find(|u| tls_files && !u.starts_with("rediss://"))
+        {
+            bail!(
+                "the redis_tls_* settings need rediss:// URLs (TLS), not {}",
+                hide_password(url)
+            );
         }
         Ok(())
     }

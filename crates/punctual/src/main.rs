@@ -11,7 +11,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use punctual_server::ServerConfig;
-use punctual_store::{RedbOptions, RedbStore, RedisOptions, RedisStore, RedisTarget, Store};
+use punctual_store::{
+    RedbOptions, RedbStore, RedisOptions, RedisStore, RedisTarget, RedisTls, Store,
+};
 
 use crate::client::{Client, ScheduleSpec};
 use crate::config::ServeOpts;
@@ -202,6 +204,20 @@ fn open_store(settings: &config::Settings) -> Result<Arc<dyn Store>> {
     } else {
         RedisTarget::Cluster(settings.redis_urls.clone())
     };
+    let read = |path: &Option<std::path::PathBuf>, what: &str| -> Result<Option<Vec<u8>>> {
+        path.as_ref()
+            .map(|p| {
+                std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
+            })
+            .transpose()
+    };
+    let client = match (
+        read(&settings.redis_tls_cert, "client certificate")?,
+        read(&settings.redis_tls_key, "client key")?,
+    ) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        _ => None,
+    };
     let store = RedisStore::open(
         &target,
         &RedisOptions {
@@ -209,6 +225,10 @@ fn open_store(settings: &config::Settings) -> Result<Arc<dyn Store>> {
             shards: settings.redis_shards,
             wait_replicas: settings.redis_wait_replicas,
             wait_timeout_ms: settings.redis_wait_timeout_ms,
+            tls: RedisTls {
+                ca: read(&settings.redis_tls_ca, "CA file")?,
+                client,
+            },
             ..RedisOptions::default()
         },
     )

@@ -225,3 +225,59 @@ async fn three_nodes_on_a_cluster_ack_each_task_once_through_a_kill() {
     let urls = cluster.urls().join(",");
     three_nodes_one_killed(&["--redis-cluster", &urls]).await;
 }
+
+/// Two nodes on a Redis that speaks TLS and demands client certificates: a task scheduled through one
+/// is delivered through the other (commands and the events channel over `rediss://`). Bad TLS settings
+/// stop a node at start with a message naming what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_over_tls_with_client_certificates() {
+    let redis = RedisServer::start_tls(true).expect("start redis-server with TLS");
+    let url = redis.tls_url().unwrap();
+    let file = |name: &str| redis.tls_file(name).to_str().unwrap().to_owned();
+    let (ca, cert, key) = (file("ca.crt"), file("client.crt"), file("client.key"));
+    let args = [
+        "--redis",
+        &url,
+        "--redis-tls-ca",
+        &ca,
+        "--redis-tls-cert",
+        &cert,
+        "--redis-tls-key",
+        &key,
+    ];
+    let a = Server::start(&temp_dir("tls-a"), &args).await;
+    let b = Server::start(&temp_dir("tls-b"), &args).await;
+    // b waits first; a schedules a task due in 300 ms.
+    let waiting = tokio::spawn(post(
+        format!("{}/v1/queues/t/reserve", b.url),
+        json!({"max": 1, "wait_ms": 10_000}),
+    ));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let scheduled = post(
+        format!("{}/v1/queues/t/tasks", a.url),
+        json!({"id": "over-tls", "delay_ms": 300, "payload": {"n": 1}}),
+    )
+    .await;
+    assert_eq!(scheduled["id"], "over-tls", "{scheduled}");
+    let reserved = waiting.await.unwrap();
+    assert_eq!(reserved["tasks"][0]["id"], "over-tls", "{reserved}");
+
+    let refused = |extra: &[&str]| {
+        let output = std::process::Command::new(common::bin())
+            .arg("serve")
+            .args(["--http", "127.0.0.1:0"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{extra:?} started");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let untrusted = refused(&["--redis", &url]);
+    assert!(untrusted.contains("certificate"), "{untrusted}");
+    let plain = refused(&["--redis", &redis.url(), "--redis-tls-ca", &ca]);
+    assert!(plain.contains("rediss://"), "{plain}");
+    let missing = refused(&["--redis", &url, "--redis-tls-ca", "/nonexistent/ca.pem"]);
+    assert!(missing.contains("/nonexistent/ca.pem"), "{missing}");
+    let half = refused(&["--redis", &url, "--redis-tls-cert", &cert]);
+    assert!(half.contains("redis-tls-key"), "{half}");
+}
