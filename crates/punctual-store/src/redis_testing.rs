@@ -15,6 +15,8 @@ pub struct RedisServer {
     pub port: u16,
     /// The TLS port of a server started with [`RedisServer::start_tls`].
     pub tls_port: Option<u16>,
+    /// Where its certificates are (see [`RedisServer::tls_file`]).
+    certs: Option<PathBuf>,
     child: Child,
     /// Kills the server if this process dies without dropping it (a server in a `static`, a panic that
     /// aborts): a test run never leaves servers behind.
@@ -28,6 +30,16 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind a free port")
+}
+
+/// A free port a Redis Cluster node can use: its bus listens 10 000 ports higher, at most 65535.
+fn server_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_535 {
+            return port;
+        }
+    }
 }
 
 fn unique_dir(tag: &str) -> PathBuf {
@@ -91,10 +103,11 @@ fn openssl(dir: &std::path::Path, args: &[&str]) -> std::io::Result<()> {
 /// Writes a throw-away CA (`ca.crt`) into `dir`, and a server (`server.*`, for 127.0.0.1 and
 /// localhost) and a client (`client.*`) certificate it signed, with their keys.
 fn make_certificates(dir: &std::path::Path) -> std::io::Result<()> {
-    // Extensions make X.509 v3 certificates, the only version rustls (webpki) accepts.
+    // Extensions make X.509 v3 certificates, the only version rustls (webpki) accepts. Cluster nodes
+    // also show their server certificate as clients of each other on the cluster bus.
     std::fs::write(
         dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
     )?;
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
     openssl(
@@ -154,10 +167,25 @@ fn make_certificates(dir: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// redis-server arguments for TLS with the certificates in `certs` (absolute paths).
+fn tls_args(certs: &std::path::Path, client_certificates: bool) -> Vec<String> {
+    let file = |name: &str| certs.join(name).display().to_string();
+    vec![
+        "--tls-cert-file".into(),
+        file("server.crt"),
+        "--tls-key-file".into(),
+        file("server.key"),
+        "--tls-ca-cert-file".into(),
+        file("ca.crt"),
+        "--tls-auth-clients".into(),
+        (if client_certificates { "yes" } else { "no" }).into(),
+    ]
+}
+
 impl RedisServer {
     /// Starts a server with persistence off, plus `extra` arguments (e.g. `--appendonly yes`).
     pub fn start(extra: &[&str]) -> std::io::Result<RedisServer> {
-        Self::spawn(unique_dir("server"), false, extra)
+        Self::spawn(unique_dir("server"), None, extra)
     }
 
     /// Starts a server that also listens for TLS (certificates from a throw-away CA made with the
@@ -166,27 +194,15 @@ impl RedisServer {
     pub fn start_tls(client_certificates: bool) -> std::io::Result<RedisServer> {
         let dir = unique_dir("tls");
         make_certificates(&dir)?;
-        let auth = if client_certificates { "yes" } else { "no" };
-        Self::spawn(
-            dir,
-            true,
-            &[
-                "--tls-cert-file",
-                "server.crt",
-                "--tls-key-file",
-                "server.key",
-                "--tls-ca-cert-file",
-                "ca.crt",
-                "--tls-auth-clients",
-                auth,
-            ],
-        )
+        let args = tls_args(&dir, client_certificates);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::spawn(dir.clone(), Some(dir), &args)
     }
 
-    fn spawn(dir: PathBuf, tls: bool, extra: &[&str]) -> std::io::Result<RedisServer> {
+    fn spawn(dir: PathBuf, certs: Option<PathBuf>, extra: &[&str]) -> std::io::Result<RedisServer> {
         for _ in 0..5 {
-            let port = free_port();
-            let tls_port = tls.then(free_port);
+            let port = server_port();
+            let tls_port = certs.is_some().then(server_port);
             let mut command = Command::new("redis-server");
             if let Some(tls_port) = tls_port {
                 command.args(["--tls-port", &tls_port.to_string()]);
@@ -211,6 +227,7 @@ impl RedisServer {
                     return Ok(RedisServer {
                         port,
                         tls_port,
+                        certs,
                         child,
                         watchdog,
                         dir,
@@ -236,9 +253,9 @@ impl RedisServer {
         self.tls_port.map(|p| format!("rediss://127.0.0.1:{p}/"))
     }
 
-    /// A file made by [`RedisServer::start_tls`]: `ca.crt`, `client.crt`, `client.key`.
+    /// A file made for a TLS server: `ca.crt`, `client.crt`, `client.key`.
     pub fn tls_file(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        self.certs.as_ref().unwrap_or(&self.dir).join(name)
     }
 
     /// The server's process id (to read its memory or CPU).
@@ -269,29 +286,55 @@ impl Drop for RedisServer {
 /// A Redis Cluster of masters without replicas.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    /// The certificates of a TLS cluster, shared by its nodes.
+    certs: Option<PathBuf>,
 }
 
 impl RedisCluster {
     pub fn start(masters: usize) -> std::io::Result<RedisCluster> {
+        Self::start_with(masters, None)
+    }
+
+    /// A cluster whose nodes speak TLS to clients and to each other (`tls-cluster yes`, so they
+    /// announce their TLS ports), with one throw-away CA; clients need no certificate of their own.
+    pub fn start_tls(masters: usize) -> std::io::Result<RedisCluster> {
+        let certs = unique_dir("tls-cluster");
+        make_certificates(&certs)?;
+        Self::start_with(masters, Some(certs))
+    }
+
+    fn start_with(masters: usize, certs: Option<PathBuf>) -> std::io::Result<RedisCluster> {
+        let mut args: Vec<String> = [
+            "--cluster-enabled",
+            "yes",
+            // Relative to the server's own --dir.
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+        ]
+        .map(String::from)
+        .into();
+        if let Some(certs) = &certs {
+            args.extend(tls_args(certs, false));
+            args.extend(["--tls-cluster".into(), "yes".into()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut nodes = Vec::new();
         for _ in 0..masters {
-            // Relative to the server's own --dir.
-            nodes.push(RedisServer::start(&[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "2000",
-            ])?);
+            nodes.push(RedisServer::spawn(
+                unique_dir("cluster"),
+                certs.clone(),
+                &args,
+            )?);
         }
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
+        // redis-cli waits for the nodes to meet with no end of its own: bounded by coreutils' timeout.
+        let out = Command::new("timeout")
+            .args(["30", "redis-cli", "--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .stdin(Stdio::null())
@@ -299,7 +342,8 @@ impl RedisCluster {
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot run redis-cli: {e}")))?;
         if !out.status.success() {
             return Err(std::io::Error::other(format!(
-                "redis-cli --cluster create failed: {}",
+                "redis-cli --cluster create failed ({}): {}",
+                out.status,
                 String::from_utf8_lossy(&out.stdout)
             )));
         }
@@ -310,7 +354,7 @@ impl RedisCluster {
                     .is_ok_and(|info| info.contains("cluster_state:ok"))
             });
             if ok {
-                return Ok(RedisCluster { nodes });
+                return Ok(RedisCluster { nodes, certs });
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -319,5 +363,19 @@ impl RedisCluster {
 
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The `rediss://` URLs of a cluster started with [`RedisCluster::start_tls`].
+    pub fn tls_urls(&self) -> Vec<String> {
+        self.nodes.iter().filter_map(RedisServer::tls_url).collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        if let Some(certs) = &self.certs {
+            let _ = std::fs::remove_dir_all(certs);
+        }
     }
 }

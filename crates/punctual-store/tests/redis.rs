@@ -223,20 +223,7 @@ fn notices_reach_the_other_stores_only() {
     let prefix = prefix();
     let node = || open(RedisTarget::Standalone(server().url()), &prefix, None);
     let (a, b) = (node(), node());
-    let (tx_a, rx_a) = std::sync::mpsc::channel();
-    let (tx_b, rx_b) = std::sync::mpsc::channel();
-    let tx_a = std::sync::Mutex::new(tx_a);
-    let tx_b = std::sync::Mutex::new(tx_b);
-    a.subscribe(Box::new(move |n| {
-        let _ = tx_a.lock().unwrap().send(n);
-    }));
-    b.subscribe(Box::new(move |n| {
-        let _ = tx_b.lock().unwrap().send(n);
-    }));
-    let wait = std::time::Duration::from_secs(5);
-    // Each first says "resync" once subscribed.
-    assert!(rx_a.recv_timeout(wait).unwrap().resync);
-    assert!(rx_b.recv_timeout(wait).unwrap().resync);
+    let (rx_a, rx_b) = (listen(&a), listen(&b));
     a.publish(punctual_store::Notice {
         due_times: vec![42],
         ready_queues: vec!["q".into()],
@@ -252,6 +239,31 @@ fn notices_reach_the_other_stores_only() {
             assert!(notice.resync, "a does not hear itself: {notice:?}");
         }
     }
+}
+
+/// Subscribes `store` to its notices; answers them once it is subscribed (its first notice, a resync).
+fn listen(store: &RedisStore) -> std::sync::mpsc::Receiver<punctual_store::Notice> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    store.subscribe(Box::new(move |n| {
+        let _ = tx.lock().unwrap().send(n);
+    }));
+    let first = rx.recv_timeout(std::time::Duration::from_secs(5));
+    assert!(
+        first.expect("subscribed").resync,
+        "the first notice is a resync"
+    );
+    rx
+}
+
+/// `from` publishes a ready queue and `to` (listening on `rx`) hears it.
+fn ready_notice_crosses(from: &RedisStore, rx: &std::sync::mpsc::Receiver<punctual_store::Notice>) {
+    from.publish(punctual_store::Notice {
+        ready_queues: vec!["q".into()],
+        ..punctual_store::Notice::default()
+    });
+    let got = news(rx).expect("the other store hears it");
+    assert_eq!(got.ready_queues, vec!["q".to_owned()]);
 }
 
 /// The next notice with news in it, skipping resync requests (sent when other nodes come and go).
@@ -278,13 +290,8 @@ fn a_node_joining_or_leaving_asks_for_a_resync() {
     let prefix = prefix();
     let node = || open(RedisTarget::Standalone(server().url()), &prefix, None);
     let a = node();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    a.subscribe(Box::new(move |n| {
-        let _ = tx.lock().unwrap().send(n);
-    }));
+    let rx = listen(&a);
     let wait = std::time::Duration::from_secs(5);
-    assert!(rx.recv_timeout(wait).unwrap().resync, "subscribed");
     let b = node();
     assert!(rx.recv_timeout(wait).expect("b joins").resync);
     drop(b);
@@ -426,17 +433,32 @@ fn tls_with_a_private_ca_and_client_certificates() {
         open(&url, &prefix, &full).unwrap(),
         open(&url, &prefix, &full).unwrap(),
     );
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    b.subscribe(Box::new(move |n| {
-        let _ = tx.lock().unwrap().send(n);
-    }));
-    let wait = std::time::Duration::from_secs(5);
-    assert!(rx.recv_timeout(wait).expect("subscribed over TLS").resync);
-    a.publish(punctual_store::Notice {
-        ready_queues: vec!["q".into()],
-        ..punctual_store::Notice::default()
-    });
-    let got = news(&rx).expect("b hears a over TLS");
-    assert_eq!(got.ready_queues, vec!["q".to_owned()]);
+    ready_notice_crosses(&a, &listen(&b));
+}
+
+/// A 3-master cluster that speaks TLS (`tls-cluster yes`): the conformance suite runs over `rediss://`
+/// URLs with the cluster's CA, and notices cross between two stores.
+#[test]
+fn a_tls_cluster_conforms() {
+    use punctual_store::RedisTls;
+    let cluster = RedisCluster::start_tls(3).expect("start a TLS cluster");
+    let tls = RedisTls {
+        ca: Some(std::fs::read(cluster.nodes[0].tls_file("ca.crt")).unwrap()),
+        client: None,
+    };
+    let open = |prefix: &str| {
+        RedisStore::open(
+            &RedisTarget::Cluster(cluster.tls_urls()),
+            &RedisOptions {
+                prefix: prefix.to_owned(),
+                tls: tls.clone(),
+                ..RedisOptions::default()
+            },
+        )
+        .expect("open the TLS cluster")
+    };
+    conformance::run_all(&|| Box::new(open(&prefix())));
+    let prefix = prefix();
+    let (a, b) = (open(&prefix), open(&prefix));
+    ready_notice_crosses(&a, &listen(&b));
 }
