@@ -196,13 +196,7 @@ impl Loop<'_> {
                     ready,
                     due_tasks,
                     untagged,
-                } = after_commit(
-                    self.effects,
-                    now_ms,
-                    commands,
-                    &outcomes,
-                    self.store.shared(),
-                );
+                } = after_commit(self.effects, now_ms, commands, &outcomes, self.store);
                 if ready.iter().any(|q| q == punctual_store::PUSH_INDEX) {
                     self.effects.push_wake.notify_one();
                 }
@@ -440,18 +434,23 @@ fn after_commit<'a>(
     now_ms: u64,
     commands: &'a [Command],
     outcomes: &'a [Outcome],
-    shared: bool,
+    store: &dyn Store,
 ) -> Committed {
+    let shared = store.shared();
     let mut due_times: Vec<u64> = Vec::new();
     // Only on a shared store: the same due times with their task where known, for other nodes.
     let mut due_tasks: Vec<(u64, String, String)> = Vec::new();
     let mut untagged: Vec<u64> = Vec::new();
     let mut note = |task: &Task, due_times: &mut Vec<u64>| {
         if let Some(due) = task.due_at_ms() {
-            due_times.push(due);
             if shared {
                 due_tasks.push((due, task.queue.clone(), task.id.clone()));
+                // Another node fires it: this timer would only wake to race that node.
+                if !store.owns(&task.queue, &task.id) {
+                    return;
+                }
             }
+            due_times.push(due);
         }
     };
     let mut wake_queues: Vec<&str> = Vec::new();
@@ -497,7 +496,6 @@ fn after_commit<'a>(
                 if shared {
                     untagged.extend(&report.due_times);
                 }
-                effects.timer.insert_all(&report.recheck_at);
                 for tasks in report.taken.iter().filter(|t| !t.is_empty()) {
                     let lateness =
                         metrics::histogram!(m::LATENESS, "queue" => tasks[0].queue.clone());

@@ -23,7 +23,9 @@ pub use codec::FORMAT_VERSION;
 pub use engine::ready_target;
 pub use memory::MemoryStore;
 pub use redb_store::{RedbOptions, RedbStore};
-pub use redis_store::{MAX_SHARDS, RedisOptions, RedisStore, RedisTarget, RedisTls};
+pub use redis_store::{
+    MAX_SHARDS, OWNER_GRACE_MS, RedisOptions, RedisStore, RedisTarget, RedisTls,
+};
 
 /// A store failure. Expected outcomes (not found, lease lost, …) are [`Outcome`]s, not errors.
 #[derive(Debug, Error)]
@@ -176,9 +178,6 @@ pub struct TickReport {
     pub purged: u64,
     /// New due times created (retries after an expired lease).
     pub due_times: Vec<u64>,
-    /// When this node should look again at due tasks it left to another node (a shared store's shard
-    /// owner, see docs/distributed.md): hints for this node's timer only, not news for other nodes.
-    pub recheck_at: Vec<u64>,
     /// The limit was hit: tick again at once.
     pub more: bool,
     /// Tasks leased to each taker, in the order of `Command::Tick::takers`.
@@ -288,6 +287,12 @@ pub trait Store: Send + Sync + 'static {
     /// and re-reads due times periodically).
     fn shared(&self) -> bool {
         false
+    }
+
+    /// Whether this node fires the task `queue`/`id` when it falls due: on a shared store, whether it
+    /// owns the task's shard (docs/distributed.md); other nodes' tasks are left out of its timer.
+    fn owns(&self, _queue: &str, _id: &str) -> bool {
+        true
     }
 
     /// Tells the other nodes what this node just committed. Best effort: a lost notice only delays the

@@ -148,6 +148,10 @@ const MEMBER_TIMEOUT_MS: u128 = 1_500;
 /// this one fires it too (takes over from a node that died or stalls).
 pub const OWNER_GRACE_MS: u64 = 1_000;
 
+/// How often a tick also reads the due indexes of shards other nodes own, for tasks
+/// [`OWNER_GRACE_MS`] overdue (an owner that stalls while still sending heartbeats).
+const FOREIGN_SWEEP_MS: u64 = 500;
+
 /// How long the cached list of queues is trusted before it is read again.
 const QUEUE_CACHE_MS: u128 = 1_000;
 
@@ -263,6 +267,10 @@ pub struct RedisStore {
     /// node, its *owner* (rendezvous hashing over the live nodes), and by the others only once it is
     /// [`OWNER_GRACE_MS`] overdue: nodes do not all race for the same tasks.
     members: Arc<Members>,
+    /// The latest `now_ms` a command was applied with: the server's clock, for reads that take no time.
+    last_now_ms: AtomicU64,
+    /// When a tick last read the shards other nodes own.
+    last_sweep_ms: AtomicU64,
 }
 
 /// Liveness bookkeeping; the time read here never decides what a task does, only which node looks first.
@@ -407,6 +415,8 @@ impl RedisStore {
             publisher: Mutex::new(None),
             stopping: Arc::new(AtomicBool::new(false)),
             members: Arc::default(),
+            last_now_ms: AtomicU64::new(0),
+            last_sweep_ms: AtomicU64::new(0),
         };
         let meta = format!("{}:meta", store.prefix);
         let wanted = options.shards.unwrap_or(default_shards);
@@ -484,6 +494,11 @@ impl RedisStore {
 
     fn tag(&self, queue: &str, shard: u32) -> String {
         format!("{}:{{{:016x}.{shard}}}", self.prefix, fnv(queue.as_bytes()))
+    }
+
+    /// Whether this node fires the due tasks of `queue`'s `shard` (see [`Members`]).
+    fn owns_shard(&self, queue: &str, shard: u32) -> bool {
+        self.members.owns(&self.node, &self.tag(queue, shard))
     }
 
     fn shard_of(&self, id: &str) -> u32 {
@@ -770,8 +785,6 @@ struct Tx<'a> {
     /// Ready index changes: (index, member) -> new ready time, or `None` when removed. The index is a
     /// queue or [`PUSH_INDEX`] (whose members are `queue 0x00 id`).
     ready: HashMap<(String, String), Option<u64>>,
-    /// Due times left to their shard's owner: when this node should look again.
-    deferred: BTreeSet<u64>,
 }
 
 impl<'a> Tx<'a> {
@@ -782,7 +795,6 @@ impl<'a> Tx<'a> {
             recs: HashMap::new(),
             due: HashMap::new(),
             ready: HashMap::new(),
-            deferred: BTreeSet::new(),
         }
     }
 
@@ -965,20 +977,31 @@ impl Txn for Tx<'_> {
     ) -> Result<Vec<(u64, String, String)>, StoreError> {
         let queues = self.store.all_queues(self.conn)?;
         let want = limit + self.due.len();
+        // The shards this node owns, up to now; every FOREIGN_SWEEP_MS also the others', for tasks
+        // their owner left OWNER_GRACE_MS overdue.
+        let last_sweep = self.store.last_sweep_ms.load(Ordering::Relaxed);
+        let sweep = now_ms >= last_sweep.saturating_add(FOREIGN_SWEEP_MS);
+        if sweep {
+            self.store.last_sweep_ms.store(now_ms, Ordering::Relaxed);
+        }
+        let overdue = now_ms.saturating_sub(OWNER_GRACE_MS);
         let mut keys = Vec::new();
         let mut commands = Vec::new();
         for queue in &queues {
             for shard in 0..self.store.shards {
-                let owned = self
-                    .store
-                    .members
-                    .owns(&self.store.node, &self.store.tag(queue, shard));
-                keys.push((queue, owned));
+                let upto = if self.store.owns_shard(queue, shard) {
+                    now_ms
+                } else if sweep {
+                    overdue
+                } else {
+                    continue;
+                };
+                keys.push(queue);
                 commands.push(
                     cmd("ZRANGEBYSCORE")
                         .arg(self.store.key(queue, shard, "d"))
                         .arg("-inf")
-                        .arg(now_ms)
+                        .arg(upto)
                         .arg("WITHSCORES")
                         .arg("LIMIT")
                         .arg(0)
@@ -989,17 +1012,13 @@ impl Txn for Tx<'_> {
         }
         let values = self.conn.pipe(commands).map_err(storage)?;
         let mut fetched = Vec::new();
-        let left_to_owner = now_ms.saturating_sub(OWNER_GRACE_MS);
-        for ((queue, owned), value) in keys.into_iter().zip(values) {
+        for (queue, value) in keys.into_iter().zip(values) {
             let entries: Vec<(String, f64)> = from(&value)?;
-            for (id, s) in entries {
-                let due = score(s);
-                if owned || due <= left_to_owner {
-                    fetched.push((due, queue.clone(), id));
-                } else {
-                    self.deferred.insert(due + OWNER_GRACE_MS);
-                }
-            }
+            fetched.extend(
+                entries
+                    .into_iter()
+                    .map(|(id, s)| (score(s), queue.clone(), id)),
+            );
         }
         let due = &self.due;
         let changes = due
@@ -1132,6 +1151,7 @@ fn drop_failed(outcome: &mut Outcome, failed: &HashSet<(String, String)>) {
 
 impl Store for RedisStore {
     fn apply(&self, now_ms: u64, commands: &[Command]) -> Result<Vec<Outcome>, StoreError> {
+        self.last_now_ms.fetch_max(now_ms, Ordering::Relaxed);
         self.with_conn(|conn| {
             let created: BTreeSet<&str> = commands
                 .iter()
@@ -1143,7 +1163,6 @@ impl Store for RedisStore {
             self.register(conn, &created)?;
             let mut outcomes: Vec<Option<Outcome>> = commands.iter().map(|_| None).collect();
             let mut pending: Vec<usize> = (0..commands.len()).collect();
-            let mut deferred = BTreeSet::new();
             for _round in 0..MAX_ROUNDS {
                 let mut tx = Tx::new(self, conn);
                 tx.prefetch(
@@ -1156,7 +1175,6 @@ impl Store for RedisStore {
                 for &i in &pending {
                     outcomes[i] = Some(engine::apply_one(&mut tx, now_ms, &commands[i])?);
                 }
-                deferred.append(&mut tx.deferred);
                 let failed = tx.commit()?;
                 if failed.is_empty() {
                     pending.clear();
@@ -1179,16 +1197,6 @@ impl Store for RedisStore {
                 pending = again;
                 if pending.is_empty() {
                     break;
-                }
-            }
-            if !deferred.is_empty() {
-                // The timer looks again when the owner's grace runs out.
-                let report = outcomes.iter_mut().find_map(|o| match o {
-                    Some(Outcome::Ticked(report)) => Some(report),
-                    _ => None,
-                });
-                if let Some(report) = report {
-                    report.recheck_at.extend(deferred.into_iter().take(1_000));
                 }
             }
             if !pending.is_empty() {
@@ -1325,26 +1333,41 @@ impl Store for RedisStore {
     fn due_times(&self, from_ms: u64, to_ms: u64, limit: usize) -> Result<DueTimes, StoreError> {
         self.with_conn(|conn| {
             let queues = self.all_queues(conn)?;
-            let keys: Vec<String> = queues
-                .iter()
-                .flat_map(|q| (0..self.shards).map(move |s| self.key(q, s, "d")))
-                .collect();
+            // Times of shards another node owns matter here only once that owner is late (see
+            // `due_upto`); the rest would wake this node's timer for nothing.
+            let overdue = self
+                .last_now_ms
+                .load(Ordering::Relaxed)
+                .saturating_sub(OWNER_GRACE_MS);
+            let mut keys = Vec::new();
+            for q in &queues {
+                for s in 0..self.shards {
+                    let to = if self.owns_shard(q, s) {
+                        to_ms
+                    } else {
+                        to_ms.min(overdue)
+                    };
+                    if to >= from_ms {
+                        keys.push((self.key(q, s, "d"), to));
+                    }
+                }
+            }
             // Each index gives its first `limit + 1` distinct times; a full chunk continues after its
             // last time, skipping the rest of the tasks due at that same time.
             let chunk = (limit + 1).clamp(2, 10_000);
             let mut times = BTreeSet::new();
-            let mut open: Vec<(String, String, usize)> = keys
+            let mut open: Vec<(String, u64, String, usize)> = keys
                 .into_iter()
-                .map(|k| (k, from_ms.to_string(), 0))
+                .map(|(k, to)| (k, to, from_ms.to_string(), 0))
                 .collect();
             while !open.is_empty() {
                 let commands = open
                     .iter()
-                    .map(|(key, start, _)| {
+                    .map(|(key, to, start, _)| {
                         cmd("ZRANGEBYSCORE")
                             .arg(key)
                             .arg(start)
-                            .arg(to_ms)
+                            .arg(*to)
                             .arg("WITHSCORES")
                             .arg("LIMIT")
                             .arg(0)
@@ -1354,7 +1377,7 @@ impl Store for RedisStore {
                     .collect();
                 let values = conn.pipe(commands).map_err(storage)?;
                 let mut next = Vec::new();
-                for ((key, _, mut distinct), value) in open.into_iter().zip(values) {
+                for ((key, to, _, mut distinct), value) in open.into_iter().zip(values) {
                     let entries: Vec<(String, f64)> = from(&value)?;
                     let full = entries.len() >= chunk;
                     let mut last = None;
@@ -1367,7 +1390,7 @@ impl Store for RedisStore {
                         }
                     }
                     if let (true, Some(last)) = (full && distinct <= limit, last) {
-                        next.push((key, format!("({last}"), distinct));
+                        next.push((key, to, format!("({last}"), distinct));
                     }
                 }
                 open = next;
@@ -1386,6 +1409,10 @@ impl Store for RedisStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn owns(&self, queue: &str, id: &str) -> bool {
+        self.owns_shard(queue, self.shard_of(id))
     }
 
     fn publish(&self, notice: Notice) {

@@ -462,3 +462,67 @@ fn a_tls_cluster_conforms() {
     let (a, b) = (open(&prefix), open(&prefix));
     ready_notice_crosses(&a, &listen(&b));
 }
+
+/// Two nodes that hear each other split the shards: a tick fires only the owner's tasks, and due times
+/// of the other node's shards stay out of a node's timer; once those tasks are `OWNER_GRACE_MS` overdue
+/// (their owner stalls while still sending heartbeats), the other node fires them too.
+#[test]
+fn each_node_fires_its_own_shards_and_takes_over_a_stalled_owner() {
+    use punctual_core::TaskState;
+    use punctual_store::OWNER_GRACE_MS;
+    let prefix = prefix();
+    let node = || open(RedisTarget::Standalone(server().url()), &prefix, Some(16));
+    let (a, b) = (node(), node());
+    let (rx_a, rx_b) = (listen(&a), listen(&b));
+    // Each has heard the other (a join asks for a resync).
+    assert!(
+        rx_a.recv_timeout(std::time::Duration::from_secs(5))
+            .unwrap()
+            .resync
+    );
+    assert!(
+        rx_b.recv_timeout(std::time::Duration::from_secs(5))
+            .unwrap()
+            .resync
+    );
+    let ids: Vec<String> = (0..200).map(|i| format!("t{i}")).collect();
+    let due = 10_000;
+    let schedules: Vec<Command> = ids
+        .iter()
+        .map(|id| Command::Schedule(Box::new(conformance::task("q", id, due, 3, &[]))))
+        .collect();
+    a.apply(1_000, &schedules).unwrap();
+    let (mine, theirs): (Vec<&String>, Vec<&String>) = ids.iter().partition(|id| b.owns("q", id));
+    assert!(!mine.is_empty() && !theirs.is_empty(), "16 shards split");
+    for id in &ids {
+        assert_ne!(a.owns("q", id), b.owns("q", id), "{id} has one owner");
+    }
+
+    // b's timer hears of its own shards' times only.
+    assert_eq!(b.due_times(0, 20_000, 10).unwrap().times, vec![due]);
+    let tick = || Command::Tick {
+        limit: 1_000,
+        takers: Vec::new(),
+    };
+    b.apply(due, &[tick()]).unwrap();
+    let state = |id: &str| b.get("q", id).unwrap().unwrap().state;
+    assert!(mine.iter().all(|id| state(id) == TaskState::Ready));
+    assert!(
+        theirs.iter().all(|id| state(id) == TaskState::Scheduled),
+        "left to their owner"
+    );
+    let late = due + OWNER_GRACE_MS + 1;
+    assert!(
+        b.due_times(0, late, 10).unwrap().times.is_empty(),
+        "a's are a's"
+    );
+    // a stalls: it never ticks. Once its tasks are overdue by the grace, b sees and fires them.
+    b.apply(late, &[]).unwrap();
+    assert_eq!(
+        b.due_times(0, late, 10).unwrap().times,
+        vec![due],
+        "b sees them now"
+    );
+    b.apply(late, &[tick()]).unwrap();
+    assert!(ids.iter().all(|id| state(id) == TaskState::Ready));
+}
