@@ -212,6 +212,7 @@ pub fn lateness_cdf(path: &Path, res: &Results, s: &Sizes) -> Result<bool> {
     canvas.text((x0 + x1 - text_width(axis, 2)) / 2, y0 + 40, axis, 2, BLACK);
 
     // One curve per system; the legend sits right of the middle, where the curves seldom are.
+    let legend_x = legend_x(res.lateness.keys().map(|s| s.label()));
     for (i, (system, (hist, due))) in res.lateness.iter().enumerate() {
         let c = color(*system);
         let mut last: Option<(i64, i64)> = None;
@@ -225,13 +226,20 @@ pub fn lateness_cdf(path: &Path, res: &Results, s: &Sizes) -> Result<bool> {
             }
             last = Some(point);
         }
-        let (lx, ly) = (x_of(1.5e6), y_of(0.7) + i as i64 * 24);
+        let (lx, ly) = (legend_x, y_of(0.7) + i as i64 * 24);
         canvas.rect(lx, ly + 2, 28, 10, c);
         canvas.text(lx + 38, ly, system.label(), 2, BLACK);
     }
     std::fs::write(path, encode_png(&canvas.pixels))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(true)
+}
+
+/// Where the legend's swatches start: right of 1.5 s, or further left when the longest label would
+/// not fit inside the picture.
+fn legend_x<'a>(labels: impl Iterator<Item = &'a str>) -> i64 {
+    let widest = labels.map(|l| text_width(l, 2)).max().unwrap_or(0);
+    x_of(1.5e6).min(WIDTH as i64 - 10 - 38 - widest)
 }
 
 fn crc32(bytes: &[u8]) -> u32 {
@@ -377,6 +385,23 @@ fn encode_png(pixels: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::System;
+
+    #[test]
+    fn the_legend_fits_inside_the_picture() {
+        let labels = [
+            System::Punctual,
+            System::Zset,
+            System::Keyspace,
+            System::Beanstalkd,
+        ]
+        .map(System::label);
+        let x = legend_x(labels.iter().copied());
+        let widest = labels.iter().map(|l| text_width(l, 2)).max().unwrap();
+        assert!(x + 38 + widest <= WIDTH as i64, "{x} + {widest}");
+        assert!(x > (WIDTH / 2) as i64, "still right of the middle");
+    }
+
     use super::*;
 
     #[test]
