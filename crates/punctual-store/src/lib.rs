@@ -257,6 +257,16 @@ pub struct Notice {
     pub resync: bool,
 }
 
+impl Notice {
+    /// Only a request to re-read due times.
+    pub fn resync() -> Notice {
+        Notice {
+            resync: true,
+            ..Notice::default()
+        }
+    }
+}
+
 /// The narrow storage interface the server sees.
 pub trait Store: Send + Sync + 'static {
     /// Applies `commands` in order in one transaction, durable (fsynced) if any command

@@ -299,13 +299,17 @@ impl Members {
 
     /// Whether `me` wins the rendezvous hash for `tag` against every other live node.
     fn owns(&self, me: &str, tag: &str) -> bool {
-        let score = |node: &str| (fnv(format!("{node}/{tag}").as_bytes()), node.to_owned());
-        let mine = score(me);
+        // The FNV-1a of "node/tag", without building the string: this runs per due task committed.
+        fn score<'n>(node: &'n str, tag: &str) -> (u64, &'n str) {
+            let hash = fnv_from(fnv_from(fnv(node.as_bytes()), b"/"), tag.as_bytes());
+            (hash, node)
+        }
+        let mine = score(me, tag);
         let members = self.0.lock().unwrap_or_else(|p| p.into_inner());
         members
             .iter()
             .filter(|(_, seen)| seen.elapsed().as_millis() < MEMBER_TIMEOUT_MS)
-            .all(|(other, _)| score(other) < mine)
+            .all(|(other, _)| score(other, tag) < mine)
     }
 }
 
@@ -324,7 +328,11 @@ fn storage(error: redis::RedisError) -> StoreError {
 
 /// FNV-1a: a hash every node computes the same way (std's hashers are seeded per process).
 fn fnv(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv_from(0xcbf2_9ce4_8422_2325, bytes)
+}
+
+/// FNV-1a continued over `bytes` from `hash`: `fnv_from(fnv(a), b) == fnv(a ++ b)`.
+fn fnv_from(mut hash: u64, bytes: &[u8]) -> u64 {
     for b in bytes {
         hash ^= u64::from(*b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
@@ -499,6 +507,24 @@ impl RedisStore {
     /// Whether this node fires the due tasks of `queue`'s `shard` (see [`Members`]).
     fn owns_shard(&self, queue: &str, shard: u32) -> bool {
         self.members.owns(&self.node, &self.tag(queue, shard))
+    }
+
+    /// Up to which due time this node reads `queue`'s `shard` when it wants `to_ms` at `now_ms`: all of
+    /// it on a shard it owns; on another node's shard (when `foreign`) only what that owner has left
+    /// [`OWNER_GRACE_MS`] overdue; `None` when there is nothing to read.
+    fn read_due_upto(
+        &self,
+        queue: &str,
+        shard: u32,
+        to_ms: u64,
+        now_ms: u64,
+        foreign: bool,
+    ) -> Option<u64> {
+        if self.owns_shard(queue, shard) {
+            Some(to_ms)
+        } else {
+            foreign.then(|| to_ms.min(now_ms.saturating_sub(OWNER_GRACE_MS)))
+        }
     }
 
     fn shard_of(&self, id: &str) -> u32 {
@@ -984,16 +1010,14 @@ impl Txn for Tx<'_> {
         if sweep {
             self.store.last_sweep_ms.store(now_ms, Ordering::Relaxed);
         }
-        let overdue = now_ms.saturating_sub(OWNER_GRACE_MS);
         let mut keys = Vec::new();
         let mut commands = Vec::new();
         for queue in &queues {
             for shard in 0..self.store.shards {
-                let upto = if self.store.owns_shard(queue, shard) {
-                    now_ms
-                } else if sweep {
-                    overdue
-                } else {
+                let Some(upto) = self
+                    .store
+                    .read_due_upto(queue, shard, now_ms, now_ms, sweep)
+                else {
                     continue;
                 };
                 keys.push(queue);
@@ -1335,20 +1359,13 @@ impl Store for RedisStore {
             let queues = self.all_queues(conn)?;
             // Times of shards another node owns matter here only once that owner is late (see
             // `due_upto`); the rest would wake this node's timer for nothing.
-            let overdue = self
-                .last_now_ms
-                .load(Ordering::Relaxed)
-                .saturating_sub(OWNER_GRACE_MS);
+            let now_ms = self.last_now_ms.load(Ordering::Relaxed);
             let mut keys = Vec::new();
             for q in &queues {
                 for s in 0..self.shards {
-                    let to = if self.owns_shard(q, s) {
-                        to_ms
-                    } else {
-                        to_ms.min(overdue)
-                    };
-                    if to >= from_ms {
-                        keys.push((self.key(q, s, "d"), to));
+                    match self.read_due_upto(q, s, to_ms, now_ms, true) {
+                        Some(to) if to >= from_ms => keys.push((self.key(q, s, "d"), to)),
+                        _ => {}
                     }
                 }
             }
@@ -1496,18 +1513,12 @@ fn subscribe_loop(
             std::thread::sleep(Duration::from_millis(200));
             continue;
         }
-        sink(Notice {
-            resync: true,
-            ..Notice::default()
-        });
+        sink(Notice::resync());
         while !stopping.load(Ordering::Relaxed) {
             // A node that left (or joined) moves shards between owners: the new owners re-read what is
             // due at once instead of at their next periodic resync.
             if members.expire() {
-                sink(Notice {
-                    resync: true,
-                    ..Notice::default()
-                });
+                sink(Notice::resync());
             }
             match pubsub.get_message() {
                 Ok(message) => {
@@ -1518,10 +1529,7 @@ fn subscribe_loop(
                         && from_node != node
                     {
                         if members.heard(from_node) {
-                            sink(Notice {
-                                resync: true,
-                                ..Notice::default()
-                            });
+                            sink(Notice::resync());
                         }
                         // Due times of shards another node owns would only make this node race it:
                         // they are left out (the resync and the owner's grace cover a lost owner).
@@ -1627,5 +1635,6 @@ mod tests {
         // Every node must agree on shards: the hash may never change.
         assert_eq!(fnv(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv_from(fnv(b"node/"), b"tag"), fnv(b"node/tag"));
     }
 }

@@ -272,12 +272,7 @@ fn news(rx: &std::sync::mpsc::Receiver<punctual_store::Notice>) -> Option<punctu
     loop {
         let left = deadline.checked_duration_since(std::time::Instant::now())?;
         let notice = rx.recv_timeout(left).ok()?;
-        if notice
-            != (punctual_store::Notice {
-                resync: true,
-                ..punctual_store::Notice::default()
-            })
-        {
+        if notice != punctual_store::Notice::resync() {
             return Some(notice);
         }
     }
