@@ -71,14 +71,24 @@ pub fn parse_rfc3339_ms(input: &str) -> Result<u64, TimeParseError> {
     };
     let b = input.as_bytes();
     if b.len() < 20 {
-        return Err(err("too short"));
+        // The usual mistake: a local date-time without its zone.
+        let reason = if b.len() >= 19 && b.get(4) == Some(&b'-') && b.get(13) == Some(&b':') {
+            "no time zone: add Z (UTC) or an offset such as +01:00, e.g. 2026-12-01T15:00:00Z"
+        } else {
+            "expected a date and time with a zone, e.g. 2026-12-01T15:00:00Z"
+        };
+        return Err(err(reason));
     }
+    // Digits are read from bytes, never by slicing the string: the input may hold multi-byte
+    // characters anywhere, and a slice through one would panic.
     let num = |range: std::ops::Range<usize>| -> Result<u32, TimeParseError> {
-        let s = &input[range];
-        if !s.bytes().all(|c| c.is_ascii_digit()) {
+        let digits = b.get(range).ok_or_else(|| err("expected digits"))?;
+        if !digits.iter().all(u8::is_ascii_digit) {
             return Err(err("expected digits"));
         }
-        s.parse().map_err(|_| err("expected digits"))
+        Ok(digits
+            .iter()
+            .fold(0u32, |n, d| n * 10 + u32::from(d - b'0')))
     };
     if b[4] != b'-'
         || b[7] != b'-'
@@ -114,9 +124,9 @@ pub fn parse_rfc3339_ms(input: &str) -> Result<u64, TimeParseError> {
         if pos == start {
             return Err(err("empty fraction"));
         }
-        let frac = &input[start..pos.min(start + 3)];
-        let scale = 10u64.pow(3 - frac.len() as u32);
-        millis = frac.parse::<u64>().map_err(|_| err("bad fraction"))? * scale;
+        let end = pos.min(start + 3);
+        let scale = 10u64.pow(3 - (end - start) as u32);
+        millis = u64::from(num(start..end)?) * scale;
     }
     let offset_secs: i64 = match b.get(pos) {
         Some(b'Z' | b'z') if pos + 1 == b.len() => 0,
@@ -129,7 +139,7 @@ pub fn parse_rfc3339_ms(input: &str) -> Result<u64, TimeParseError> {
             let total = oh * 3600 + om * 60;
             if *sign == b'+' { total } else { -total }
         }
-        _ => return Err(err("expected Z or ±HH:MM offset at the end")),
+        _ => return Err(err("expected Z or an offset such as +01:00 at the end")),
     };
     // A leap second is folded into the next second, which is what unix time does.
     let secs = days_from_civil(year, month, day) * 86_400
@@ -229,6 +239,34 @@ mod tests {
         ] {
             assert!(parse_rfc3339_ms(bad).is_err(), "{bad} should be rejected");
         }
+    }
+
+    /// A multi-byte character anywhere, at any length, is an error and never a panic (a remote panic
+    /// once: the parser sliced the string at byte 19).
+    #[test]
+    fn multi_byte_characters_are_errors_not_panics() {
+        let base = "2026-11-22T01:02:03.456+01:00";
+        for bytes in 0..=base.len() {
+            for c in ["€", "é", "\u{10348}"] {
+                for at in 0..=bytes {
+                    let input = format!("{}{c}{}", &base[..at], &base[at..bytes]);
+                    assert!(parse_rfc3339_ms(&input).is_err(), "{input}");
+                }
+            }
+        }
+        assert!(parse_rfc3339_ms("2026-11-22T01:02:€Z").is_err());
+    }
+
+    #[test]
+    fn a_missing_zone_says_how_to_add_one() {
+        let error = parse_rfc3339_ms("2026-12-01T15:00:00").unwrap_err();
+        assert!(error.to_string().contains("add Z"), "{error}");
+        assert!(error.to_string().contains("+01:00"), "{error}");
+        let error = parse_rfc3339_ms("tomorrow").unwrap_err();
+        assert!(
+            error.to_string().contains("2026-12-01T15:00:00Z"),
+            "{error}"
+        );
     }
 
     #[test]
