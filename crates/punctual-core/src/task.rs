@@ -107,14 +107,21 @@ pub struct Task {
     pub fingerprint: u64,
 }
 
-/// Whether a presented lease token still holds the task.
+/// Whether a presented lease token still holds the task, and if not, why not.
+///
+/// A token ends in `-<task hash>.<attempt>` (see [`Task::lease`]), so a token that once leased this
+/// task can be told from one that never did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseCheck {
     Held,
-    /// The task is leased, but to someone else (or this lease expired and the task was handed out again).
-    NotYours,
-    /// The task is not leased at all (its lease expired, or it finished).
-    NotLeased(TaskState),
+    /// The token was never a lease of this task (mistyped, a placeholder, another task's).
+    Mismatch,
+    /// The token leased this task once, but that lease expired and the task was handed out again.
+    HandedOutAgain,
+    /// The token's lease expired; the task waits in `state` (`scheduled` or `ready`) for its next attempt.
+    Expired(TaskState),
+    /// The task is finished (`succeeded` or `dead`): no lease can settle it.
+    Finished(TaskState),
 }
 
 /// Where a failed attempt sends the task.
@@ -224,10 +231,13 @@ impl Task {
     }
 
     /// Hands a `ready` task to one consumer: one more attempt, lease until `now + lease_ms`.
+    /// Leases a ready task. The token is `token` (unique per lease) followed by `-<task hash>.<attempt>`,
+    /// so a later check can say whether a stale token was this task's.
     pub fn lease(&mut self, now_ms: u64, lease_ms: u64, token: String) {
         debug_assert_eq!(self.state, TaskState::Ready);
         self.state = TaskState::Leased;
         self.attempt = self.attempt.saturating_add(1);
+        let token = format!("{token}-{:08x}.{}", self.token_hash(), self.attempt);
         self.lease = Some(Lease {
             token,
             expires_at_ms: now_ms.saturating_add(lease_ms),
@@ -235,11 +245,33 @@ impl Task {
         self.updated_at_ms = now_ms;
     }
 
+    /// 32 bits of the task's key, as its lease tokens carry it.
+    fn token_hash(&self) -> u32 {
+        let mut key = Vec::with_capacity(self.queue.len() + 1 + self.id.len());
+        key.extend_from_slice(self.queue.as_bytes());
+        key.push(0);
+        key.extend_from_slice(self.id.as_bytes());
+        (crate::fnv1a64(&key) >> 32) as u32
+    }
+
+    /// Whether `token` was issued by a lease of this task (not necessarily the current one).
+    fn issued_here(&self, token: &str) -> bool {
+        token
+            .rsplit_once('.')
+            .and_then(|(rest, attempt)| attempt.parse::<u32>().ok().map(|_| rest))
+            .and_then(|rest| rest.rsplit_once('-'))
+            .is_some_and(|(_, hash)| {
+                hash.len() == 8 && u32::from_str_radix(hash, 16).ok() == Some(self.token_hash())
+            })
+    }
+
     pub fn check_lease(&self, token: &str) -> LeaseCheck {
         match (&self.state, &self.lease) {
             (TaskState::Leased, Some(lease)) if lease.token == token => LeaseCheck::Held,
-            (TaskState::Leased, _) => LeaseCheck::NotYours,
-            (state, _) => LeaseCheck::NotLeased(*state),
+            (TaskState::Succeeded | TaskState::Dead, _) => LeaseCheck::Finished(self.state),
+            _ if !self.issued_here(token) => LeaseCheck::Mismatch,
+            (TaskState::Leased, _) => LeaseCheck::HandedOutAgain,
+            (state, _) => LeaseCheck::Expired(*state),
         }
     }
 
@@ -369,8 +401,11 @@ pub(crate) mod tests {
             (t.state, t.attempt, t.due_at_ms()),
             (TaskState::Leased, 1, Some(1_501))
         );
-        assert_eq!(t.check_lease("a"), LeaseCheck::Held);
-        assert_eq!(t.check_lease("b"), LeaseCheck::NotYours);
+        let a = t.lease.as_ref().unwrap().token.clone();
+        assert!(a.starts_with("a-") && a.ends_with(".1"), "{a}");
+        assert_eq!(t.check_lease(&a), LeaseCheck::Held);
+        assert_eq!(t.check_lease("b"), LeaseCheck::Mismatch);
+        assert_eq!(t.check_lease("…"), LeaseCheck::Mismatch);
 
         assert_eq!(
             t.fail(1_100, "boom", None),
@@ -380,13 +415,19 @@ pub(crate) mod tests {
             (t.state, t.last_error.as_deref()),
             (TaskState::Scheduled, Some("boom"))
         );
+        assert_eq!(t.check_lease(&a), LeaseCheck::Expired(TaskState::Scheduled));
+        assert_eq!(t.check_lease("b"), LeaseCheck::Mismatch);
+        let mut other = t.clone();
+        other.id = "other".into();
         assert_eq!(
-            t.check_lease("a"),
-            LeaseCheck::NotLeased(TaskState::Scheduled)
+            other.check_lease(&a),
+            LeaseCheck::Mismatch,
+            "another task's token"
         );
 
         t.promote(1_110);
         t.lease(1_110, 500, "b".into());
+        assert_eq!(t.check_lease(&a), LeaseCheck::HandedOutAgain);
         assert_eq!(
             t.fail(1_200, "again", None),
             FailOutcome::Retry { run_at_ms: 1_230 }

@@ -100,6 +100,20 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/tasks/{id}/nack", post(nack))
         .route("/v1/queues/{queue}/tasks/{id}/extend", post(extend))
         .route("/v1/queues/{queue}/tasks/{id}/retry", post(retry))
+        // After the routes: it applies to those already added. axum keeps the `allow` header.
+        .method_not_allowed_fallback(
+            |method: axum::http::Method, uri: axum::http::Uri| async move {
+                ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!(
+                        "{method} is not allowed on {}; the allow header lists the methods that are \
+                         (docs/api.md)",
+                        uri.path()
+                    ),
+                )
+            },
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -170,17 +184,50 @@ async fn authorize(
 // ---------------------------------------------------------------------------------------------
 // Request decoding
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads a body of at most `limit` bytes; `what` says, for a refusal, what the limit is for and how to
+/// change it.
+async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|error| {
         let too_long =
             std::iter::successors(Some(&error as &dyn std::error::Error), |e| e.source())
                 .any(|e| e.to_string().contains("length limit"));
         if too_long {
-            ApiError::too_large(format!("request body exceeds {limit} bytes"))
+            ApiError::too_large(format!(
+                "the request body is larger than {limit} bytes: {what}"
+            ))
         } else {
             ApiError::bad_request("bad_body", format!("cannot read request body: {error}"))
         }
     })
+}
+
+/// What the single-request body limit is for, in a refusal.
+fn single_body_limit(state: &Shared) -> String {
+    let max = state.config.limits.max_payload_bytes;
+    format!(
+        "a task's payload may be at most {max} bytes ({}) of JSON; the server's --max-payload-bytes \
+         setting (PUNCTUAL_MAX_PAYLOAD_BYTES) changes it",
+        human_bytes(max)
+    )
+}
+
+/// What the batch body limit is for, in a refusal.
+fn batch_body_limit(state: &Shared) -> String {
+    format!(
+        "a batch body may be at most {} ({} tasks of up to {} each); send fewer or smaller tasks per \
+         request",
+        human_bytes(state.config.limits.max_batch_body_bytes),
+        state.config.limits.max_batch,
+        human_bytes(state.config.limits.max_payload_bytes)
+    )
+}
+
+fn human_bytes(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} bytes"),
+    }
 }
 
 /// Reads and decodes a body no larger than a single-task request may be.
@@ -188,11 +235,21 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
     state: &Shared,
     body: Body,
 ) -> Result<T, ApiError> {
-    decode(&read_body(body, state.config.limits.max_body_bytes).await?)
+    decode(
+        &read_body(
+            body,
+            state.config.limits.max_body_bytes,
+            &single_body_limit(state),
+        )
+        .await?,
+    )
 }
 
+/// What a body of the wrong kind altogether is told it must be.
+const OBJECT_BODY: &str = "a JSON object; docs/api.md lists each endpoint's fields";
+
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::from_json(&e))
+    crate::decode::decode_at(bytes, "", OBJECT_BODY)
 }
 
 /// Decodes a body that may be empty (meaning `{}`).
@@ -204,9 +261,11 @@ fn decode_or_default<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Re
     }
 }
 
-/// Keeps an explicit `null` as `Some(Value::Null)`, so "absent" and "null" differ.
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
-    serde_json::Value::deserialize(d).map(Some)
+/// Keeps the payload as the exact JSON text that was sent (an explicit `null` is `Some("null")`, so
+/// "absent" and "null" differ). It is stored and delivered byte for byte: key order, spacing and
+/// numbers of any size are the client's.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 fn path<T>(result: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
@@ -246,7 +305,7 @@ fn check_queue(state: &Shared, queue: &str) -> Result<(), ApiError> {
 pub struct ScheduleRequest {
     id: Option<String>,
     #[serde(default, deserialize_with = "present")]
-    payload: Option<serde_json::Value>,
+    payload: Option<Box<RawValue>>,
     delay_ms: Option<u64>,
     run_at: Option<String>,
     max_attempts: Option<u32>,
@@ -291,19 +350,18 @@ fn check_lease_ms(state: &Shared, lease_ms: u64, field: &str) -> Result<(), ApiE
 
 fn payload_text(
     state: &Shared,
-    payload: Option<serde_json::Value>,
+    payload: Option<Box<RawValue>>,
 ) -> Result<Option<String>, ApiError> {
-    let Some(value) = payload else {
+    let Some(raw) = payload else {
         return Ok(None);
     };
-    // serde_json's map is ordered by key, so this is a canonical form: key order and spacing do not
-    // change the fingerprint.
-    let text = value.to_string();
+    let text = String::from(Box::<str>::from(raw));
     let max = state.config.limits.max_payload_bytes;
     if text.len() > max {
         return Err(ApiError::too_large(format!(
-            "payload is {} bytes as compact JSON; the limit is {max}",
-            text.len()
+            "payload is {} bytes; the limit is {max} ({}), set by --max-payload-bytes",
+            text.len(),
+            human_bytes(max)
         )));
     }
     Ok(Some(text))
@@ -592,15 +650,44 @@ fn wrong_state(queue: &str, id: &str, state: TaskState, action: &str) -> ApiErro
     )
 }
 
-fn lease_lost(check: LeaseCheck) -> ApiError {
-    let message = match check {
-        LeaseCheck::NotLeased(state) => format!(
-            "the lease is no longer yours: the task is {}",
-            state.as_str()
+/// Why a lease token did not settle task `id`, in words that are true for the case.
+fn lease_refused(queue: &str, id: &str, check: LeaseCheck) -> ApiError {
+    match check {
+        LeaseCheck::Mismatch => ApiError::conflict(
+            "lease_mismatch",
+            format!(
+                "the lease_token is not a lease of task {id:?} in queue {queue:?}; give the \
+                 lease_token from the reserve answer that handed this task out"
+            ),
         ),
-        _ => "the lease is no longer yours: the task was handed out again".to_owned(),
-    };
-    ApiError::conflict("lease_lost", message)
+        LeaseCheck::HandedOutAgain => ApiError::conflict(
+            "lease_lost",
+            format!(
+                "your lease of task {id:?} in queue {queue:?} expired and the task was handed out \
+                 again; its new holder settles it (lease longer, or extend the lease while working)"
+            ),
+        ),
+        LeaseCheck::Expired(state) => ApiError::conflict(
+            "lease_expired",
+            format!(
+                "your lease of task {id:?} in queue {queue:?} expired; the task is {} and will be \
+                 handed out again for its next attempt",
+                state.as_str()
+            ),
+        ),
+        LeaseCheck::Finished(state) => ApiError::conflict(
+            "task_finished",
+            format!(
+                "task {id:?} in queue {queue:?} is already finished: it is {}",
+                state.as_str()
+            ),
+        ),
+        LeaseCheck::Held => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "a held lease was refused",
+        ),
+    }
 }
 
 fn unexpected(outcome: &Outcome) -> ApiError {
@@ -694,13 +781,23 @@ async fn queue_stats(
     Ok(axum::Json(counts_json(&counts)).into_response())
 }
 
+/// What the body of a schedule request must be.
+const TASK_BODY: &str = "a JSON object with the task's fields, such as {\"id\": \"m1\", \"delay_ms\": 2000}; \
+    to schedule many tasks in one request, POST {\"tasks\": [...]} to /v1/queues/{queue}/batch";
+
 async fn schedule(
     State(state): State<AppState>,
     p: Result<Path<String>, PathRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let queue = queue_path(&state, p)?;
-    let request: ScheduleRequest = read_json(&state, body).await?;
+    let bytes = read_body(
+        body,
+        state.config.limits.max_body_bytes,
+        &single_body_limit(&state),
+    )
+    .await?;
+    let request: ScheduleRequest = crate::decode::decode_at(&bytes, "", TASK_BODY)?;
     let task = build_task(&state, &queue, request, state.clock.now_ms())?;
     let outcome = state
         .writer
@@ -736,8 +833,14 @@ async fn batch(
     body: Body,
 ) -> Result<Response, ApiError> {
     let queue = queue_path(&state, p)?;
-    let bytes = read_body(body, state.config.limits.max_batch_body_bytes).await?;
-    let request: BatchRequest = decode(&bytes)?;
+    let bytes = read_body(
+        body,
+        state.config.limits.max_batch_body_bytes,
+        &batch_body_limit(&state),
+    )
+    .await?;
+    let request: BatchRequest =
+        crate::decode::decode_at(&bytes, "", "a JSON object {\"tasks\": [...]}")?;
     let max = state.config.limits.max_batch;
     if request.tasks.len() > max {
         return Err(ApiError::new(
@@ -753,9 +856,13 @@ async fn batch(
     // Validate every item first; only the valid ones go to the store, in one commit.
     let mut results: Vec<Result<usize, ApiError>> = Vec::with_capacity(request.tasks.len());
     let mut commands = Vec::new();
-    for raw in &request.tasks {
-        let built = decode::<ScheduleRequest>(raw.get().as_bytes())
-            .and_then(|r| build_task(&state, &queue, r, now_ms));
+    for (i, raw) in request.tasks.iter().enumerate() {
+        let built = crate::decode::decode_at::<ScheduleRequest>(
+            raw.get().as_bytes(),
+            &format!("tasks[{i}]"),
+            "a task object",
+        )
+        .and_then(|r| build_task(&state, &queue, r, now_ms));
         results.push(built.map(|task| {
             commands.push(Command::Schedule(Box::new(task)));
             commands.len() - 1
@@ -853,7 +960,7 @@ struct PatchRequest {
     delay_ms: Option<u64>,
     run_at: Option<String>,
     #[serde(default, deserialize_with = "present")]
-    payload: Option<serde_json::Value>,
+    payload: Option<Box<RawValue>>,
 }
 
 async fn reschedule(
@@ -916,7 +1023,12 @@ async fn reserve(
     body: Body,
 ) -> Result<Response, ApiError> {
     let queue = queue_path(&state, p)?;
-    let bytes = read_body(body, state.config.limits.max_body_bytes).await?;
+    let bytes = read_body(
+        body,
+        state.config.limits.max_body_bytes,
+        &single_body_limit(&state),
+    )
+    .await?;
     let request: ReserveRequest = decode_or_default(&bytes)?;
     let limits = &state.config.limits;
     let max = request.max.unwrap_or(1);
@@ -1023,8 +1135,14 @@ async fn ack_many(
     body: Body,
 ) -> Result<Response, ApiError> {
     let queue = queue_path(&state, p)?;
-    let request: AckManyRequest =
-        decode(&read_body(body, state.config.limits.max_batch_body_bytes).await?)?;
+    let request: AckManyRequest = decode(
+        &read_body(
+            body,
+            state.config.limits.max_batch_body_bytes,
+            &batch_body_limit(&state),
+        )
+        .await?,
+    )?;
     let max = state.config.limits.max_batch;
     if request.tasks.is_empty() || request.tasks.len() > max {
         return Err(ApiError::new(
@@ -1139,7 +1257,7 @@ fn answer(queue: &str, id: &str, action: &str, outcome: Outcome) -> Result<Respo
         Outcome::Cancelled(_) | Outcome::Acked(_) => Ok(StatusCode::NO_CONTENT.into_response()),
         Outcome::NotFound => Err(ApiError::not_found(queue, id)),
         Outcome::WrongState(s) => Err(wrong_state(queue, id, s, action)),
-        Outcome::LeaseLost(check) => Err(lease_lost(check)),
+        Outcome::LeaseLost(check) => Err(lease_refused(queue, id, check)),
         other => Err(unexpected(&other)),
     }
 }

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod metrics;
 pub mod timer;

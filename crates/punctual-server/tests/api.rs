@@ -490,7 +490,7 @@ async fn deliver_on_time_and_ack(h: &Harness) {
         .await;
     assert_eq!(
         (status, error["error"]["code"].as_str()),
-        (StatusCode::CONFLICT, Some("lease_lost"))
+        (StatusCode::CONFLICT, Some("task_finished"))
     );
     let (_, got) = h.call("GET", "/v1/queues/q/tasks/t", None).await;
     assert_eq!(got["state"], "succeeded");
@@ -958,7 +958,7 @@ async fn ack_in_batches(h: &Harness) {
     assert_eq!(status, StatusCode::OK, "{answer}");
     let statuses = result_statuses(&answer);
     assert_eq!(statuses, [204, 204, 204, 204, 204, 409, 404]);
-    assert_eq!(answer["results"][5]["error"]["code"], "lease_lost");
+    assert_eq!(answer["results"][5]["error"]["code"], "task_finished");
     let (_, stats) = h.call("GET", "/v1/queues/q", None).await;
     assert_eq!(stats["succeeded"], 5);
     let (status, _) = h
@@ -1067,5 +1067,247 @@ async fn an_unreachable_redis_is_a_503() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
     let (status, _) = h.call("GET", "/healthz", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    h.stop().await;
+}
+
+/// Every refusal names the field by its JSON path, says what was expected in a client's words (not
+/// serde's Rust types) and, where it helps, gives an example.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_the_field_and_say_what_to_send() {
+    let h = Harness::new(Arc::new(MemoryStore::new()));
+    let two_mb = format!("{{\"payload\":\"{}\"}}", "a".repeat(2 << 20));
+    let cases: Vec<(&str, &str, String, StatusCode, &[&str])> =
+        vec![
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"delay_ms": "30m"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &["delay_ms: expected a whole number of milliseconds", "\"30m\"", "1800000"],
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"webhook": "https://example.com/hook"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &["webhook: expected an object with a url", r#"{"url": "#],
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"run_at": "2026-12-01T15:00:00"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &["run_at", "add Z", "+01:00"],
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"[{"id": "a"}]"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &["the request body must be a JSON object", "got a list", "/batch"],
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            r#"{"tasks": [{"id": "a"}]}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &["unknown field `tasks`", "/v1/queues/{queue}/batch"],
+        ),
+        (
+            "POST",
+            "/v1/queues/q/batch",
+            r#"{"tasks": [{"id": "a"}, {"id": "b"}, {"id": "c"}, {"id": "d", "delay_ms": "30m"}]}"#
+                .into(),
+            StatusCode::OK,
+            &["tasks[3].delay_ms: expected a whole number of milliseconds"],
+        ),
+        (
+            "POST",
+            "/v1/queues/q/batch",
+            r#"{"tasks": [{"backoff_ms": [10, "x"]}]}"#.into(),
+            StatusCode::OK,
+            &["tasks[0].backoff_ms[1]: expected a list of delays"],
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
+            two_mb,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &["1048576 bytes (1 MiB)", "--max-payload-bytes"],
+        ),
+        (
+            "PUT",
+            "/v1/queues/q/tasks",
+            "{}".into(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            &["PUT is not allowed on /v1/queues/q/tasks", "allow header"],
+        ),
+    ];
+    for (method, uri, body, want_status, wants) in cases {
+        let (status, answer) = h.call(method, uri, Some(&body)).await;
+        assert_eq!(status, want_status, "{method} {uri} {body:.80}: {answer}");
+        let error = if status == StatusCode::OK {
+            answer["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["status"] != 201)
+                .map(|r| r["error"].clone())
+                .unwrap_or_default()
+        } else {
+            answer["error"].clone()
+        };
+        let message = error["message"].as_str().unwrap_or_default();
+        for want in wants {
+            assert!(
+                message.contains(want),
+                "{method} {uri}: {message:?} lacks {want:?}"
+            );
+        }
+        assert!(
+            !message.contains("u64") && !message.contains("struct"),
+            "{message}"
+        );
+    }
+    // A wrong method is a JSON error that keeps the allow header.
+    let response = h
+        .router
+        .clone()
+        .oneshot(
+            Request::builder()
+                .method("DELETE")
+                .uri("/v1/queues/q/tasks")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let allow = response.headers()["allow"].to_str().unwrap().to_owned();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    h.stop().await;
+}
+
+/// The payload comes back byte for byte: key order, spacing inside, and integers beyond 64 bits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_payload_is_kept_as_the_text_that_was_sent() {
+    for (backend, store) in stores().into_iter().take(2) {
+        let h = Harness::new(store);
+        let payload =
+            r#"{"z": 1, "a": [1,2 ,3], "big": 123456789012345678901234567890, "f": 1.10}"#;
+        let body = format!(r#"{{"id": "p", "payload": {payload}}}"#);
+        let (status, _) = h.call("POST", "/v1/queues/q/tasks", Some(&body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{backend}");
+        let response = h
+            .router
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .uri("/v1/queues/q/tasks/p")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        assert!(
+            text.contains(&format!(r#""payload":{payload}"#)),
+            "{backend}: {text}"
+        );
+        // The same request again is the same task; another text of the same payload is another spec.
+        let (status, _) = h.call("POST", "/v1/queues/q/tasks", Some(&body)).await;
+        assert_eq!(status, StatusCode::OK, "{backend}");
+        h.stop().await;
+    }
+}
+
+/// A wrong token, a lease that expired and was handed out again, a lease that expired with the task
+/// waiting, and a finished task each get their own code and a message that is true.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_refusals_say_what_happened() {
+    let h = Harness::new(Arc::new(MemoryStore::new()));
+    h.json(
+        "POST",
+        "/v1/queues/q/tasks",
+        json!({"id": "t", "max_attempts": 5, "backoff_ms": [0], "lease_ms": 100}),
+    )
+    .await;
+    let first = reserve_one(&h, "q", 1000, None).await.unwrap();
+    let first_token = first["lease_token"].as_str().unwrap().to_owned();
+    let ack = |token: &str| json!({ "lease_token": token });
+    // The README's tour pasted literally: the placeholder token.
+    let (status, error) = h.json("POST", "/v1/queues/q/tasks/t/ack", ack("…")).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("lease_mismatch"))
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("reserve answer"),
+        "{error}"
+    );
+    // The lease expires (100 ms); the task waits for its next attempt.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, task) = h.call("GET", "/v1/queues/q/tasks/t", None).await;
+        if task["state"] != "leased" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lease never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, error) = h
+        .json("POST", "/v1/queues/q/tasks/t/ack", ack(&first_token))
+        .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("lease_expired")),
+        "{error}"
+    );
+    // Handed out again: the old token is told so.
+    let second = reserve_one(&h, "q", 1000, None).await.unwrap();
+    let (status, error) = h
+        .json("POST", "/v1/queues/q/tasks/t/ack", ack(&first_token))
+        .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("lease_lost")),
+        "{error}"
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("handed out again")
+    );
+    // Still leased to the second holder: a wrong token is a mismatch, not "handed out again".
+    let (_, error) = h
+        .json("POST", "/v1/queues/q/tasks/t/ack", ack("wrong"))
+        .await;
+    assert_eq!(error["error"]["code"], "lease_mismatch");
+    let (status, _) = h
+        .json(
+            "POST",
+            "/v1/queues/q/tasks/t/ack",
+            ack(second["lease_token"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, error) = h
+        .json("POST", "/v1/queues/q/tasks/t/ack", ack(&first_token))
+        .await;
+    assert_eq!(error["error"]["code"], "task_finished");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("succeeded")
+    );
     h.stop().await;
 }

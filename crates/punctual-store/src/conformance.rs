@@ -165,7 +165,7 @@ pub fn ack_succeeds_then_purges(store: &dyn Store) {
     );
     assert!(matches!(
         ack(store, 21, &leased),
-        Outcome::LeaseLost(LeaseCheck::NotLeased(TaskState::Succeeded))
+        Outcome::LeaseLost(LeaseCheck::Finished(TaskState::Succeeded))
     ));
     assert_eq!(tick(store, 10_019).purged, 0);
     assert_eq!(state(store, "q", "a"), Some(TaskState::Succeeded));
@@ -188,7 +188,7 @@ pub fn nack_follows_the_ladder_then_dies_and_retries(store: &dyn Store) {
     assert_eq!(second.attempt, 2);
     assert!(matches!(
         nack(store, 120, &first, "stale"),
-        Outcome::LeaseLost(LeaseCheck::NotYours)
+        Outcome::LeaseLost(LeaseCheck::HandedOutAgain)
     ));
     assert!(
         matches!(nack(store, 120, &second, "e2"), Outcome::Updated(ref t) if t.run_at_ms == 620)
@@ -235,7 +235,7 @@ pub fn lease_expiry_is_a_failed_attempt(store: &dyn Store) {
     );
     assert!(matches!(
         ack(store, 1_001, &first),
-        Outcome::LeaseLost(LeaseCheck::NotLeased(TaskState::Ready))
+        Outcome::LeaseLost(LeaseCheck::Expired(TaskState::Ready))
     ));
     let second = reserve(store, 1_002, "q", 1).remove(0);
     assert_ne!(token(&first), token(&second));
