@@ -4,7 +4,7 @@
 /// The limits one server enforces. `Limits::default()` holds the documented defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest payload, as compact JSON text (`413 payload_too_large` above).
+    /// Largest payload, as the JSON text sent (`413 payload_too_large` above).
     pub max_payload_bytes: usize,
     /// Largest request body for a single-task request; a batch may be up to `max_batch` times this, capped at `max_batch_body_bytes`.
     pub max_body_bytes: usize,

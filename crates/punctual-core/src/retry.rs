@@ -67,6 +67,15 @@ impl Backoff {
     pub fn validate(&self, max_delay_ms: u64) -> Result<(), String> {
         match self {
             Backoff::Ladder { steps_ms } => {
+                // An empty ladder is refused rather than read as "retry at once": a client that sends
+                // [] most likely meant "no retries", which is max_attempts 1.
+                if steps_ms.is_empty() {
+                    return Err(
+                        "backoff_ms needs at least one step: [0] retries at once, and \
+                                max_attempts: 1 means no retries"
+                            .into(),
+                    );
+                }
                 if steps_ms.len() > 100 {
                     return Err("backoff_ms has more than 100 steps".into());
                 }
@@ -153,5 +162,7 @@ mod tests {
             steps_ms: vec![5, 10],
         };
         assert!(long.validate(7).unwrap_err().contains("backoff_ms"));
+        let empty = Backoff::Ladder { steps_ms: vec![] };
+        assert!(empty.validate(7).unwrap_err().contains("max_attempts: 1"));
     }
 }

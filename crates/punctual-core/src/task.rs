@@ -80,7 +80,7 @@ pub struct Lease {
     pub expires_at_ms: u64,
 }
 
-/// One delayed task. The payload is kept as compact JSON text.
+/// One delayed task. The payload is kept as the exact JSON text the client sent.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Task {
     pub queue: String,

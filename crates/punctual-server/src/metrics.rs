@@ -37,10 +37,61 @@ pub fn handle() -> PrometheusHandle {
                     b.set_buckets_for_metric(Matcher::Full(COMMIT_COMMANDS.into()), &commands)
                 });
             match builder.map(|b| b.install_recorder()) {
-                Ok(Ok(handle)) => handle,
+                Ok(Ok(handle)) => {
+                    describe();
+                    handle
+                }
                 // Another recorder is installed (embedding); render this one's (empty) view.
                 _ => PrometheusBuilder::new().build_recorder().handle(),
             }
         })
         .clone()
+}
+
+/// The `# HELP` line of every metric (descriptions go to the installed recorder).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(SCHEDULED, "Tasks created, by queue.");
+    describe_counter!(
+        DELIVERED,
+        "Tasks handed to a consumer (reserve or webhook), by queue."
+    );
+    describe_counter!(ACKED, "Tasks acknowledged as done, by queue.");
+    describe_counter!(
+        NACKED,
+        "Failed attempts reported by a nack or a failed webhook, by queue."
+    );
+    describe_counter!(
+        EXPIRED,
+        "Leases that ended without an ack or nack (each a failed attempt)."
+    );
+    describe_counter!(
+        DEAD,
+        "Tasks that used up their attempts and became dead, by queue."
+    );
+    describe_counter!(CANCELLED, "Tasks cancelled by id, by queue.");
+    describe_histogram!(
+        LATENESS,
+        metrics::Unit::Seconds,
+        "How long after its due time a task was handed out, by queue."
+    );
+    describe_histogram!(
+        COMMIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Duration of one store commit (group commit), fsync included."
+    );
+    describe_histogram!(COMMIT_COMMANDS, "Commands applied in one store commit.");
+    describe_gauge!(
+        TASKS,
+        "Tasks stored, by queue and state (set at each scrape)."
+    );
+    describe_histogram!(
+        WEBHOOK_SECONDS,
+        metrics::Unit::Seconds,
+        "Duration of one webhook request."
+    );
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        "Webhook requests by outcome: 2xx, 3xx, 4xx, 5xx, timeout, error."
+    );
 }

@@ -300,6 +300,16 @@ impl Sender {
             }
         };
         metrics::counter!(m::WEBHOOK_DELIVERIES, "outcome" => outcome_label).increment(1);
+        if let Some((reason, _)) = &failure {
+            tracing::info!(
+                queue = task.queue.as_str(),
+                id = task.id.as_str(),
+                attempt = task.attempt,
+                host = host_of(&webhook.url).as_str(),
+                reason = reason.as_str(),
+                "webhook attempt failed"
+            );
+        }
         Some(match failure {
             None => Command::Ack {
                 queue: task.queue.clone(),

@@ -475,8 +475,17 @@ fn after_commit<'a>(
                 if let Some(name) = counter {
                     count(name, &task.queue, 1);
                 }
-                if matches!(command, Command::Nack { .. }) && task.state == TaskState::Dead {
-                    count(m::DEAD, &task.queue, 1);
+                if matches!(command, Command::Nack { .. }) {
+                    log_failed_attempt(
+                        &task.queue,
+                        &task.id,
+                        task.attempt,
+                        task.last_error.as_deref().unwrap_or(""),
+                        (task.state != TaskState::Dead).then_some(task.run_at_ms),
+                    );
+                    if task.state == TaskState::Dead {
+                        count(m::DEAD, &task.queue, 1);
+                    }
                 }
             }
             Outcome::Reserved(tasks) => {
@@ -512,6 +521,15 @@ fn after_commit<'a>(
                 for queue in &report.dead {
                     count(m::DEAD, queue, 1);
                 }
+                for failure in &report.lease_failures {
+                    log_failed_attempt(
+                        &failure.queue,
+                        &failure.id,
+                        failure.attempt,
+                        punctual_store::LEASE_EXPIRED,
+                        failure.retry_at_ms,
+                    );
+                }
             }
             _ => {}
         }
@@ -526,6 +544,27 @@ fn after_commit<'a>(
         ready: wake_queues.into_iter().map(str::to_owned).collect(),
         due_tasks,
         untagged,
+    }
+}
+
+/// One line at `info` for each failed attempt: whether the task will be retried (and when) or is dead.
+fn log_failed_attempt(queue: &str, id: &str, attempt: u32, reason: &str, retry_at_ms: Option<u64>) {
+    match retry_at_ms {
+        Some(at) => tracing::info!(
+            queue,
+            id,
+            attempt,
+            reason,
+            retry_at = %punctual_core::time::format_rfc3339_ms(at),
+            "attempt failed; the task will be retried"
+        ),
+        None => tracing::info!(
+            queue,
+            id,
+            attempt,
+            reason,
+            "attempt failed; the task is dead"
+        ),
     }
 }
 

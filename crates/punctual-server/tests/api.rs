@@ -297,6 +297,13 @@ async fn bad_input(h: &Harness) {
         (
             "POST",
             "/v1/queues/q/tasks",
+            r#"{"backoff_ms":[]}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            "/v1/queues/q/tasks",
             r#"{"backoff":{"factor":0.1}}"#.into(),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_field",
@@ -757,6 +764,10 @@ async fn batch_and_listing(h: &Harness) {
     assert_eq!(status, StatusCode::OK);
     let text = metrics.as_str().unwrap();
     assert!(text.contains("punctual_tasks_scheduled_total"), "{text}");
+    assert!(
+        text.contains("# HELP punctual_tasks_scheduled_total Tasks created, by queue."),
+        "{text}"
+    );
     assert!(
         text.contains("punctual_tasks{queue=\"pages\",state=\"scheduled\"} 8"),
         "{text}"

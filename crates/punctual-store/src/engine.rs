@@ -356,13 +356,23 @@ fn tick<T: Txn + ?Sized>(
             }
             TaskState::Leased => {
                 report.expired += 1;
-                match new.fail(now_ms, LEASE_EXPIRED, None) {
+                let outcome = new.fail(now_ms, LEASE_EXPIRED, None);
+                match outcome {
                     FailOutcome::Dead => report.dead.push(queue.clone()),
                     FailOutcome::Retry { run_at_ms } if run_at_ms > now_ms => {
                         report.due_times.push(run_at_ms)
                     }
                     FailOutcome::Retry { .. } => {}
                 }
+                report.lease_failures.push(crate::LeaseFailure {
+                    queue: queue.clone(),
+                    id: id.clone(),
+                    attempt: old.attempt,
+                    retry_at_ms: match outcome {
+                        FailOutcome::Retry { run_at_ms } => Some(run_at_ms),
+                        FailOutcome::Dead => None,
+                    },
+                });
             }
             TaskState::Succeeded => {
                 write(txn, Some(&old), None)?;

@@ -20,7 +20,7 @@ use punctual_core::{LeaseCheck, Task, TaskState};
 use thiserror::Error;
 
 pub use codec::FORMAT_VERSION;
-pub use engine::ready_target;
+pub use engine::{LEASE_EXPIRED, ready_target};
 pub use memory::MemoryStore;
 pub use redb_store::{RedbOptions, RedbStore};
 pub use redis_store::{
@@ -174,6 +174,8 @@ pub struct TickReport {
     pub expired: u64,
     /// Tasks that died because their last lease expired, by queue.
     pub dead: Vec<String>,
+    /// Each expired lease: which task, which attempt failed, and when it runs again (`None`: dead).
+    pub lease_failures: Vec<LeaseFailure>,
     /// Succeeded tasks removed after their retention.
     pub purged: u64,
     /// New due times created (retries after an expired lease).
@@ -182,6 +184,16 @@ pub struct TickReport {
     pub more: bool,
     /// Tasks leased to each taker, in the order of `Command::Tick::takers`.
     pub taken: Vec<Vec<Task>>,
+}
+
+/// A lease that expired in a tick (a failed attempt), for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseFailure {
+    pub queue: String,
+    pub id: String,
+    pub attempt: u32,
+    /// When the next attempt is due; `None` when the task died.
+    pub retry_at_ms: Option<u64>,
 }
 
 /// The answer to one command.

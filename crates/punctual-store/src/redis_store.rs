@@ -1208,6 +1208,9 @@ fn drop_failed(outcome: &mut Outcome, failed: &HashSet<(String, String)>) {
             for tasks in &mut report.taken {
                 tasks.retain(|t| !lost(t));
             }
+            report
+                .lease_failures
+                .retain(|f| !failed.contains(&(f.queue.clone(), f.id.clone())));
             // Something it saw changed under it: look again at once.
             report.more = true;
         }

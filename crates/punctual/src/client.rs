@@ -1,4 +1,5 @@
-//! The client commands: `schedule`, `get`, `cancel`, `reschedule`, `ls`, `stats`.
+//! The client commands: `schedule`, `get`, `cancel`, `reschedule`, `retry`, `ack`, `nack`, `ls`,
+//! `stats`. Each prints a table or, with `--json`, one JSON object per line.
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -156,8 +157,28 @@ impl Client {
                 .map_err(anyhow::Error::msg)?;
             body["backoff_ms"] = steps.into();
         }
+        if let Some(exp) = spec.backoff_exp {
+            body["backoff"] = exponential(&exp)?;
+        }
+        if let Some(lease) = spec.lease {
+            body["lease_ms"] = parse_duration_ms(&lease)
+                .map_err(anyhow::Error::msg)?
+                .into();
+        }
         if let Some(url) = spec.webhook {
-            body["webhook"] = json!({ "url": url });
+            let mut webhook = json!({ "url": url });
+            for header in &spec.headers {
+                let Some((name, value)) = header.split_once(':') else {
+                    bail!("--header must be \"Name: value\", got {header:?}");
+                };
+                webhook["headers"][name.trim()] = value.trim().into();
+            }
+            if let Some(timeout) = spec.webhook_timeout {
+                webhook["timeout_ms"] = parse_duration_ms(&timeout)
+                    .map_err(anyhow::Error::msg)?
+                    .into();
+            }
+            body["webhook"] = webhook;
         }
         let (status, task) = self
             .call(
@@ -232,49 +253,156 @@ impl Client {
         Ok(())
     }
 
-    pub async fn ls(&self, queue: &str, state: Option<String>, limit: usize) -> Result<()> {
-        let mut printed = 0usize;
-        let mut cursor: Option<String> = None;
-        if !self.json {
+    /// Dead → ready, with new attempts.
+    pub async fn retry(&self, queue: &str, id: &str) -> Result<()> {
+        let (_, task) = self
+            .call(
+                reqwest::Method::POST,
+                &self.task_path(queue, id, "/retry"),
+                None,
+            )
+            .await?;
+        if self.json {
+            println!("{task}");
+        } else {
             println!(
-                "{:<36} {:<10} {:<25} {:>8}",
-                "ID", "STATE", "RUN_AT", "ATTEMPT"
+                "retrying {id} in {queue}: it is {}",
+                task["state"].as_str().unwrap_or("")
             );
         }
-        while printed < limit {
+        Ok(())
+    }
+
+    pub async fn ack(&self, queue: &str, id: &str, lease_token: &str) -> Result<()> {
+        self.call(
+            reqwest::Method::POST,
+            &self.task_path(queue, id, "/ack"),
+            Some(json!({ "lease_token": lease_token })),
+        )
+        .await?;
+        if self.json {
+            println!("{}", json!({"acked": id, "queue": queue}));
+        } else {
+            println!("acked {id} in {queue}");
+        }
+        Ok(())
+    }
+
+    pub async fn nack(
+        &self,
+        queue: &str,
+        id: &str,
+        lease_token: &str,
+        error: Option<String>,
+        delay: Option<String>,
+    ) -> Result<()> {
+        let mut body = json!({ "lease_token": lease_token });
+        if let Some(error) = error {
+            body["error"] = error.into();
+        }
+        if let Some(delay) = delay {
+            body["delay_ms"] = parse_duration_ms(&delay)
+                .map_err(anyhow::Error::msg)?
+                .into();
+        }
+        let (_, task) = self
+            .call(
+                reqwest::Method::POST,
+                &self.task_path(queue, id, "/nack"),
+                Some(body),
+            )
+            .await?;
+        if self.json {
+            println!("{task}");
+        } else if task["state"] == "dead" {
+            println!("nacked {id} in {queue}: no attempts left, it is dead");
+        } else {
+            println!(
+                "nacked {id} in {queue}: attempt {} of {} runs at {}",
+                task["attempt"].as_u64().unwrap_or(0) + 1,
+                task["max_attempts"],
+                task["run_at"].as_str().unwrap_or("")
+            );
+        }
+        Ok(())
+    }
+
+    fn task_path(&self, queue: &str, id: &str, action: &str) -> String {
+        format!(
+            "/v1/queues/{}/tasks/{}{action}",
+            segment(queue),
+            segment(id)
+        )
+    }
+
+    /// The names of every queue the server lists.
+    async fn queue_names(&self) -> Result<Vec<String>> {
+        let (_, all) = self.call(reqwest::Method::GET, "/v1/queues", None).await?;
+        Ok(all["queues"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|q| q["queue"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// Lists `queue`'s tasks, or every queue's when `queue` is `None`.
+    pub async fn ls(&self, queue: Option<&str>, state: Option<String>, limit: usize) -> Result<()> {
+        let queues = match queue {
+            Some(queue) => vec![queue.to_owned()],
+            None => self.queue_names().await?,
+        };
+        let mut rows: Vec<Value> = Vec::new();
+        for queue in &queues {
+            rows.extend(self.list_one(queue, state.as_deref(), limit).await?);
+        }
+        if self.json {
+            for task in &rows {
+                println!("{task}");
+            }
+            return Ok(());
+        }
+        let text = |task: &Value, key: &str| task[key].as_str().unwrap_or("").to_owned();
+        let table: Vec<[String; 5]> = rows
+            .iter()
+            .map(|t| {
+                [
+                    text(t, "queue"),
+                    text(t, "id"),
+                    text(t, "state"),
+                    text(t, "run_at"),
+                    format!("{}/{}", t["attempt"], t["max_attempts"]),
+                ]
+            })
+            .collect();
+        print_table(&["QUEUE", "ID", "STATE", "RUN_AT", "ATTEMPT"], &table, 4);
+        Ok(())
+    }
+
+    async fn list_one(&self, queue: &str, state: Option<&str>, limit: usize) -> Result<Vec<Value>> {
+        let mut tasks = Vec::new();
+        let mut cursor: Option<String> = None;
+        while tasks.len() < limit {
             let mut path = format!(
                 "/v1/queues/{}/tasks?limit={}",
                 segment(queue),
-                (limit - printed).min(1000)
+                (limit - tasks.len()).min(1000)
             );
-            if let Some(state) = &state {
+            if let Some(state) = state {
                 path.push_str(&format!("&state={}", segment(state)));
             }
             if let Some(cursor) = &cursor {
                 path.push_str(&format!("&cursor={}", segment(cursor)));
             }
             let (_, page) = self.call(reqwest::Method::GET, &path, None).await?;
-            for task in page["tasks"].as_array().into_iter().flatten() {
-                printed += 1;
-                if self.json {
-                    println!("{task}");
-                } else {
-                    println!(
-                        "{:<36} {:<10} {:<25} {:>4}/{}",
-                        task["id"].as_str().unwrap_or(""),
-                        task["state"].as_str().unwrap_or(""),
-                        task["run_at"].as_str().unwrap_or(""),
-                        task["attempt"],
-                        task["max_attempts"]
-                    );
-                }
-            }
+            tasks.extend(page["tasks"].as_array().into_iter().flatten().cloned());
             match page["next_cursor"].as_str() {
                 Some(next) => cursor = Some(next.to_owned()),
                 None => break,
             }
         }
-        Ok(())
+        tasks.truncate(limit);
+        Ok(tasks)
     }
 
     pub async fn stats(&self, queue: Option<&str>) -> Result<()> {
@@ -295,26 +423,83 @@ impl Client {
             }
         };
         if self.json {
-            println!("{}", Value::Array(queues));
+            for q in &queues {
+                println!("{q}");
+            }
             return Ok(());
         }
-        println!(
-            "{:<32} {:>10} {:>10} {:>10} {:>10} {:>10}",
-            "QUEUE", "SCHEDULED", "READY", "LEASED", "SUCCEEDED", "DEAD"
+        let states = ["scheduled", "ready", "leased", "succeeded", "dead"];
+        let table: Vec<[String; 6]> = queues
+            .iter()
+            .map(|q| {
+                let mut row: [String; 6] = Default::default();
+                row[0] = q["queue"].as_str().unwrap_or("").to_owned();
+                for (i, state) in states.iter().enumerate() {
+                    row[i + 1] = q[*state].to_string();
+                }
+                row
+            })
+            .collect();
+        print_table(
+            &["QUEUE", "SCHEDULED", "READY", "LEASED", "SUCCEEDED", "DEAD"],
+            &table,
+            1,
         );
-        for q in &queues {
-            println!(
-                "{:<32} {:>10} {:>10} {:>10} {:>10} {:>10}",
-                q["queue"].as_str().unwrap_or(""),
-                q["scheduled"],
-                q["ready"],
-                q["leased"],
-                q["succeeded"],
-                q["dead"]
-            );
-        }
         Ok(())
     }
+}
+
+/// Prints rows under a header, each column as wide as its widest cell; columns from `first_right`
+/// on are right-aligned (numbers).
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]], first_right: usize) {
+    let mut widths: [usize; N] = header.map(str::len);
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; N]| {
+        let mut out = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            if i > 0 {
+                out.push_str("  ");
+            }
+            if i >= first_right {
+                out.push_str(&format!("{cell:>width$}"));
+            } else {
+                out.push_str(&format!("{cell:<width$}"));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(*header);
+    for row in rows {
+        line(std::array::from_fn(|i| row[i].as_str()));
+    }
+}
+
+/// `--backoff-exp INITIAL[,FACTOR[,MAX]]` as the API's `backoff` object.
+fn exponential(text: &str) -> Result<Value> {
+    let mut parts = text.split(',').map(str::trim);
+    let mut backoff = json!({});
+    if let Some(initial) = parts.next() {
+        backoff["initial_ms"] = parse_duration_ms(initial)
+            .map_err(anyhow::Error::msg)?
+            .into();
+    }
+    if let Some(factor) = parts.next() {
+        let factor: f64 = factor.parse().with_context(|| {
+            format!("--backoff-exp: the factor must be a number, got {factor:?}")
+        })?;
+        backoff["factor"] = factor.into();
+    }
+    if let Some(max) = parts.next() {
+        backoff["max_ms"] = parse_duration_ms(max).map_err(anyhow::Error::msg)?.into();
+    }
+    if parts.next().is_some() {
+        bail!("--backoff-exp takes INITIAL[,FACTOR[,MAX]], e.g. 1s,2,10m; got {text:?}");
+    }
+    Ok(backoff)
 }
 
 /// What `punctual schedule` asks for.
@@ -325,5 +510,9 @@ pub struct ScheduleSpec {
     pub payload: Option<String>,
     pub max_attempts: Option<u32>,
     pub backoff: Option<String>,
+    pub backoff_exp: Option<String>,
+    pub lease: Option<String>,
     pub webhook: Option<String>,
+    pub headers: Vec<String>,
+    pub webhook_timeout: Option<String>,
 }

@@ -38,7 +38,7 @@ pub struct ServeOpts {
     /// How long succeeded tasks stay readable, in ms [default: 86400000, 24 h].
     #[arg(long, env = "PUNCTUAL_RETENTION_MS")]
     pub retention_ms: Option<u64>,
-    /// Largest payload in bytes, as compact JSON [default: 1048576].
+    /// Largest payload in bytes, as the JSON text sent [default: 1048576].
     #[arg(long, env = "PUNCTUAL_MAX_PAYLOAD_BYTES")]
     pub max_payload_bytes: Option<usize>,
     /// Most tasks in one batch request [default: 1000].

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use punctual_core::TaskState;
 use punctual_server::ServerConfig;
 use punctual_store::{
     RedbOptions, RedbStore, RedisOptions, RedisStore, RedisTarget, RedisTls, Store,
@@ -51,64 +52,131 @@ enum Cmd {
     Serve(ServeOpts),
     /// Schedule a task.
     Schedule {
+        /// The queue (letters, digits and . _ : -).
         queue: String,
-        /// Delay from now: 500ms, 10s, 30m, 1h30m, 2d.
+        /// Delay from now: 500ms, 10s, 5min, 1h30m, 2d.
         #[arg(long = "in", value_name = "DURATION")]
         in_: Option<String>,
-        /// Due time, RFC 3339 (2026-11-22T09:30:00Z).
+        /// Due time, RFC 3339 with a zone (2026-11-22T09:30:00Z, 2026-11-22T10:30:00+01:00).
         #[arg(long, value_name = "TIME")]
         at: Option<String>,
         /// Task id (default: generated). Scheduling the same id and spec again is a no-op.
         #[arg(long)]
         id: Option<String>,
-        /// Payload as JSON.
-        #[arg(long)]
+        /// Payload as JSON ('{"order":123}', or '"text"' for a string); delivered as sent.
+        #[arg(long, value_name = "JSON")]
         payload: Option<String>,
-        #[arg(long)]
+        /// Attempts before the task is dead (default: the server's, 5 unless configured).
+        #[arg(long, value_name = "N")]
         max_attempts: Option<u32>,
         /// Retry ladder, e.g. 10s,30s,1m (the last step repeats).
-        #[arg(long)]
+        #[arg(long, value_name = "DURATIONS", conflicts_with = "backoff_exp")]
         backoff: Option<String>,
+        /// Exponential backoff: INITIAL[,FACTOR[,MAX]], e.g. 1s,2,10m (jittered).
+        #[arg(long, value_name = "INITIAL,FACTOR,MAX")]
+        backoff_exp: Option<String>,
+        /// Lease length when this task is handed out (default: the reserve's or the server's).
+        #[arg(long, value_name = "DURATION")]
+        lease: Option<String>,
         /// Deliver by POSTing to this URL.
-        #[arg(long)]
+        #[arg(long, value_name = "URL")]
         webhook: Option<String>,
+        /// A header for the webhook request, "Name: value" (repeatable).
+        #[arg(long = "header", value_name = "NAME: VALUE", requires = "webhook")]
+        headers: Vec<String>,
+        /// How long a webhook request may take (default 30s).
+        #[arg(long, value_name = "DURATION", requires = "webhook")]
+        webhook_timeout: Option<String>,
         #[command(flatten)]
         client: ClientOpts,
     },
     /// Show one task.
     Get {
+        /// The task's queue.
         queue: String,
+        /// The task's id.
         id: String,
         #[command(flatten)]
         client: ClientOpts,
     },
     /// Cancel (delete) a task that is not leased.
     Cancel {
+        /// The task's queue.
         queue: String,
+        /// The task's id.
         id: String,
         #[command(flatten)]
         client: ClientOpts,
     },
     /// Move a scheduled or ready task to a new time (and/or replace its payload).
     Reschedule {
+        /// The task's queue.
         queue: String,
+        /// The task's id.
         id: String,
+        /// New delay from now: 500ms, 10s, 5min, 1h30m, 2d.
         #[arg(long = "in", value_name = "DURATION")]
         in_: Option<String>,
+        /// New due time, RFC 3339 with a zone (2026-11-22T09:30:00Z).
         #[arg(long, value_name = "TIME")]
         at: Option<String>,
-        #[arg(long)]
+        /// New payload as JSON.
+        #[arg(long, value_name = "JSON")]
         payload: Option<String>,
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// List a queue's tasks.
-    Ls {
+    /// Give a dead task new attempts: it becomes ready at once.
+    Retry {
+        /// The task's queue.
         queue: String,
+        /// The task's id.
+        id: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Acknowledge a leased task as done.
+    Ack {
+        /// The task's queue.
+        queue: String,
+        /// The task's id.
+        id: String,
+        /// The lease_token from the reserve answer that handed the task out.
+        #[arg(long, value_name = "TOKEN")]
+        lease_token: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Report a failed attempt of a leased task: the retry policy decides when it runs again.
+    Nack {
+        /// The task's queue.
+        queue: String,
+        /// The task's id.
+        id: String,
+        /// The lease_token from the reserve answer that handed the task out.
+        #[arg(long, value_name = "TOKEN")]
+        lease_token: String,
+        /// Why it failed (kept as the task's last_error).
+        #[arg(long, value_name = "TEXT")]
+        error: Option<String>,
+        /// Retry after this long instead of the policy's next step.
+        #[arg(long, value_name = "DURATION")]
+        delay: Option<String>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// List a queue's tasks (or every queue's, with --all-queues).
+    Ls {
+        /// The queue (leave out with --all-queues).
+        #[arg(required_unless_present = "all_queues")]
+        queue: Option<String>,
+        /// List the tasks of every queue, e.g. `ls --all-queues --state dead`.
+        #[arg(long, conflicts_with = "queue")]
+        all_queues: bool,
         /// Only tasks in this state: scheduled, ready, leased, succeeded, dead.
         #[arg(long)]
         state: Option<String>,
-        /// Most tasks to print.
+        /// Most tasks to print (per queue with --all-queues).
         #[arg(long, default_value_t = 100)]
         limit: usize,
         #[command(flatten)]
@@ -116,6 +184,7 @@ enum Cmd {
     },
     /// Counts per state, of every queue or one.
     Stats {
+        /// Only this queue.
         queue: Option<String>,
         #[command(flatten)]
         client: ClientOpts,
@@ -164,6 +233,7 @@ async fn serve(opts: ServeOpts) -> Result<()> {
     }
     init_logging();
     let store = open_store(&settings)?;
+    log_recovered(store.as_ref());
     let mut config = ServerConfig {
         default_lease_ms: settings.default_lease_ms,
         default_max_attempts: settings.default_max_attempts,
@@ -185,6 +255,25 @@ async fn serve(opts: ServeOpts) -> Result<()> {
     punctual_server::serve(listener, store, config, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// One line at start: how many tasks the store holds, per state (what a restart recovered).
+fn log_recovered(store: &dyn Store) {
+    match store.queues() {
+        Ok(queues) => {
+            let count = |state: TaskState| queues.iter().map(|q| q.get(state)).sum::<u64>();
+            tracing::info!(
+                queues = queues.len(),
+                scheduled = count(TaskState::Scheduled),
+                ready = count(TaskState::Ready),
+                leased = count(TaskState::Leased),
+                succeeded = count(TaskState::Succeeded),
+                dead = count(TaskState::Dead),
+                "recovered tasks from the store (leased ones are handed out again when their lease ends)"
+            );
+        }
+        Err(error) => tracing::warn!(%error, "cannot count the stored tasks"),
+    }
 }
 
 fn open_store(settings: &config::Settings) -> Result<Arc<dyn Store>> {
@@ -248,6 +337,10 @@ fn open_store(settings: &config::Settings) -> Result<Arc<dyn Store>> {
     Ok(Arc::new(store))
 }
 
+fn connect(opts: &ClientOpts) -> Result<Client> {
+    Client::new(&opts.server, opts.json, opts.token.as_deref())
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -261,41 +354,31 @@ async fn main() {
             payload,
             max_attempts,
             backoff,
+            backoff_exp,
+            lease,
             webhook,
+            headers,
+            webhook_timeout,
             client,
-        } => match Client::new(&client.server, client.json, client.token.as_deref()) {
-            Ok(c) => {
-                c.schedule(
-                    &queue,
-                    ScheduleSpec {
-                        id,
-                        in_,
-                        at,
-                        payload,
-                        max_attempts,
-                        backoff,
-                        webhook,
-                    },
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        },
-        Cmd::Get { queue, id, client } => {
-            async {
-                Client::new(&client.server, client.json, client.token.as_deref())?
-                    .get(&queue, &id)
-                    .await
-            }
-            .await
+        } => {
+            let spec = ScheduleSpec {
+                id,
+                in_,
+                at,
+                payload,
+                max_attempts,
+                backoff,
+                backoff_exp,
+                lease,
+                webhook,
+                headers,
+                webhook_timeout,
+            };
+            async { connect(&client)?.schedule(&queue, spec).await }.await
         }
+        Cmd::Get { queue, id, client } => async { connect(&client)?.get(&queue, &id).await }.await,
         Cmd::Cancel { queue, id, client } => {
-            async {
-                Client::new(&client.server, client.json, client.token.as_deref())?
-                    .cancel(&queue, &id)
-                    .await
-            }
-            .await
+            async { connect(&client)?.cancel(&queue, &id).await }.await
         }
         Cmd::Reschedule {
             queue,
@@ -306,32 +389,45 @@ async fn main() {
             client,
         } => {
             async {
-                Client::new(&client.server, client.json, client.token.as_deref())?
+                connect(&client)?
                     .reschedule(&queue, &id, in_, at, payload)
+                    .await
+            }
+            .await
+        }
+        Cmd::Retry { queue, id, client } => {
+            async { connect(&client)?.retry(&queue, &id).await }.await
+        }
+        Cmd::Ack {
+            queue,
+            id,
+            lease_token,
+            client,
+        } => async { connect(&client)?.ack(&queue, &id, &lease_token).await }.await,
+        Cmd::Nack {
+            queue,
+            id,
+            lease_token,
+            error,
+            delay,
+            client,
+        } => {
+            async {
+                connect(&client)?
+                    .nack(&queue, &id, &lease_token, error, delay)
                     .await
             }
             .await
         }
         Cmd::Ls {
             queue,
+            all_queues: _,
             state,
             limit,
             client,
-        } => {
-            async {
-                Client::new(&client.server, client.json, client.token.as_deref())?
-                    .ls(&queue, state, limit)
-                    .await
-            }
-            .await
-        }
+        } => async { connect(&client)?.ls(queue.as_deref(), state, limit).await }.await,
         Cmd::Stats { queue, client } => {
-            async {
-                Client::new(&client.server, client.json, client.token.as_deref())?
-                    .stats(queue.as_deref())
-                    .await
-            }
-            .await
+            async { connect(&client)?.stats(queue.as_deref()).await }.await
         }
         Cmd::Work(opts) => work::run(opts).await,
         Cmd::Bench(opts) => bench::run(opts).await,

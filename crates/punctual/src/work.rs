@@ -1,6 +1,7 @@
 //! `punctual work QUEUE --exec CMD`: a ready-made worker that runs a shell command per task.
 //!
-//! It long-polls for tasks, runs `sh -c CMD` for each with the payload (JSON text) on stdin and
+//! It long-polls for tasks, runs `sh -c CMD` for each with the payload on stdin (a JSON string as the
+//! string itself, any other JSON as the exact text scheduled) and
 //! `PUNCTUAL_QUEUE`, `PUNCTUAL_TASK_ID`, `PUNCTUAL_ATTEMPT` in the environment, acks on exit 0 and
 //! nacks otherwise with the tail of stderr as the error. While a command runs, its lease is extended
 //! every half lease. On SIGTERM/SIGINT it stops reserving, lets running commands finish, and exits.
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
@@ -42,6 +43,34 @@ pub struct WorkOpts {
     token: Option<String>,
 }
 
+/// A reserve answer, as much of it as the worker needs.
+#[derive(serde::Deserialize)]
+struct Reserved {
+    tasks: Vec<Leased>,
+}
+
+#[derive(serde::Deserialize)]
+struct Leased {
+    id: String,
+    lease_token: String,
+    attempt: u64,
+    #[serde(default)]
+    payload: Option<Box<serde_json::value::RawValue>>,
+}
+
+/// What a command gets on stdin: a string payload as the string itself (`"hi"` gives `hi`), any
+/// other JSON as the exact text that was scheduled, and nothing for no payload or `null`.
+fn stdin_text(payload: Option<&serde_json::value::RawValue>) -> String {
+    let Some(raw) = payload else {
+        return String::new();
+    };
+    match raw.get() {
+        "null" => String::new(),
+        text if text.starts_with('"') => serde_json::from_str::<String>(text).unwrap_or_default(),
+        text => text.to_owned(),
+    }
+}
+
 struct Worker {
     http: reqwest::Client,
     base: String,
@@ -60,7 +89,7 @@ impl Worker {
         )
     }
 
-    async fn reserve(&self, max: usize) -> Result<Vec<Value>> {
+    async fn reserve(&self, max: usize) -> Result<Vec<Leased>> {
         let response = self
             .http
             .post(format!(
@@ -73,22 +102,26 @@ impl Worker {
             .send()
             .await?;
         let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let text = response.text().await.unwrap_or_default();
         if !status.is_success() {
-            bail!("reserve answered {status}: {body}");
+            bail!("reserve answered {status}: {text}");
         }
-        Ok(body["tasks"].as_array().cloned().unwrap_or_default())
+        // Read with the payload as raw text: re-serializing it would reorder its keys.
+        let answer: Reserved = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("reserve answered an unexpected body ({e}): {text:.200}")
+        })?;
+        Ok(answer.tasks)
     }
 
     /// Runs the command for one task and settles it.
-    async fn run(&self, task: Value) {
-        let id = task["id"].as_str().unwrap_or("").to_owned();
-        let token = task["lease_token"].as_str().unwrap_or("").to_owned();
-        let attempt = task["attempt"].as_u64().unwrap_or(0);
-        let stdin = match &task["payload"] {
-            Value::Null => String::new(),
-            payload => payload.to_string(),
-        };
+    async fn run(&self, task: Leased) {
+        let Leased {
+            id,
+            lease_token: token,
+            attempt,
+            payload,
+        } = task;
+        let stdin = stdin_text(payload.as_deref());
         let outcome = self.execute(&id, &token, attempt, stdin.as_bytes()).await;
         let settle = match &outcome {
             Ok(()) => self
@@ -252,5 +285,30 @@ pub async fn run(opts: WorkOpts) -> Result<()> {
 async fn wait_for(flag: &AtomicBool) {
     while !flag.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stdin_text;
+    use serde_json::value::RawValue;
+
+    #[test]
+    fn strings_are_raw_and_json_is_kept_as_sent() {
+        let raw = |t: &str| RawValue::from_string(t.to_owned()).unwrap();
+        assert_eq!(
+            stdin_text(Some(&raw(r#""hello \"you\"""#))),
+            r#"hello "you""#
+        );
+        assert_eq!(
+            stdin_text(Some(&raw(r#"{"z":1, "a":2}"#))),
+            r#"{"z":1, "a":2}"#
+        );
+        assert_eq!(stdin_text(Some(&raw("null"))), "");
+        assert_eq!(stdin_text(None), "");
+        assert_eq!(
+            stdin_text(Some(&raw("12345678901234567890123"))),
+            "12345678901234567890123"
+        );
     }
 }

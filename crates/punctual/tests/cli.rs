@@ -248,3 +248,246 @@ fn a_damaged_data_file_is_a_clear_startup_error() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Waits until `path` holds a line with every one of `words`, and returns it.
+async fn log_line(path: &std::path::Path, words: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| words.iter().all(|w| l.contains(w))) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {words:?} in:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Failed and dead tasks are visible: one log line per failed attempt (nack, webhook, lease expiry),
+/// the startup count, and `ls --all-queues --state dead`, `retry`, `ack`, `nack` and `stats` from the
+/// command line, each with `--json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_and_dead_tasks_are_visible() {
+    let dir = temp_dir("visible");
+    let log_path = dir.join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let server = Server::start_logging(&dir, &[], "info", log.into()).await;
+    log_line(&log_path, &["recovered tasks", "scheduled=0"]).await;
+    let http = reqwest::Client::new();
+    let reserve = |queue: &str| {
+        let request = http
+            .post(format!("{}/v1/queues/{queue}/reserve", server.url))
+            .body(r#"{"wait_ms": 5000}"#);
+        async move {
+            let answer: serde_json::Value = request.send().await.unwrap().json().await.unwrap();
+            answer["tasks"][0].clone()
+        }
+    };
+    let run = |args: &[&str]| stdout(&punctual(&server, args));
+
+    run(&[
+        "schedule",
+        "mail",
+        "--id",
+        "m1",
+        "--max-attempts",
+        "2",
+        "--backoff",
+        "0s",
+    ]);
+    let leased = reserve("mail").await;
+    let token = leased["lease_token"].as_str().unwrap();
+    let out = run(&[
+        "nack",
+        "mail",
+        "m1",
+        "--lease-token",
+        token,
+        "--error",
+        "smtp 451",
+    ]);
+    assert!(out.contains("attempt 2 of 2"), "{out}");
+    log_line(
+        &log_path,
+        &[
+            "will be retried",
+            "queue=\"mail\"",
+            "id=\"m1\"",
+            "attempt=1",
+            "smtp 451",
+        ],
+    )
+    .await;
+    let leased = reserve("mail").await;
+    let token = leased["lease_token"].as_str().unwrap();
+    let out = run(&[
+        "nack",
+        "mail",
+        "m1",
+        "--lease-token",
+        token,
+        "--error",
+        "smtp 550",
+        "--json",
+    ]);
+    let task: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(task["state"], "dead");
+    log_line(
+        &log_path,
+        &["the task is dead", "id=\"m1\"", "attempt=2", "smtp 550"],
+    )
+    .await;
+
+    // A webhook to a closed port fails; a lease that nobody settles expires.
+    run(&[
+        "schedule",
+        "hooks",
+        "--id",
+        "w1",
+        "--max-attempts",
+        "1",
+        "--webhook",
+        "http://127.0.0.1:9/x",
+    ]);
+    log_line(
+        &log_path,
+        &["webhook attempt failed", "id=\"w1\"", "127.0.0.1:9"],
+    )
+    .await;
+    run(&[
+        "schedule",
+        "slow",
+        "--id",
+        "s1",
+        "--max-attempts",
+        "1",
+        "--lease",
+        "100ms",
+    ]);
+    assert_eq!(reserve("slow").await["id"], "s1");
+    log_line(
+        &log_path,
+        &["the task is dead", "id=\"s1\"", "lease expired"],
+    )
+    .await;
+
+    // Every dead task, across queues.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dead = loop {
+        let out = run(&["ls", "--all-queues", "--state", "dead", "--json"]);
+        let ids: Vec<String> = out
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        if ids.len() == 3 || Instant::now() > deadline {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(dead, ["w1", "m1", "s1"], "by queue name: hooks, mail, slow");
+    let table = run(&["ls", "--all-queues", "--state", "dead"]);
+    assert!(
+        table.lines().next().unwrap().starts_with("QUEUE"),
+        "{table}"
+    );
+    assert!(table.contains("mail") && table.contains("m1"), "{table}");
+
+    let out = run(&["retry", "mail", "m1"]);
+    assert!(out.contains("ready"), "{out}");
+    let leased = reserve("mail").await;
+    run(&[
+        "ack",
+        "mail",
+        "m1",
+        "--lease-token",
+        leased["lease_token"].as_str().unwrap(),
+    ]);
+    let task: serde_json::Value =
+        serde_json::from_str(run(&["get", "mail", "m1", "--json"]).trim()).unwrap();
+    assert_eq!(task["state"], "succeeded");
+    // A wrong token: the CLI fails with the server's code.
+    let wrong = punctual(&server, &["ack", "slow", "s1", "--lease-token", "nope"]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("task_finished"));
+
+    // stats: one JSON object per line; the table's columns line up.
+    let lines: Vec<serde_json::Value> = run(&["stats", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(
+        lines
+            .iter()
+            .all(|q| q["queue"].is_string() && q["dead"].is_u64())
+    );
+    let table = run(&["stats"]);
+    let rows: Vec<&str> = table.lines().collect();
+    let header_end = rows[0].find("DEAD").unwrap() + "DEAD".len();
+    assert!(rows.iter().all(|r| r.len() == header_end), "{table}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `schedule` sets webhook headers and timeout, the lease length and an exponential backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_sets_every_task_field() {
+    let dir = temp_dir("fields");
+    let server = Server::start(&dir, &[]).await;
+    let out = stdout(&punctual(
+        &server,
+        &[
+            "schedule",
+            "hooks",
+            "--id",
+            "h1",
+            "--in",
+            "1h",
+            "--webhook",
+            "http://127.0.0.1:9/x",
+            "--header",
+            "x-api-key: s3cret",
+            "--header",
+            "X-Trace:abc",
+            "--webhook-timeout",
+            "5s",
+            "--lease",
+            "2min",
+            "--backoff-exp",
+            "1s,3,10m",
+            "--json",
+        ],
+    ));
+    let task: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(task["webhook"]["headers"]["x-api-key"], "s3cret", "{task}");
+    assert_eq!(task["webhook"]["headers"]["X-Trace"], "abc", "{task}");
+    assert_eq!(task["webhook"]["timeout_ms"], 5_000);
+    assert_eq!(task["lease_ms"], 120_000);
+    assert_eq!(task["backoff"]["initial_ms"], 1_000);
+    assert_eq!(task["backoff"]["factor"], 3.0);
+    assert_eq!(task["backoff"]["max_ms"], 600_000);
+    let bad = punctual(&server, &["schedule", "q", "--backoff-exp", "1s,2,1m,9"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("INITIAL[,FACTOR[,MAX]]"));
+    let help = stdout(
+        &Command::new(bin())
+            .args(["schedule", "--help"])
+            .output()
+            .unwrap(),
+    );
+    for arg in ["<QUEUE>", "--max-attempts", "--backoff-exp", "--header"] {
+        let line = help.lines().find(|l| l.contains(arg)).unwrap_or_default();
+        let described = help
+            .lines()
+            .skip_while(|l| !l.contains(arg))
+            .take(2)
+            .any(|l| l.trim().len() > arg.len() + 12);
+        assert!(described, "{arg} has no help text: {line:?}\n{help}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

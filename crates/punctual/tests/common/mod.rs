@@ -39,6 +39,17 @@ pub struct Server {
 
 impl Server {
     pub fn spawn(dir: &Path, addr: &str, extra: &[&str]) -> Child {
+        Self::spawn_logging(dir, addr, extra, "warn", Stdio::inherit())
+    }
+
+    /// Like [`spawn`](Self::spawn), logging at `level` to `stderr`.
+    pub fn spawn_logging(
+        dir: &Path,
+        addr: &str,
+        extra: &[&str],
+        level: &str,
+        stderr: Stdio,
+    ) -> Child {
         let mut command = Command::new(bin());
         command.arg("serve");
         // A node on Redis keeps no data of its own.
@@ -48,16 +59,21 @@ impl Server {
         command
             .args(["--http", addr])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn punctual serve")
     }
 
     pub async fn start(dir: &Path, extra: &[&str]) -> Server {
+        Self::start_logging(dir, extra, "warn", Stdio::inherit()).await
+    }
+
+    /// A server that logs at `level` to `stderr` (a file, for a test that reads the log).
+    pub async fn start_logging(dir: &Path, extra: &[&str], level: &str, stderr: Stdio) -> Server {
         let addr = format!("127.0.0.1:{}", free_port());
-        let child = Self::spawn(dir, &addr, extra);
+        let child = Self::spawn_logging(dir, &addr, extra, level, stderr);
         let server = Server {
             child,
             url: format!("http://{addr}"),
