@@ -35,6 +35,8 @@ pub struct Shared {
     pub clock: Clock,
     pub shutdown: watch::Receiver<bool>,
     pub ids: IdGen,
+    /// Memory for request bodies being read at once, in KiB permits (`max_body_memory_bytes`).
+    pub body_budget: Arc<tokio::sync::Semaphore>,
     /// Queues whose per-state gauges `/metrics` has set, so an emptied queue can be zeroed.
     pub reported_queues: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
@@ -83,7 +85,7 @@ impl IdGen {
 
 /// The API router. Tests drive it with `tower::ServiceExt::oneshot`, without a socket.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/v1/queues", get(list_queues))
@@ -125,7 +127,32 @@ pub fn router(state: AppState) -> Router {
                 "no such endpoint; see docs/api.md",
             )
         })
-        .with_state(state)
+        .with_state(state);
+    guard(router)
+}
+
+/// Outermost layer: a bug that panics in any handler answers 500 with the usual JSON error (and is
+/// logged) instead of dropping the connection.
+fn guard(router: Router) -> Router {
+    router.layer(tower_http::catch_panic::CatchPanicLayer::custom(
+        panic_answer,
+    ))
+}
+
+fn panic_answer(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    tracing::error!(panic = what, "a request handler panicked");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the server hit a bug while answering this request (it is logged); retry it: requests by \
+         id are idempotent",
+    )
+    .into_response()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -184,10 +211,65 @@ async fn authorize(
 // ---------------------------------------------------------------------------------------------
 // Request decoding
 
+/// A request body in memory, holding its share of the server's body-memory budget until dropped.
+pub struct BodyBytes {
+    bytes: Bytes,
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl std::ops::Deref for BodyBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 /// Reads a body of at most `limit` bytes; `what` says, for a refusal, what the limit is for and how to
-/// change it.
-async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|error| {
+/// change it. The body must arrive within the body-read timeout, and it is read only when the
+/// server's memory budget for bodies being read has room for it (its length, or `limit` when the
+/// client does not say); otherwise `503 server_busy` with `Retry-After`.
+async fn read_body(
+    state: &Shared,
+    body: Body,
+    limit: usize,
+    what: &str,
+) -> Result<BodyBytes, ApiError> {
+    use axum::body::HttpBody;
+    let announced = body.size_hint().exact().map(|n| n as usize);
+    if let Some(length) = announced
+        && length > limit
+    {
+        return Err(ApiError::too_large(format!(
+            "the request body is larger than {limit} bytes: {what}"
+        )));
+    }
+    // A body larger than the whole budget may still be read, alone.
+    let needed_kib = (announced.unwrap_or(limit).div_ceil(1024).max(1) as u64)
+        .min(u64::from(crate::body_budget_kib(&state.config))) as u32;
+    let budget = match state.body_budget.clone().try_acquire_many_owned(needed_kib) {
+        Ok(permit) => Some(permit),
+        Err(_) => {
+            return Err(ApiError::busy(format!(
+                "the server is reading {} MiB of request bodies at once, its limit \
+             (--max-body-memory-mb); retry in a moment",
+                state.config.max_body_memory_bytes >> 20
+            )));
+        }
+    };
+    let timeout = std::time::Duration::from_millis(state.config.conn.body_read_timeout_ms);
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await;
+    let Ok(read) = read else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} ms (--body-read-timeout-ms)",
+                state.config.conn.body_read_timeout_ms
+            ),
+        )
+        .closing());
+    };
+    let bytes = read.map_err(|error| {
         let too_long =
             std::iter::successors(Some(&error as &dyn std::error::Error), |e| e.source())
                 .any(|e| e.to_string().contains("length limit"));
@@ -198,7 +280,33 @@ async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, ApiErr
         } else {
             ApiError::bad_request("bad_body", format!("cannot read request body: {error}"))
         }
+    })?;
+    Ok(BodyBytes {
+        bytes,
+        _budget: budget,
     })
+}
+
+/// Reads a body no larger than a single-task request may be.
+async fn read_single(state: &Shared, body: Body) -> Result<BodyBytes, ApiError> {
+    read_body(
+        state,
+        body,
+        state.config.limits.max_body_bytes,
+        &single_body_limit(state),
+    )
+    .await
+}
+
+/// Reads a body no larger than a batch may be.
+async fn read_batch(state: &Shared, body: Body) -> Result<BodyBytes, ApiError> {
+    read_body(
+        state,
+        body,
+        state.config.limits.max_batch_body_bytes,
+        &batch_body_limit(state),
+    )
+    .await
 }
 
 /// What the single-request body limit is for, in a refusal.
@@ -235,14 +343,7 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
     state: &Shared,
     body: Body,
 ) -> Result<T, ApiError> {
-    decode(
-        &read_body(
-            body,
-            state.config.limits.max_body_bytes,
-            &single_body_limit(state),
-        )
-        .await?,
-    )
+    decode(&read_single(state, body).await?)
 }
 
 /// What a body of the wrong kind altogether is told it must be.
@@ -423,7 +524,20 @@ fn check_webhook(state: &Shared, webhook: &Webhook) -> Result<(), ApiError> {
             "webhook.url must not contain spaces or control characters",
         ));
     }
+    state
+        .config
+        .webhook
+        .policy()
+        .check_url(url)
+        .map_err(ApiError::invalid)?;
     for (name, value) in &webhook.headers {
+        if crate::address::refused_header(name) {
+            return Err(ApiError::invalid(format!(
+                "webhook header {name:?} may not be set by a task: it frames the request or is \
+                 Punctual's own (host, content-length, transfer-encoding, connection and other \
+                 hop-by-hop headers, punctual-*)"
+            )));
+        }
         let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
         if name.is_empty() || !name.chars().all(token) {
             return Err(ApiError::invalid(format!(
@@ -791,12 +905,7 @@ async fn schedule(
     body: Body,
 ) -> Result<Response, ApiError> {
     let queue = queue_path(&state, p)?;
-    let bytes = read_body(
-        body,
-        state.config.limits.max_body_bytes,
-        &single_body_limit(&state),
-    )
-    .await?;
+    let bytes = read_single(&state, body).await?;
     let request: ScheduleRequest = crate::decode::decode_at(&bytes, "", TASK_BODY)?;
     let task = build_task(&state, &queue, request, state.clock.now_ms())?;
     let outcome = state
@@ -833,12 +942,7 @@ async fn batch(
     body: Body,
 ) -> Result<Response, ApiError> {
     let queue = queue_path(&state, p)?;
-    let bytes = read_body(
-        body,
-        state.config.limits.max_batch_body_bytes,
-        &batch_body_limit(&state),
-    )
-    .await?;
+    let bytes = read_batch(&state, body).await?;
     let request: BatchRequest =
         crate::decode::decode_at(&bytes, "", "a JSON object {\"tasks\": [...]}")?;
     let max = state.config.limits.max_batch;
@@ -1023,12 +1127,7 @@ async fn reserve(
     body: Body,
 ) -> Result<Response, ApiError> {
     let queue = queue_path(&state, p)?;
-    let bytes = read_body(
-        body,
-        state.config.limits.max_body_bytes,
-        &single_body_limit(&state),
-    )
-    .await?;
+    let bytes = read_single(&state, body).await?;
     let request: ReserveRequest = decode_or_default(&bytes)?;
     let limits = &state.config.limits;
     let max = request.max.unwrap_or(1);
@@ -1135,14 +1234,7 @@ async fn ack_many(
     body: Body,
 ) -> Result<Response, ApiError> {
     let queue = queue_path(&state, p)?;
-    let request: AckManyRequest = decode(
-        &read_body(
-            body,
-            state.config.limits.max_batch_body_bytes,
-            &batch_body_limit(&state),
-        )
-        .await?,
-    )?;
+    let request: AckManyRequest = decode(&read_batch(&state, body).await?)?;
     let max = state.config.limits.max_batch;
     if request.tasks.is_empty() || request.tasks.len() > max {
         return Err(ApiError::new(
@@ -1320,4 +1412,35 @@ async fn list_tasks(
         axum::Json(serde_json::json!({ "tasks": tasks, "next_cursor": page.next_cursor }))
             .into_response(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_with_the_json_error() {
+        let router = guard(Router::new().route(
+            "/boom",
+            get(|| async {
+                let text = "2026-11-22T01:02:€Z";
+                // A slice through a multi-byte character, like the old RFC 3339 parser's.
+                #[allow(clippy::string_slice)]
+                let cut = &text[..19];
+                cut.len().to_string()
+            }),
+        ));
+        let request = axum::http::Request::builder()
+            .uri("/boom")
+            .body(Body::empty())
+            .unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["error"]["code"], "internal");
+    }
 }

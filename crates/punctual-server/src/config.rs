@@ -30,6 +30,13 @@ pub struct ServerConfig {
     /// On a store shared with other nodes: how often the timer re-reads what is due soon, in case it
     /// missed another node's notice. (It also re-reads when the store asks, see `Notice::resync`.)
     pub resync_ms: u64,
+    /// Connection cap and timeouts of the HTTP listener.
+    pub conn: crate::listen::ConnLimits,
+    /// Most memory that request bodies being read may take at once; past it, `503 server_busy`.
+    pub max_body_memory_bytes: usize,
+    /// A metric series not updated for this long leaves `/metrics` (the first server in a process
+    /// decides, since the recorder is process-wide).
+    pub metric_idle_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +54,9 @@ impl Default for ServerConfig {
             protect_metrics: false,
             webhook: WebhookConfig::default(),
             resync_ms: 5_000,
+            conn: crate::listen::ConnLimits::default(),
+            max_body_memory_bytes: 256 << 20,
+            metric_idle_ms: crate::metrics::METRIC_IDLE_MS,
         }
     }
 }

@@ -10,6 +10,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Answer with `Connection: close` (the request was not read to its end).
+    pub close: bool,
 }
 
 impl ApiError {
@@ -18,7 +20,17 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            close: false,
         }
+    }
+    /// The same error, answered with `Connection: close`.
+    pub fn closing(mut self) -> Self {
+        self.close = true;
+        self
+    }
+    /// A passing overload: `503 server_busy` with `Retry-After: 1`.
+    pub fn busy(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_busy", message)
     }
     /// Malformed JSON or an unusable request line.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -91,6 +103,20 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(code = self.code, message = %self.message, "request refused");
         }
-        (self.status, axum::Json(self.body())).into_response()
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        let headers = response.headers_mut();
+        if self.close {
+            headers.insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        if self.code == "server_busy" {
+            headers.insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }

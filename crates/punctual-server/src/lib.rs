@@ -1,12 +1,15 @@
 //! Punctual's server: the HTTP API over a [`Store`], the group-commit writer, the timer driver and
 //! long-poll reserves. It sees storage only through the `Store` trait.
 
+pub mod address;
 pub mod api;
 pub mod clock;
 pub mod config;
 pub mod decode;
 pub mod error;
+pub mod listen;
 pub mod metrics;
+pub mod targets;
 pub mod timer;
 pub mod webhook;
 pub mod writer;
@@ -40,7 +43,7 @@ impl App {
     /// Starts the writer and the timer driver on `store`. Must be called inside a tokio runtime.
     pub fn start(store: Arc<dyn Store>, config: ServerConfig) -> App {
         // Install the recorder before anything counts, or early counts are lost.
-        let _ = metrics::handle();
+        let _ = metrics::install(config.metric_idle_ms);
         let clock = Clock;
         let timer = Arc::new(Timer::new(config.window_span_ms, config.window_capacity));
         let push_wake = Arc::new(tokio::sync::Notify::new());
@@ -87,6 +90,9 @@ impl App {
         let resync = shared.then(|| {
             timer::start_resync(timer.clone(), store.clone(), clock, config.resync_ms.max(1))
         });
+        let body_budget = Arc::new(tokio::sync::Semaphore::new(
+            body_budget_kib(&config) as usize
+        ));
         let state = Arc::new(Shared {
             store,
             writer,
@@ -94,6 +100,7 @@ impl App {
             clock,
             shutdown: shutdown_rx,
             ids: IdGen::default(),
+            body_budget,
             reported_queues: Default::default(),
         });
         App {
@@ -139,6 +146,11 @@ impl App {
     }
 }
 
+/// The body-memory budget in KiB permits (at least one).
+pub(crate) fn body_budget_kib(config: &ServerConfig) -> u32 {
+    (config.max_body_memory_bytes / 1024).clamp(1, u32::MAX as usize) as u32
+}
+
 /// Serves the API on `listener` until `signal` completes, then shuts down cleanly.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -146,16 +158,23 @@ pub async fn serve(
     config: ServerConfig,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let conn = config.conn.clone();
     let app = App::start(store, config);
     let router = app.router();
     let shutdown = app.shutdown.clone();
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
+    let result = listen::serve_http(
+        listener,
+        router,
+        conn,
+        Clock,
+        async move {
             signal.await;
             tracing::info!("shutting down: finishing in-flight requests");
             let _ = shutdown.send(true);
-        })
-        .await;
+        },
+        std::time::Duration::from_secs(30),
+    )
+    .await;
     app.stop().await;
     result
 }

@@ -18,34 +18,48 @@ pub const TASKS: &str = "punctual_tasks";
 pub const WEBHOOK_SECONDS: &str = "punctual_webhook_duration_seconds";
 pub const WEBHOOK_DELIVERIES: &str = "punctual_webhook_deliveries_total";
 
+/// By default, a metric series not updated for this long is dropped from `/metrics`.
+pub const METRIC_IDLE_MS: u64 = 3_600_000;
+
+/// Installs the process-wide recorder, forgetting series idle for `idle_ms`; the first call decides.
+pub fn install(idle_ms: u64) -> PrometheusHandle {
+    HANDLE.get_or_init(|| build(idle_ms)).clone()
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
 /// The recorder is global to the process (the `metrics` macros need that); every server in the process
 /// shares it, which only matters for tests that start several.
 pub fn handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let seconds = [
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                30.0, 60.0,
-            ];
-            let commands = [
-                1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0,
-            ];
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(COMMIT_COMMANDS.into()), &commands)
-                });
-            match builder.map(|b| b.install_recorder()) {
-                Ok(Ok(handle)) => {
-                    describe();
-                    handle
-                }
-                // Another recorder is installed (embedding); render this one's (empty) view.
-                _ => PrometheusBuilder::new().build_recorder().handle(),
-            }
-        })
-        .clone()
+    install(METRIC_IDLE_MS)
+}
+
+fn build(idle_ms: u64) -> PrometheusHandle {
+    let seconds = [
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0,
+    ];
+    let commands = [
+        1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0,
+    ];
+    // A queue's series go once nothing has touched them for `idle_ms`, so short-lived queue names do
+    // not pile up labels forever (a counter that comes back starts at 0 again, which Prometheus reads
+    // as a reset).
+    let builder = PrometheusBuilder::new()
+        .idle_timeout(
+            metrics_util::MetricKindMask::ALL,
+            Some(std::time::Duration::from_millis(idle_ms)),
+        )
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(COMMIT_COMMANDS.into()), &commands));
+    match builder.map(|b| b.install_recorder()) {
+        Ok(Ok(handle)) => {
+            describe();
+            handle
+        }
+        // Another recorder is installed (embedding); render this one's (empty) view.
+        _ => PrometheusBuilder::new().build_recorder().handle(),
+    }
 }
 
 /// The `# HELP` line of every metric (descriptions go to the installed recorder).

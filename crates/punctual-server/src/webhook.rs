@@ -3,9 +3,14 @@
 //! One tokio task leases ready webhook tasks (`Command::ReservePush`) as long as a global cap on
 //! concurrent deliveries allows, and runs each delivery on its own task with one shared connection
 //! pool. A 2xx answer acks; any other status, a timeout or a connection error is a failed attempt
-//! (with `Retry-After`, when later than the policy's next delay, deciding the delay). A target that
-//! already has its per-host cap of deliveries in flight gets its extra tasks back without losing an
-//! attempt, so a slow or dead target never holds the slots other targets need.
+//! (with `Retry-After`, when later than the policy's next delay and at most `retry_after_max_ms`,
+//! deciding the delay).
+//!
+//! One target's failures never delay another's (see `targets.rs`): each host has its own cap, a
+//! failing host a smaller one, and a host that keeps failing is backed off, its tasks handed back
+//! once until the back-off ends. A request still running after `STALL_MS` gives its global slot to
+//! a second, larger pool of slots for slow requests, so requests hanging on dead hosts cannot hold
+//! the slots healthy hosts need. Addresses are checked at delivery (`address.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,9 +23,12 @@ use punctual_store::{Command, Outcome};
 use sha2::Sha256;
 use tokio::sync::{Notify, Semaphore, watch};
 
+pub use crate::address::AllowEntry;
+use crate::address::{AddressPolicy, GuardedResolver};
 use crate::api::IdGen;
 use crate::clock::Clock;
 use crate::metrics as m;
+use crate::targets::{Admit, Slot, Targets, host_key};
 use crate::writer::Writer;
 
 /// How the sender behaves; `WebhookConfig::default()` holds the documented defaults.
@@ -36,6 +44,21 @@ pub struct WebhookConfig {
     pub default_timeout_ms: u64,
     /// How long deliveries in flight may finish at shutdown; the rest are retried after restart.
     pub shutdown_grace_ms: u64,
+    /// Let webhooks reach private, loopback and link-local addresses.
+    pub allow_private: bool,
+    /// Networks and host names webhooks may reach although private.
+    pub allow: Vec<AllowEntry>,
+    /// Longest delay a target's `Retry-After` may ask for.
+    pub retry_after_max_ms: u64,
+}
+
+impl WebhookConfig {
+    pub fn policy(&self) -> AddressPolicy {
+        AddressPolicy {
+            allow_private: self.allow_private,
+            allow: self.allow.clone(),
+        }
+    }
 }
 
 impl Default for WebhookConfig {
@@ -46,6 +69,9 @@ impl Default for WebhookConfig {
             per_host: 16,
             default_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
+            allow_private: false,
+            allow: Vec::new(),
+            retry_after_max_ms: 86_400_000,
         }
     }
 }
@@ -54,6 +80,10 @@ impl Default for WebhookConfig {
 const LEASE_GRACE_MS: u64 = 5_000;
 /// A task whose host is saturated is offered again after this.
 const SATURATED_RETRY_MS: u64 = 200;
+/// A request still running after this gives its global slot to the pool for slow requests.
+const STALL_MS: u64 = 250;
+/// The pool for slow requests is this many times the global concurrency.
+const STALLED_FACTOR: usize = 4;
 /// Without a wake-up, the sender still looks for due webhook tasks this often.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
@@ -61,7 +91,10 @@ pub struct Sender {
     writer: Writer,
     config: WebhookConfig,
     client: reqwest::Client,
-    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+    policy: Arc<AddressPolicy>,
+    targets: Arc<Targets>,
+    /// Slots for requests that have run longer than `STALL_MS`.
+    stalled: Arc<Semaphore>,
     clock: Clock,
     ids: IdGen,
     /// How long an acked task stays readable (the server's retention).
@@ -82,17 +115,6 @@ pub fn signature(secret: &[u8], t_ms: u64, body: &[u8]) -> String {
     format!("t={t_ms},v1={hex}")
 }
 
-/// `host:port` of an http(s) URL, for the per-host cap.
-fn host_of(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    authority
-        .rsplit('@')
-        .next()
-        .unwrap_or("")
-        .to_ascii_lowercase()
-}
-
 /// `Retry-After` as a delay from now: seconds, or an HTTP date.
 fn retry_after_ms(value: &str, now_ms: u64) -> Option<u64> {
     let value = value.trim();
@@ -104,8 +126,13 @@ fn retry_after_ms(value: &str, now_ms: u64) -> Option<u64> {
 
 impl Sender {
     pub fn new(writer: Writer, config: WebhookConfig, retention_ms: u64, clock: Clock) -> Sender {
+        let policy = Arc::new(config.policy());
+        let stalled_slots = config.concurrency.max(1) * STALLED_FACTOR;
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(GuardedResolver {
+                policy: policy.clone(),
+            }))
             .pool_max_idle_per_host(config.per_host.max(1))
             .build()
             .expect("an HTTP client with rustls builds");
@@ -113,7 +140,9 @@ impl Sender {
             writer,
             config,
             client,
-            hosts: Mutex::new(HashMap::new()),
+            policy,
+            targets: Arc::new(Targets::default()),
+            stalled: Arc::new(Semaphore::new(stalled_slots)),
             clock,
             ids: IdGen::default(),
             retention_ms,
@@ -125,12 +154,9 @@ impl Sender {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn host_slots(&self, host: &str) -> Arc<Semaphore> {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-        hosts
-            .entry(host.to_owned())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.config.per_host.max(1))))
-            .clone()
+    /// The webhook targets and their state (for the dashboard).
+    pub fn targets(&self) -> Arc<Targets> {
+        self.targets.clone()
     }
 
     /// Runs until `shutdown`, then gives deliveries in flight the grace period to finish.
@@ -181,26 +207,55 @@ impl Sender {
                 }
                 continue;
             }
+            let now_ms = self.clock.now_ms();
+            let mut handed_back = Vec::new();
             for task in tasks {
                 let Some(permit) = permits.pop() else { break };
-                let sender = self.clone();
-                tokio::spawn(async move {
-                    let outcome = sender.deliver(task).await;
-                    // The slot is free as soon as the request is over; recording its outcome (an fsync
-                    // for an ack) does not hold up the next delivery.
-                    drop(permit);
-                    if let Some(command) = outcome {
-                        sender.settle(command).await;
+                let host = task
+                    .webhook
+                    .as_ref()
+                    .map_or_else(String::new, |w| host_key(&w.url));
+                let (admit, slot) = self.targets.admit(&host, self.config.per_host, now_ms);
+                let delay_ms = match (admit, slot) {
+                    (Admit::Go, Some(slot)) => {
+                        let sender = self.clone();
+                        tokio::spawn(async move {
+                            let outcome = sender.deliver(task, permit, slot).await;
+                            if let Some(command) = outcome {
+                                sender.settle(command).await;
+                            }
+                        });
+                        continue;
                     }
-                });
+                    (Admit::BackedOff { until_ms }, _) => until_ms.saturating_sub(now_ms),
+                    _ => SATURATED_RETRY_MS,
+                };
+                // Not now: back without using an attempt, due again when the host may take it.
+                if let Some(lease) = &task.lease {
+                    handed_back.push(Command::Release {
+                        queue: task.queue.clone(),
+                        id: task.id.clone(),
+                        token: lease.token.clone(),
+                        delay_ms,
+                    });
+                }
+            }
+            if !handed_back.is_empty()
+                && let Err(error) = self.writer.submit(handed_back).await
+            {
+                tracing::error!(message = %error.message, "cannot hand webhook tasks back");
             }
         }
         let all = self.config.concurrency.max(1) as u32;
+        let all_stalled = (self.config.concurrency.max(1) * STALLED_FACTOR) as u32;
         let grace = Duration::from_millis(self.config.shutdown_grace_ms);
-        if tokio::time::timeout(grace, slots.acquire_many(all))
-            .await
-            .is_err()
-        {
+        // Every delivery holds a global slot or, once slow, a slot of the slow pool: all are back
+        // when both pools are full again.
+        let drained = async {
+            let _global = slots.acquire_many(all).await;
+            let _slow = self.stalled.acquire_many(all_stalled).await;
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
             // Give the cut-off deliveries back without using up their attempt; the writer's final sync
             // makes that durable, so after a restart they are simply due again.
             let cut_off: Vec<(String, (String, String))> = self.in_flight().drain().collect();
@@ -226,22 +281,38 @@ impl Sender {
         }
     }
 
-    /// Makes one delivery; returns the command that records its outcome.
-    async fn deliver(&self, task: Task) -> Option<Command> {
+    /// Makes one delivery, holding a global slot (`permit`) and the host's (`slot`); returns the
+    /// command that records its outcome.
+    async fn deliver(
+        &self,
+        task: Task,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        slot: Slot,
+    ) -> Option<Command> {
         let (Some(webhook), Some(lease)) = (task.webhook.as_ref(), task.lease.as_ref()) else {
             return None;
         };
         let token = lease.token.clone();
-        let host_slots = self.host_slots(&host_of(&webhook.url));
-        let Ok(_host_permit) = host_slots.try_acquire_owned() else {
-            // The target already has its share in flight: hand the task back, attempt not counted.
-            return Some(Command::Release {
-                queue: task.queue.clone(),
-                id: task.id.clone(),
-                token,
-                delay_ms: SATURATED_RETRY_MS,
-            });
+        let nack = |error: String, retry_after: Option<u64>| Command::Nack {
+            queue: task.queue.clone(),
+            id: task.id.clone(),
+            token: token.clone(),
+            error: Some(error),
+            delay_ms: None,
+            min_delay_ms: retry_after,
         };
+        // A literal address is checked here too: the task may predate the rules or a change of them.
+        if let Err(refusal) = self.policy.check_url(&webhook.url) {
+            drop(slot);
+            tracing::info!(
+                queue = task.queue.as_str(),
+                id = task.id.as_str(),
+                attempt = task.attempt,
+                reason = refusal.as_str(),
+                "webhook attempt refused"
+            );
+            return Some(nack(refusal, None));
+        }
         let body = task.payload.clone().unwrap_or_else(|| "null".to_owned());
         let timeout_ms = webhook.timeout_ms.unwrap_or(self.config.default_timeout_ms);
         let mut request = self
@@ -265,24 +336,42 @@ impl Sender {
             .insert(token.clone(), (task.queue.clone(), task.id.clone()));
         #[allow(clippy::disallowed_methods)] // Measures request duration only.
         let started = std::time::Instant::now();
-        let result = request.body(body).send().await;
+        let send = request.body(body).send();
+        tokio::pin!(send);
+        // Past STALL_MS the request moves to the pool for slow requests, freeing its global slot.
+        let mut permit = Some(permit);
+        let mut stalled = None;
+        let result = tokio::select! {
+            result = &mut send => result,
+            () = tokio::time::sleep(Duration::from_millis(STALL_MS)) => {
+                if let Ok(slow) = self.stalled.clone().try_acquire_owned() {
+                    stalled = Some(slow);
+                    permit = None;
+                }
+                send.await
+            }
+        };
+        drop((permit, stalled));
         // None: shutdown released this delivery while it ran, so its outcome no longer matters.
         self.in_flight().remove(&token)?;
         metrics::histogram!(m::WEBHOOK_SECONDS).record(started.elapsed().as_secs_f64());
         let (outcome_label, failure) = match result {
             Ok(response) if response.status().is_success() => ("2xx", None),
+            Ok(response) if response.status().is_server_error() => {
+                let retry_after = self.retry_after(&response);
+                (
+                    "5xx",
+                    Some((format!("HTTP {}", response.status()), retry_after)),
+                )
+            }
             Ok(response) => {
                 let status = response.status();
-                let class = match status.as_u16() {
-                    300..=399 => "3xx",
-                    400..=499 => "4xx",
-                    _ => "5xx",
+                let class = if status.is_redirection() {
+                    "3xx"
+                } else {
+                    "4xx"
                 };
-                let retry_after = response
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| retry_after_ms(v, self.clock.now_ms()));
+                let retry_after = self.retry_after(&response);
                 (class, Some((format!("HTTP {status}"), retry_after)))
             }
             Err(error) if error.is_timeout() => (
@@ -300,12 +389,17 @@ impl Sender {
             }
         };
         metrics::counter!(m::WEBHOOK_DELIVERIES, "outcome" => outcome_label).increment(1);
+        // The host is up if it answered at all, short of a 5xx.
+        slot.finish(
+            self.clock.now_ms(),
+            matches!(outcome_label, "2xx" | "3xx" | "4xx"),
+        );
         if let Some((reason, _)) = &failure {
             tracing::info!(
                 queue = task.queue.as_str(),
                 id = task.id.as_str(),
                 attempt = task.attempt,
-                host = host_of(&webhook.url).as_str(),
+                host = host_key(&webhook.url).as_str(),
                 reason = reason.as_str(),
                 "webhook attempt failed"
             );
@@ -317,15 +411,18 @@ impl Sender {
                 token,
                 retention_ms: self.retention_ms,
             },
-            Some((error, retry_after)) => Command::Nack {
-                queue: task.queue.clone(),
-                id: task.id.clone(),
-                token,
-                error: Some(error),
-                delay_ms: None,
-                min_delay_ms: retry_after,
-            },
+            Some((error, retry_after)) => nack(error, retry_after),
         })
+    }
+
+    /// A response's `Retry-After` as a delay, capped at `retry_after_max_ms`.
+    fn retry_after(&self, response: &reqwest::Response) -> Option<u64> {
+        response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry_after_ms(v, self.clock.now_ms()))
+            .map(|ms| ms.min(self.config.retry_after_max_ms))
     }
 }
 
@@ -344,11 +441,6 @@ mod tests {
 
     #[test]
     fn hosts_and_retry_after() {
-        assert_eq!(
-            host_of("https://User@Example.com:8443/a?b"),
-            "example.com:8443"
-        );
-        assert_eq!(host_of("http://127.0.0.1:9/x"), "127.0.0.1:9");
         assert_eq!(retry_after_ms("120", 0), Some(120_000));
         assert_eq!(
             retry_after_ms("Sun, 06 Nov 1994 08:49:37 GMT", 784_111_770_000),

@@ -85,7 +85,16 @@ struct Punctual {
 }
 
 impl Punctual {
+    /// A server whose webhooks may reach the test's targets on loopback.
     fn start(webhook: WebhookConfig) -> Punctual {
+        Self::start_strict(WebhookConfig {
+            allow_private: true,
+            ..webhook
+        })
+    }
+
+    /// A server with the given address rules (private addresses refused by default).
+    fn start_strict(webhook: WebhookConfig) -> Punctual {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let app = App::start(
             store,
@@ -401,4 +410,178 @@ async fn shutdown_releases_deliveries_that_outlive_the_grace_period() {
         (Some("ready"), Some(0)),
         "released, attempt not used: {task}"
     );
+}
+
+/// Five dead hosts (each accepting connections and never answering, 30 s timeouts) with many tasks
+/// each must not delay a healthy host: with 64 global slots and 16 per host they used to hold every
+/// slot, and the healthy host waited 28 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_dead_hosts_do_not_delay_a_healthy_one() {
+    let mut dead = Vec::new();
+    for _ in 0..5 {
+        dead.push(target(|_| Reply::Hang(Duration::from_secs(40))).await.0);
+    }
+    let (healthy, healthy_seen) = target(|_| Reply::Status(StatusCode::OK)).await;
+    let p = Punctual::start(WebhookConfig {
+        shutdown_grace_ms: 100,
+        ..WebhookConfig::default()
+    });
+    for (h, url) in dead.iter().enumerate() {
+        for i in 0..40 {
+            p.schedule(
+                json!({"id": format!("d{h}-{i}"), "webhook": {"url": url, "timeout_ms": 30000}}),
+            )
+            .await;
+        }
+    }
+    // The dead hosts' requests are on the wire.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    for i in 0..50 {
+        p.schedule(json!({"id": format!("ok{i}"), "webhook": {"url": healthy}}))
+            .await;
+    }
+    for i in 0..50 {
+        p.wait_for(&format!("ok{i}"), Duration::from_secs(10), |t| {
+            t["state"] == "succeeded"
+        })
+        .await;
+    }
+    let took = started.elapsed();
+    eprintln!("50 deliveries to the healthy host beside 5 dead ones took {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "the healthy host waited {took:?}"
+    );
+    assert_eq!(healthy_seen.lock().unwrap().len(), 50);
+    p.stop().await;
+}
+
+/// A host that keeps failing is backed off: its tasks wait (attempts unused) instead of being leased
+/// and handed back over and over, and it is probed again later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_host_is_backed_off_without_churn() {
+    let (url, seen) = target(|_| Reply::Status(StatusCode::SERVICE_UNAVAILABLE)).await;
+    let p = Punctual::start(WebhookConfig::default());
+    for i in 0..300 {
+        p.schedule(json!({"id": format!("f{i}"), "max_attempts": 50, "webhook": {"url": url}}))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let requests = seen.lock().unwrap().len();
+    // Five failures in a row open the breaker (1 s), then single probes at 1 s, 2 s, …: a few dozen at
+    // most, where a plain retry loop would send hundreds.
+    assert!(
+        requests <= 40,
+        "{requests} requests to a failing host in 3 s"
+    );
+    let (_, listing) = p
+        .call("GET", "/v1/queues/hooks/tasks?limit=1000", Value::Null)
+        .await;
+    let untried = listing["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["attempt"] == 0)
+        .count();
+    assert!(
+        untried >= 250,
+        "only {untried} of 300 tasks kept their attempts"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_capped() {
+    let (url, _) =
+        target(|_| Reply::RetryAfter(StatusCode::SERVICE_UNAVAILABLE, "99999999999")).await;
+    let p = Punctual::start(WebhookConfig {
+        retry_after_max_ms: 2_000,
+        ..WebhookConfig::default()
+    });
+    p.schedule(json!({"id": "later", "max_attempts": 3, "webhook": {"url": url}}))
+        .await;
+    let task = p
+        .wait_for("later", Duration::from_secs(5), |t| {
+            t["attempt"] == 1 && t["state"] == "scheduled"
+        })
+        .await;
+    let wait_ms = task["run_at_ms"].as_u64().unwrap() - task["updated_at_ms"].as_u64().unwrap();
+    assert!(
+        (1_900..=2_100).contains(&wait_ms),
+        "waits {wait_ms} ms: {task}"
+    );
+    p.stop().await;
+}
+
+/// Private addresses are refused when the task is scheduled, with the setting that allows them;
+/// framing and Punctual's own headers are refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_addresses_and_framing_headers_are_refused() {
+    let p = Punctual::start_strict(WebhookConfig::default());
+    for url in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://metadata.google.internal/",
+        "http://10.0.0.1/",
+        "http://localhost:6379/",
+        "http://0x7f000001/",
+        "http://2130706433/",
+    ] {
+        let (status, answer) = p
+            .call(
+                "POST",
+                "/v1/queues/hooks/tasks",
+                json!({"webhook": {"url": url}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("--webhook-allow-private"),
+            "{url}: {message}"
+        );
+    }
+    for header in [
+        "content-length",
+        "Host",
+        "transfer-encoding",
+        "connection",
+        "punctual-signature",
+    ] {
+        let (status, answer) = p
+            .call(
+                "POST",
+                "/v1/queues/hooks/tasks",
+                json!({"webhook": {"url": "https://example.com/hook", "headers": {header: "0"}}}),
+            )
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{header}: {answer}"
+        );
+    }
+    p.stop().await;
+    // With a CIDR allowed, that network (and only it) is reachable.
+    let p = Punctual::start_strict(WebhookConfig {
+        allow: vec![punctual_server::webhook::AllowEntry::parse("127.0.0.0/8").unwrap()],
+        ..WebhookConfig::default()
+    });
+    let (url, seen) = target(|_| Reply::Status(StatusCode::OK)).await;
+    p.schedule(json!({"id": "local", "webhook": {"url": url}}))
+        .await;
+    p.wait_for("local", Duration::from_secs(5), |t| {
+        t["state"] == "succeeded"
+    })
+    .await;
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    let (status, _) = p
+        .call(
+            "POST",
+            "/v1/queues/hooks/tasks",
+            json!({"webhook": {"url": "http://10.0.0.1/"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    p.stop().await;
 }

@@ -54,6 +54,10 @@ pub struct ServeOpts {
     )]
     #[serde(default)]
     pub auth_tokens: Vec<String>,
+    /// A file of bearer tokens, one per line (blank lines and lines starting with # are skipped), so
+    /// tokens need not appear in argv or the environment; added to --auth-token [default: none].
+    #[arg(long, env = "PUNCTUAL_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
     /// With tokens configured, require one on /metrics too [default: false].
     #[arg(long, env = "PUNCTUAL_PROTECT_METRICS", num_args = 0..=1, default_missing_value = "true")]
     pub protect_metrics: Option<bool>,
@@ -66,6 +70,37 @@ pub struct ServeOpts {
     /// Webhook deliveries in flight at once to one host:port [default: 16].
     #[arg(long, env = "PUNCTUAL_WEBHOOK_PER_HOST")]
     pub webhook_per_host: Option<usize>,
+    /// Let webhooks reach private, loopback, link-local and unique-local addresses (a receiver on the
+    /// same host or network) [default: false: such targets are refused].
+    #[arg(long, env = "PUNCTUAL_WEBHOOK_ALLOW_PRIVATE", num_args = 0..=1, default_missing_value = "true")]
+    pub webhook_allow_private: Option<bool>,
+    /// Addresses webhooks may reach although private: CIDRs (10.1.0.0/16, ::1/128) or host names,
+    /// comma-separated or repeated [default: none].
+    #[arg(
+        long = "webhook-allow",
+        env = "PUNCTUAL_WEBHOOK_ALLOW",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub webhook_allow: Vec<String>,
+    /// Longest wait a webhook target's Retry-After may ask for, in ms [default: 86400000, 1 day].
+    #[arg(long, env = "PUNCTUAL_WEBHOOK_RETRY_AFTER_MAX_MS")]
+    pub webhook_retry_after_max_ms: Option<u64>,
+    /// Most HTTP connections served at once; more are answered 503 and closed [default: 10000].
+    #[arg(long, env = "PUNCTUAL_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Time from a request's first byte to the end of its head, in ms [default: 10000].
+    #[arg(long, env = "PUNCTUAL_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// Time to receive a request body, in ms; past it, 408 and the connection is closed [default: 30000].
+    #[arg(long, env = "PUNCTUAL_BODY_READ_TIMEOUT_MS")]
+    pub body_read_timeout_ms: Option<u64>,
+    /// How long a connection may wait for its next request, in ms [default: 60000].
+    #[arg(long, env = "PUNCTUAL_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Memory for request bodies being read at once, in MiB; past it, 503 server_busy [default: 256].
+    #[arg(long, env = "PUNCTUAL_MAX_BODY_MEMORY_MB")]
+    pub max_body_memory_mb: Option<usize>,
     /// Run as a stateless node of a distributed deployment on this Redis instead of the embedded store:
     /// redis://[user:password@]host:port/db, or rediss:// for TLS [default: none, embedded store].
     #[arg(
@@ -138,6 +173,14 @@ pub struct Settings {
     pub webhook_signing: bool,
     pub webhook_concurrency: usize,
     pub webhook_per_host: usize,
+    pub webhook_allow_private: bool,
+    pub webhook_allow: Vec<String>,
+    pub webhook_retry_after_max_ms: u64,
+    pub max_connections: usize,
+    pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub max_body_memory_mb: usize,
     /// `redb` (embedded), `redis` or `redis-cluster`.
     pub store: &'static str,
     #[serde(skip)]
@@ -188,14 +231,22 @@ impl ServeOpts {
             Some(path) => read_file(path)?,
             None => ServeOpts::default(),
         };
-        let auth_tokens: Vec<String> = if self.auth_tokens.is_empty() {
+        let mut auth_tokens: Vec<String> = if self.auth_tokens.is_empty() {
             file.auth_tokens
         } else {
             self.auth_tokens
+        };
+        if let Some(path) = self.auth_token_file.or(file.auth_token_file) {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read auth_token_file {}", path.display()))?;
+            auth_tokens.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.starts_with('#'))
+                    .map(str::to_owned),
+            );
         }
-        .into_iter()
-        .filter(|t| !t.is_empty())
-        .collect();
+        let auth_tokens: Vec<String> = auth_tokens.into_iter().filter(|t| !t.is_empty()).collect();
         let data_dir_given = self.data_dir.is_some() || file.data_dir.is_some();
         let redis = self.redis.or(file.redis).filter(|u| !u.is_empty());
         let redis_cluster: Vec<String> = if self.redis_cluster.is_empty() {
@@ -280,6 +331,39 @@ impl ServeOpts {
                 .webhook_per_host
                 .or(file.webhook_per_host)
                 .unwrap_or(16),
+            webhook_allow_private: self
+                .webhook_allow_private
+                .or(file.webhook_allow_private)
+                .unwrap_or(false),
+            webhook_allow: if self.webhook_allow.is_empty() {
+                file.webhook_allow
+            } else {
+                self.webhook_allow
+            },
+            webhook_retry_after_max_ms: self
+                .webhook_retry_after_max_ms
+                .or(file.webhook_retry_after_max_ms)
+                .unwrap_or(86_400_000),
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(10_000),
+            header_read_timeout_ms: self
+                .header_read_timeout_ms
+                .or(file.header_read_timeout_ms)
+                .unwrap_or(10_000),
+            body_read_timeout_ms: self
+                .body_read_timeout_ms
+                .or(file.body_read_timeout_ms)
+                .unwrap_or(30_000),
+            idle_timeout_ms: self
+                .idle_timeout_ms
+                .or(file.idle_timeout_ms)
+                .unwrap_or(60_000),
+            max_body_memory_mb: self
+                .max_body_memory_mb
+                .or(file.max_body_memory_mb)
+                .unwrap_or(256),
         };
         let settings = Settings {
             webhook_signing: settings.webhook_secret.is_some(),
@@ -311,6 +395,28 @@ impl Settings {
         }
         if self.max_payload_bytes == 0 || self.max_payload_bytes > 64 << 20 {
             bail!("max_payload_bytes must be between 1 and 67108864");
+        }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            bail!("max_connections must be between 1 and 1000000");
+        }
+        for (name, ms) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&ms) {
+                bail!("{name} must be between 100 and 3600000");
+            }
+        }
+        if !(1..=65_536).contains(&self.max_body_memory_mb) {
+            bail!("max_body_memory_mb must be between 1 and 65536");
+        }
+        if self.webhook_retry_after_max_ms == 0 {
+            bail!("webhook_retry_after_max_ms must be at least 1");
+        }
+        for entry in &self.webhook_allow {
+            punctual_server::webhook::AllowEntry::parse(entry)
+                .map_err(|e| anyhow::anyhow!("webhook_allow: {e}"))?;
         }
         if !(1..=100_000).contains(&self.max_batch) {
             bail!("max_batch must be between 1 and 100000");

@@ -248,6 +248,30 @@ async fn serve(opts: ServeOpts) -> Result<()> {
     config.webhook.secret = settings.webhook_secret;
     config.webhook.concurrency = settings.webhook_concurrency;
     config.webhook.per_host = settings.webhook_per_host;
+    config.webhook.allow_private = settings.webhook_allow_private;
+    config.webhook.allow = settings
+        .webhook_allow
+        .iter()
+        .map(|e| punctual_server::webhook::AllowEntry::parse(e))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    config.webhook.retry_after_max_ms = settings.webhook_retry_after_max_ms;
+    config.conn = punctual_server::listen::ConnLimits {
+        max_connections: settings.max_connections,
+        header_read_timeout_ms: settings.header_read_timeout_ms,
+        body_read_timeout_ms: settings.body_read_timeout_ms,
+        idle_timeout_ms: settings.idle_timeout_ms,
+    };
+    config.max_body_memory_bytes = settings.max_body_memory_mb << 20;
+    match punctual_server::listen::raise_fd_limit() {
+        Some(limit) if (limit as usize) < settings.max_connections + 64 => tracing::warn!(
+            open_files = limit,
+            max_connections = settings.max_connections,
+            "the open-file limit is below max_connections; raise LimitNOFILE (systemd) or ulimit -n"
+        ),
+        Some(limit) => tracing::info!(open_files = limit, "open-file limit"),
+        None => tracing::warn!("cannot read or raise the open-file limit"),
+    }
     let listener = tokio::net::TcpListener::bind(settings.http)
         .await
         .with_context(|| format!("cannot listen on {}", settings.http))?;

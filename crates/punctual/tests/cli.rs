@@ -273,7 +273,8 @@ async fn failed_and_dead_tasks_are_visible() {
     let dir = temp_dir("visible");
     let log_path = dir.join("server.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let server = Server::start_logging(&dir, &[], "info", log.into()).await;
+    let server =
+        Server::start_logging(&dir, &["--webhook-allow-private"], "info", log.into()).await;
     log_line(&log_path, &["recovered tasks", "scheduled=0"]).await;
     let http = reqwest::Client::new();
     let reserve = |queue: &str| {
@@ -439,7 +440,7 @@ async fn failed_and_dead_tasks_are_visible() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schedule_sets_every_task_field() {
     let dir = temp_dir("fields");
-    let server = Server::start(&dir, &[]).await;
+    let server = Server::start(&dir, &["--webhook-allow", "127.0.0.0/8"]).await;
     let out = stdout(&punctual(
         &server,
         &[
