@@ -3,6 +3,7 @@
 //! Nothing in this crate performs I/O or reads the clock: every function that depends on time takes `now_ms`
 //! (unix milliseconds) as an argument, so the whole lifecycle can be driven by a virtual clock in tests.
 
+pub mod duration;
 pub mod limits;
 pub mod retry;
 pub mod task;

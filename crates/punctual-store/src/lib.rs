@@ -324,3 +324,17 @@ pub trait Store: Send + Sync + 'static {
     /// Delivers the other nodes' notices to `sink`, on a thread of the store's, until the store is dropped.
     fn subscribe(&self, _sink: Box<dyn Fn(Notice) + Send + Sync>) {}
 }
+
+/// The store's wire and disk parsers, for the fuzz targets in `fuzz/` (not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes one stored record (the redb value format); an error, never a panic, on bad bytes.
+    pub fn decode_record(bytes: &[u8]) -> bool {
+        crate::codec::decode("q", "id", bytes).is_ok()
+    }
+
+    /// Decodes one pub/sub notice of the distributed mode.
+    pub fn decode_notice(text: &str) -> bool {
+        crate::redis_store::decode_notice_for_fuzzing(text)
+    }
+}

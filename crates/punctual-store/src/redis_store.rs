@@ -772,6 +772,11 @@ fn encode_notice(node: &str, out: &Outgoing) -> String {
     )
 }
 
+/// [`decode_notice`] for the fuzz targets.
+pub(crate) fn decode_notice_for_fuzzing(text: &str) -> bool {
+    decode_notice(text).is_some()
+}
+
 fn decode_notice(text: &str) -> Option<(&str, Outgoing)> {
     let mut parts = text.splitn(4, '|');
     let node = parts.next()?;

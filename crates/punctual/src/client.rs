@@ -4,7 +4,7 @@
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::duration::parse_duration_ms;
+use punctual_core::duration::parse_duration_ms;
 
 /// Talks to one server.
 pub struct Client {

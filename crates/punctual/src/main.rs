@@ -3,7 +3,6 @@
 mod bench;
 mod client;
 mod config;
-mod duration;
 mod work;
 
 use std::sync::Arc;

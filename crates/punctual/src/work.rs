@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
 use crate::client::segment;
-use crate::duration::parse_duration_ms;
+use punctual_core::duration::parse_duration_ms;
 
 /// Most bytes of stderr kept as a failed task's error.
 const ERROR_TAIL_BYTES: usize = 2048;

@@ -198,8 +198,46 @@ async fn verify(http: &reqwest::Client, url: &str, model: &Shared) {
     }
 }
 
+/// How long the kill-and-restart loop goes on.
+enum Until {
+    Rounds(usize),
+    Elapsed(Duration),
+}
+
+impl Until {
+    fn more(&self, round: usize, started: Instant) -> bool {
+        match self {
+            Until::Rounds(n) => round < *n,
+            Until::Elapsed(d) => started.elapsed() < *d,
+        }
+    }
+}
+
+/// Five kills by default; `PUNCTUAL_CRASH_ROUNDS=200` for the long mode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_resurrects_nothing() {
+    let rounds = std::env::var("PUNCTUAL_CRASH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
+    kill_and_check(Until::Rounds(rounds)).await;
+}
+
+/// The soak: the same mixed load with random `kill -9` for `PUNCTUAL_SOAK_MINUTES` (default 10),
+/// then a full check. Run it with
+/// `PUNCTUAL_SOAK_MINUTES=30 cargo test --release -p punctual --test crash soak -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn soak_with_random_kills() {
+    let minutes: u64 = std::env::var("PUNCTUAL_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(10);
+    kill_and_check(Until::Elapsed(Duration::from_secs(minutes * 60))).await;
+}
+
+async fn kill_and_check(until: Until) {
+    let soak_started = Instant::now();
     let mut rng = Rng::from_env_or_time();
     let dir = temp_dir("crash");
     let mut server = Server::start(&dir, &[]).await;
@@ -210,7 +248,9 @@ async fn sigkill_at_random_moments_loses_and_resurrects_nothing() {
     let model: Shared = Arc::default();
     let mut next_id = 0u64;
 
-    for round in 0..5 {
+    let mut round = 0;
+    while until.more(round, soak_started) {
+        round += 1;
         let run_for = Duration::from_millis(300 + rng.below(900));
         let started = Instant::now();
         let mut workers = Vec::new();

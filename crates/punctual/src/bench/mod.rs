@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::duration::parse_duration_ms;
 use progress::Bar;
+use punctual_core::duration::parse_duration_ms;
 use report::{Results, Unit};
 use subject::{Job, Sink, Subject, now_ms, now_us};
 

@@ -1,4 +1,4 @@
-//! Human durations for the command line: `500ms`, `10s`, `30sec`, `5min`, `1h30m`, `2d`.
+//! Human durations (the command line; a fuzz target):  `500ms`, `10s`, `30sec`, `5min`, `1h30m`, `2d`.
 //!
 //! Parsing is `humantime`'s; this module turns its answer into whole milliseconds and its errors into
 //! a message that lists the units.
