@@ -246,17 +246,20 @@ async fn read_body(
     // A body larger than the whole budget may still be read, alone.
     let needed_kib = (announced.unwrap_or(limit).div_ceil(1024).max(1) as u64)
         .min(u64::from(crate::body_budget_kib(&state.config))) as u32;
+    let timeout = std::time::Duration::from_millis(state.config.conn.body_read_timeout_ms);
     let budget = match state.body_budget.clone().try_acquire_many_owned(needed_kib) {
         Ok(permit) => Some(permit),
         Err(_) => {
+            // Read and discard the body (a frame at a time, so it costs no memory) before
+            // answering: a client still sending would otherwise get a reset instead of the 503.
+            let _ = tokio::time::timeout(timeout, discard(body, limit)).await;
             return Err(ApiError::busy(format!(
                 "the server is reading {} MiB of request bodies at once, its limit \
-             (--max-body-memory-mb); retry in a moment",
+                 (--max-body-memory-mb); retry in a moment",
                 state.config.max_body_memory_bytes >> 20
             )));
         }
     };
-    let timeout = std::time::Duration::from_millis(state.config.conn.body_read_timeout_ms);
     let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await;
     let Ok(read) = read else {
         return Err(ApiError::new(
@@ -285,6 +288,19 @@ async fn read_body(
         bytes,
         _budget: budget,
     })
+}
+
+/// Reads up to `limit` bytes of `body` and drops them as they come.
+async fn discard(body: Body, limit: usize) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut seen = 0usize;
+    while seen <= limit {
+        match body.frame().await {
+            Some(Ok(frame)) => seen += frame.data_ref().map_or(0, |d| d.len()),
+            _ => return,
+        }
+    }
 }
 
 /// Reads a body no larger than a single-task request may be.

@@ -98,7 +98,10 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        if self.code == "server_busy" {
+            // An overload answer the client is told to retry, not a fault of the server.
+            tracing::warn!(code = self.code, message = %self.message, "request refused");
+        } else if self.status.is_server_error() {
             tracing::error!(code = self.code, message = %self.message, "request failed");
         } else {
             tracing::debug!(code = self.code, message = %self.message, "request refused");

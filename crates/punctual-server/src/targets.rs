@@ -41,6 +41,8 @@ pub fn host_key(url: &str) -> String {
 #[derive(Debug, Default)]
 struct HostState {
     in_flight: usize,
+    /// Of those, requests running longer than the sender's stall time (a hung or slow host).
+    slow: usize,
     /// Failures in a row.
     failures: u32,
     /// Backed off until then (unix ms).
@@ -58,8 +60,9 @@ struct HostState {
 pub enum Admit {
     /// Deliver it; the slot is held until the [`Slot`] is dropped.
     Go,
-    /// The host has all the deliveries in flight it may have: offer the task again shortly.
-    Saturated,
+    /// The host has all the deliveries in flight it may have: offer the task again shortly (later
+    /// when its requests are `slow`, so a hung host's tasks do not churn).
+    Saturated { slow: bool },
     /// The host is backed off: hand the task back until then (unix ms).
     BackedOff { until_ms: u64 },
 }
@@ -76,13 +79,24 @@ pub struct Slot {
     targets: Arc<Targets>,
     host: String,
     finished: bool,
+    slow: bool,
 }
 
 impl Slot {
+    /// The request has run longer than the sender's stall time.
+    pub fn mark_slow(&mut self) {
+        if !self.slow {
+            self.slow = true;
+            if let Some(state) = self.targets.lock().get_mut(&self.host) {
+                state.slow += 1;
+            }
+        }
+    }
+
     /// Records the delivery's outcome (`healthy`: the host answered with anything but a 5xx).
     pub fn finish(mut self, now_ms: u64, healthy: bool) {
         self.finished = true;
-        self.targets.record(&self.host, now_ms, healthy);
+        self.targets.record(&self.host, now_ms, healthy, self.slow);
     }
 }
 
@@ -93,6 +107,9 @@ impl Drop for Slot {
             let mut hosts = self.targets.lock();
             if let Some(state) = hosts.get_mut(&self.host) {
                 state.in_flight = state.in_flight.saturating_sub(1);
+                if self.slow {
+                    state.slow = state.slow.saturating_sub(1);
+                }
                 state.probing = false;
             }
         }
@@ -150,7 +167,12 @@ impl Targets {
                 per_host
             };
             if state.in_flight >= cap.max(1) {
-                return (Admit::Saturated, None);
+                return (
+                    Admit::Saturated {
+                        slow: state.slow > 0,
+                    },
+                    None,
+                );
             }
         }
         state.in_flight += 1;
@@ -158,16 +180,20 @@ impl Targets {
             targets: self.clone(),
             host: host.to_owned(),
             finished: false,
+            slow: false,
         };
         (Admit::Go, Some(slot))
     }
 
-    fn record(&self, host: &str, now_ms: u64, healthy: bool) {
+    fn record(&self, host: &str, now_ms: u64, healthy: bool, slow: bool) {
         let mut hosts = self.lock();
         let Some(state) = hosts.get_mut(host) else {
             return;
         };
         state.in_flight = state.in_flight.saturating_sub(1);
+        if slow {
+            state.slow = state.slow.saturating_sub(1);
+        }
         state.probing = false;
         state.recent.push_back((now_ms, healthy));
         while state.recent.len() > RECENT {
@@ -245,7 +271,11 @@ mod tests {
             assert_eq!(admit, Admit::Go);
             slots.push(slot.unwrap());
         }
-        assert_eq!(targets.admit(h, 16, 0).0, Admit::Saturated, "per-host cap");
+        assert_eq!(
+            targets.admit(h, 16, 0).0,
+            Admit::Saturated { slow: false },
+            "per-host cap"
+        );
         // They all fail: after the first failure the host may have only two in flight.
         slots.pop().unwrap().finish(10, false);
         for slot in slots.drain(..3) {
@@ -254,7 +284,7 @@ mod tests {
         assert_eq!(targets.view(10)[0].failures_in_a_row, 4);
         assert_eq!(
             targets.admit(h, 16, 10).0,
-            Admit::Saturated,
+            Admit::Saturated { slow: false },
             "12 still in flight > 2"
         );
         slots.pop().unwrap().finish(20, false);
@@ -297,7 +327,10 @@ mod tests {
         for _ in 0..2 {
             held.push(targets.admit("http://a:80", 2, 0).1.unwrap());
         }
-        assert_eq!(targets.admit("http://a:80", 2, 0).0, Admit::Saturated);
+        assert_eq!(
+            targets.admit("http://a:80", 2, 0).0,
+            Admit::Saturated { slow: false }
+        );
         assert_eq!(targets.admit("http://b:80", 2, 0).0, Admit::Go);
     }
 }

@@ -78,8 +78,10 @@ impl Default for WebhookConfig {
 
 /// A webhook task's lease is its request timeout plus this, so a lease never ends mid-request.
 const LEASE_GRACE_MS: u64 = 5_000;
-/// A task whose host is saturated is offered again after this.
+/// A task whose host is saturated is offered again after this …
 const SATURATED_RETRY_MS: u64 = 200;
+/// … or after this when the host's requests are slow (hung), so its tasks do not churn.
+const SLOW_HOST_RETRY_MS: u64 = 2_000;
 /// A request still running after this gives its global slot to the pool for slow requests.
 const STALL_MS: u64 = 250;
 /// The pool for slow requests is this many times the global concurrency.
@@ -228,6 +230,7 @@ impl Sender {
                         continue;
                     }
                     (Admit::BackedOff { until_ms }, _) => until_ms.saturating_sub(now_ms),
+                    (Admit::Saturated { slow: true }, _) => SLOW_HOST_RETRY_MS,
                     _ => SATURATED_RETRY_MS,
                 };
                 // Not now: back without using an attempt, due again when the host may take it.
@@ -287,7 +290,7 @@ impl Sender {
         &self,
         task: Task,
         permit: tokio::sync::OwnedSemaphorePermit,
-        slot: Slot,
+        mut slot: Slot,
     ) -> Option<Command> {
         let (Some(webhook), Some(lease)) = (task.webhook.as_ref(), task.lease.as_ref()) else {
             return None;
@@ -344,6 +347,7 @@ impl Sender {
         let result = tokio::select! {
             result = &mut send => result,
             () = tokio::time::sleep(Duration::from_millis(STALL_MS)) => {
+                slot.mark_slow();
                 if let Ok(slow) = self.stalled.clone().try_acquire_owned() {
                     stalled = Some(slow);
                     permit = None;
