@@ -212,6 +212,48 @@ fn settings_come_from_flags_over_env_over_file() {
         "a bare --protect-metrics means true"
     );
 
+    // Tokens from a file (one per line, # comments) add to those from flags; the limits' settings.
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, "# ops\nfirst-token\n\n  second-token  \n").unwrap();
+    std::fs::write(
+        &file,
+        "max_connections = 500\nidle_timeout_ms = 5000\nwebhook_allow = [\"10.0.0.0/8\", \".internal\"]\n",
+    )
+    .unwrap();
+    let output = Command::new(bin())
+        .args([
+            "serve",
+            "--print-config",
+            "--auth-token",
+            "third",
+            "--auth-token-file",
+        ])
+        .arg(&tokens)
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let settings: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(settings["auth_token_count"], 3, "{settings}");
+    assert!(
+        !settings.to_string().contains("first-token"),
+        "tokens are never printed"
+    );
+    assert_eq!(settings["max_connections"], 500);
+    assert_eq!(settings["idle_timeout_ms"], 5000);
+    assert_eq!(settings["header_read_timeout_ms"], 10000);
+    assert_eq!(
+        settings["webhook_allow"],
+        serde_json::json!(["10.0.0.0/8", ".internal"])
+    );
+    std::fs::write(&file, "webhook_allow = [\"not a network!\"]\n").unwrap();
+    let bad = Command::new(bin())
+        .args(["serve", "--print-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("webhook_allow"));
+
     std::fs::write(&file, "retention = 5\n").unwrap();
     let bad = Command::new(bin())
         .args(["serve", "--print-config", "--config"])
