@@ -82,6 +82,11 @@ impl From<StoreError> for ApiError {
                 "store_poisoned",
                 error.to_string(),
             ),
+            StoreError::NoSpace(_) => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient_storage",
+                error.to_string(),
+            ),
             StoreError::Unavailable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",

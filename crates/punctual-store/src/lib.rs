@@ -11,6 +11,7 @@
 mod codec;
 pub mod conformance;
 mod engine;
+pub mod journal;
 mod memory;
 mod redb_store;
 mod redis_store;
@@ -36,6 +37,10 @@ pub enum StoreError {
     Poisoned(String),
     #[error("storage error: {0}")]
     Storage(String),
+    /// The disk is full: this commit was refused and nothing of it was kept; the store stays usable
+    /// and writes succeed again once there is space.
+    #[error("no space left for the store: {0}")]
+    NoSpace(String),
     /// The store cannot be reached right now (a Redis connection failed or timed out, or replicas did
     /// not confirm in time); the request may be retried.
     #[error("store unavailable: {0}")]
