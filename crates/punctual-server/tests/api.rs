@@ -13,7 +13,8 @@ use http_body_util::BodyExt;
 use punctual_server::{App, ServerConfig};
 use punctual_store::redis_testing::{RedisCluster, RedisServer};
 use punctual_store::{
-    MemoryStore, RedbOptions, RedbStore, RedisOptions, RedisStore, RedisTarget, Store,
+    JournalStore, JournalStoreOptions, MemoryStore, RedbOptions, RedbStore, RedisOptions,
+    RedisStore, RedisTarget, Store,
 };
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -120,6 +121,10 @@ fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
         (
             "redb",
             Arc::new(RedbStore::open(&temp_dir(), &RedbOptions::default()).unwrap()),
+        ),
+        (
+            "journal",
+            Arc::new(JournalStore::open(&temp_dir(), &JournalStoreOptions::default()).unwrap()),
         ),
         (
             "redis",

@@ -12,6 +12,7 @@ mod codec;
 pub mod conformance;
 mod engine;
 pub mod journal;
+mod journal_store;
 mod memory;
 mod redb_store;
 mod redis_store;
@@ -22,6 +23,7 @@ use thiserror::Error;
 
 pub use codec::FORMAT_VERSION;
 pub use engine::{LEASE_EXPIRED, ready_target};
+pub use journal_store::{JournalStore, JournalStoreOptions};
 pub use memory::MemoryStore;
 pub use redb_store::{RedbOptions, RedbStore};
 pub use redis_store::{

@@ -9,12 +9,14 @@ use punctual_core::{Task, TaskState};
 use crate::engine::{self, Txn};
 use crate::{Command, DueTimes, LIST_SCAN_BUDGET, Outcome, Page, QueueCounts, Store, StoreError};
 
+/// Tasks with their due and ready indexes and per-queue counts, in memory: the whole state of the
+/// in-memory store, and the working state of the journal store.
 #[derive(Debug, Default)]
-struct Inner {
-    tasks: BTreeMap<(String, String), Task>,
-    due: BTreeSet<(u64, String, String)>,
-    ready: BTreeSet<(String, u64, String)>,
-    counts: BTreeMap<String, [i64; 5]>,
+pub(crate) struct Inner {
+    pub(crate) tasks: BTreeMap<(String, String), Task>,
+    pub(crate) due: BTreeSet<(u64, String, String)>,
+    pub(crate) ready: BTreeSet<(String, u64, String)>,
+    pub(crate) counts: BTreeMap<String, [i64; 5]>,
 }
 
 /// A store that lives in memory only.
@@ -101,17 +103,86 @@ impl Txn for Inner {
     }
 }
 
-impl Store for MemoryStore {
-    fn apply(&self, now_ms: u64, commands: &[Command]) -> Result<Vec<Outcome>, StoreError> {
-        let mut inner = self.lock();
+impl Inner {
+    /// Applies `commands` in order (see [`Store::apply`]).
+    pub(crate) fn apply(
+        &mut self,
+        now_ms: u64,
+        commands: &[Command],
+    ) -> Result<Vec<Outcome>, StoreError> {
         let outcomes = commands
             .iter()
-            .map(|command| engine::apply_one(&mut *inner, now_ms, command))
+            .map(|command| engine::apply_one(self, now_ms, command))
             .collect::<Result<Vec<_>, _>>()?;
-        inner
-            .counts
-            .retain(|_, counts| counts.iter().any(|c| *c != 0));
+        self.forget_empty_queues();
         Ok(outcomes)
+    }
+
+    pub(crate) fn forget_empty_queues(&mut self) {
+        self.counts
+            .retain(|_, counts| counts.iter().any(|c| *c != 0));
+    }
+
+    pub(crate) fn list(
+        &self,
+        queue: &str,
+        state: Option<TaskState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Page {
+        let start = (queue.to_owned(), after.unwrap_or("").to_owned());
+        let mut page = Page::default();
+        let mut scanned = 0;
+        for ((q, id), task) in self.tasks.range(start..) {
+            if q != queue {
+                return page;
+            }
+            if after == Some(id.as_str()) {
+                continue;
+            }
+            scanned += 1;
+            if state.is_none_or(|s| s == task.state) {
+                page.tasks.push(task.clone());
+            }
+            if page.tasks.len() >= limit || scanned >= LIST_SCAN_BUDGET {
+                page.next_cursor = Some(id.clone());
+                return page;
+            }
+        }
+        page
+    }
+
+    pub(crate) fn queues(&self) -> Vec<QueueCounts> {
+        self.counts
+            .iter()
+            .map(|(queue, counts)| QueueCounts {
+                queue: queue.clone(),
+                counts: counts.map(|c| c.max(0) as u64),
+            })
+            .collect()
+    }
+
+    pub(crate) fn due_times(&self, from_ms: u64, to_ms: u64, limit: usize) -> DueTimes {
+        let mut out = DueTimes::default();
+        for (due, _, _) in self.due.range((from_ms, String::new(), String::new())..) {
+            if *due > to_ms {
+                break;
+            }
+            if out.times.last() != Some(due) {
+                if out.times.len() >= limit {
+                    out.truncated = true;
+                    break;
+                }
+                out.times.push(*due);
+            }
+        }
+        out
+    }
+}
+
+impl Store for MemoryStore {
+    fn apply(&self, now_ms: u64, commands: &[Command]) -> Result<Vec<Outcome>, StoreError> {
+        self.lock().apply(now_ms, commands)
     }
 
     fn get(&self, queue: &str, id: &str) -> Result<Option<Task>, StoreError> {
@@ -125,57 +196,15 @@ impl Store for MemoryStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let inner = self.lock();
-        let start = (queue.to_owned(), after.unwrap_or("").to_owned());
-        let mut page = Page::default();
-        let mut scanned = 0;
-        for ((q, id), task) in inner.tasks.range(start..) {
-            if q != queue {
-                return Ok(page);
-            }
-            if after == Some(id.as_str()) {
-                continue;
-            }
-            scanned += 1;
-            if state.is_none_or(|s| s == task.state) {
-                page.tasks.push(task.clone());
-            }
-            if page.tasks.len() >= limit || scanned >= LIST_SCAN_BUDGET {
-                page.next_cursor = Some(id.clone());
-                return Ok(page);
-            }
-        }
-        Ok(page)
+        Ok(self.lock().list(queue, state, after, limit))
     }
 
     fn queues(&self) -> Result<Vec<QueueCounts>, StoreError> {
-        Ok(self
-            .lock()
-            .counts
-            .iter()
-            .map(|(queue, counts)| QueueCounts {
-                queue: queue.clone(),
-                counts: counts.map(|c| c.max(0) as u64),
-            })
-            .collect())
+        Ok(self.lock().queues())
     }
 
     fn due_times(&self, from_ms: u64, to_ms: u64, limit: usize) -> Result<DueTimes, StoreError> {
-        let inner = self.lock();
-        let mut out = DueTimes::default();
-        for (due, _, _) in inner.due.range((from_ms, String::new(), String::new())..) {
-            if *due > to_ms {
-                break;
-            }
-            if out.times.last() != Some(due) {
-                if out.times.len() >= limit {
-                    out.truncated = true;
-                    break;
-                }
-                out.times.push(*due);
-            }
-        }
-        Ok(out)
+        Ok(self.lock().due_times(from_ms, to_ms, limit))
     }
 
     fn health(&self) -> Result<(), StoreError> {

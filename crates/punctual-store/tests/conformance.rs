@@ -124,3 +124,236 @@ fn a_failed_fsync_poisons_the_store_for_good() {
     // Reads still answer, and the task acknowledged before the failure is there.
     assert!(store.get("q", "a").unwrap().is_some());
 }
+
+// ---------------------------------------------------------------------------------------------
+// The journal store (storage v2, first stage)
+
+use punctual_store::journal::JournalOptions;
+use punctual_store::{Command, JournalStore, JournalStoreOptions, StoreError};
+
+fn journal_store() -> Box<dyn Store> {
+    Box::new(JournalStore::open(&temp_dir("jconf"), &JournalStoreOptions::default()).unwrap())
+}
+
+#[test]
+fn journal_store_conforms() {
+    conformance::run_all(&journal_store);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn journal_store_matches_the_oracle(steps in proptest::collection::vec(step(), 1..120), batch in 1usize..8) {
+        let store = journal_store();
+        conformance::compare_with_oracle(store.as_ref(), &steps, batch);
+    }
+}
+
+#[test]
+fn journal_store_keeps_everything_durable_across_reopen() {
+    let dir = temp_dir("jreopen");
+    {
+        let store = JournalStore::open(&dir, &JournalStoreOptions::default()).unwrap();
+        conformance::counts_and_listing(&store);
+    }
+    let store = JournalStore::open(&dir, &JournalStoreOptions::default()).unwrap();
+    assert_eq!(store.queues().unwrap()[0].counts, [6, 3, 0, 1, 0]);
+    assert_eq!(store.list("q", None, None, 100).unwrap().tasks.len(), 10);
+    assert_eq!(store.due_times(0, u64::MAX, 10).unwrap().times.len(), 2);
+}
+
+/// Every task of a store, for comparing states.
+fn snapshot(store: &dyn Store) -> Vec<punctual_core::Task> {
+    store
+        .queues()
+        .unwrap()
+        .iter()
+        .flat_map(|q| store.list(&q.queue, None, None, 10_000).unwrap().tasks)
+        .collect()
+}
+
+/// Crash images of the whole store: the journal cut at each commit (fsync boundary) and inside each
+/// commit reopens to exactly the state after the last whole commit — everything acknowledged, nothing
+/// invented — compared with the in-memory oracle that ran the same commands.
+#[test]
+fn journal_store_crash_images_hold_exactly_the_acknowledged_commits() {
+    let dir = temp_dir("jcrash");
+    let oracle = MemoryStore::new();
+    let store = JournalStore::open(&dir, &JournalStoreOptions::default()).unwrap();
+    let segment = |d: &std::path::Path| {
+        std::fs::read_dir(d.join("journal"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .next()
+            .unwrap()
+    };
+    let mut states = vec![(std::fs::metadata(segment(&dir)).unwrap().len(), Vec::new())];
+    for n in 0..25u64 {
+        let mut batch = vec![Command::Schedule(Box::new(conformance::task(
+            "q",
+            &format!("t{n}"),
+            1_000 + n * 100,
+            3,
+            &[10],
+        )))];
+        if n % 3 == 2 {
+            batch.push(Command::Cancel {
+                queue: "q".into(),
+                id: format!("t{}", n - 2),
+            });
+        }
+        if n % 4 == 3 {
+            batch.push(Command::Reschedule {
+                queue: "q".into(),
+                id: format!("t{}", n - 1),
+                run_at_ms: Some(50_000),
+                payload: Some(Some("\"moved\"".into())),
+            });
+        }
+        assert_eq!(
+            store.apply(n, &batch).unwrap(),
+            oracle.apply(n, &batch).unwrap()
+        );
+        states.push((
+            std::fs::metadata(segment(&dir)).unwrap().len(),
+            snapshot(&oracle),
+        ));
+    }
+    drop(store);
+    let path = segment(&dir);
+    let image = std::fs::read(&path).unwrap();
+    for window in states.windows(2) {
+        let ((start, before), (end, after)) = (&window[0], &window[1]);
+        for cut in [*start, (start + end) / 2, end - 1, *end] {
+            let case = temp_dir("jcut");
+            std::fs::create_dir_all(case.join("journal")).unwrap();
+            std::fs::write(
+                case.join("journal").join(path.file_name().unwrap()),
+                &image[..cut as usize],
+            )
+            .unwrap();
+            let reopened = JournalStore::open(&case, &JournalStoreOptions::default()).unwrap();
+            let want = if cut == *end { after } else { before };
+            assert_eq!(
+                &snapshot(&reopened),
+                want,
+                "cut at {cut} (commit {start}..{end})"
+            );
+            let _ = std::fs::remove_dir_all(&case);
+        }
+    }
+}
+
+#[test]
+fn journal_store_refuses_a_commit_on_a_full_disk_and_goes_on() {
+    let dir = temp_dir("jfull");
+    let options = JournalStoreOptions {
+        // Write 0 is the first commit's; write 1 fails as ENOSPC does.
+        journal: JournalOptions {
+            fail_write_at: Some(1),
+            ..JournalOptions::default()
+        },
+        ..JournalStoreOptions::default()
+    };
+    let store = JournalStore::open(&dir, &options).unwrap();
+    let schedule = |id: &str| Command::Schedule(Box::new(conformance::task("q", id, 0, 1, &[])));
+    store.apply(0, &[schedule("a")]).unwrap();
+    let error = store
+        .apply(1, &[schedule("b")])
+        .expect_err("the disk is full");
+    assert!(matches!(error, StoreError::NoSpace(_)), "{error}");
+    // Nothing of the refused commit is visible; reads work; the next commit succeeds.
+    assert!(store.get("q", "b").unwrap().is_none());
+    assert_eq!(store.queues().unwrap()[0].total(), 1);
+    assert!(store.health().is_ok());
+    store.apply(2, &[schedule("c")]).unwrap();
+    drop(store);
+    let reopened = JournalStore::open(&dir, &JournalStoreOptions::default()).unwrap();
+    let ids: Vec<String> = snapshot(&reopened).into_iter().map(|t| t.id).collect();
+    assert_eq!(ids, ["a", "c"]);
+}
+
+#[test]
+fn journal_store_is_poisoned_for_good_by_a_failed_fsync() {
+    let dir = temp_dir("jpoison");
+    let options = JournalStoreOptions {
+        // Sync 0 writes the segment header; sync 2 is the second commit's.
+        journal: JournalOptions {
+            fail_sync_at: Some(2),
+            ..JournalOptions::default()
+        },
+        ..JournalStoreOptions::default()
+    };
+    let store = JournalStore::open(&dir, &options).unwrap();
+    let schedule = |id: &str| Command::Schedule(Box::new(conformance::task("q", id, 0, 1, &[])));
+    store.apply(0, &[schedule("a")]).unwrap();
+    assert!(matches!(
+        store.apply(1, &[schedule("b")]),
+        Err(StoreError::Poisoned(_))
+    ));
+    assert!(store.health().is_err());
+    assert!(matches!(
+        store.apply(2, &[schedule("c")]),
+        Err(StoreError::Poisoned(_))
+    ));
+    assert!(store.get("q", "a").unwrap().is_some(), "reads still answer");
+    assert!(
+        store.get("q", "b").unwrap().is_none(),
+        "the failed commit is not visible"
+    );
+}
+
+#[test]
+fn journal_store_compacts_a_grown_journal_at_open() {
+    let dir = temp_dir("jcompact");
+    let options = JournalStoreOptions {
+        compact_min_bytes: 0,
+        ..JournalStoreOptions::default()
+    };
+    {
+        let store = JournalStore::open(&dir, &options).unwrap();
+        for round in 0..50u64 {
+            let batch: Vec<Command> = (0..10)
+                .map(|i| Command::Reschedule {
+                    queue: "q".into(),
+                    id: format!("t{i}"),
+                    run_at_ms: Some(10_000 + round),
+                    payload: None,
+                })
+                .collect();
+            if round == 0 {
+                let creates: Vec<Command> = (0..10)
+                    .map(|i| {
+                        Command::Schedule(Box::new(conformance::task(
+                            "q",
+                            &format!("t{i}"),
+                            5_000,
+                            1,
+                            &[],
+                        )))
+                    })
+                    .collect();
+                store.apply(0, &creates).unwrap();
+            }
+            store.apply(round, &batch).unwrap();
+        }
+    }
+    let size = |d: &std::path::Path| -> u64 {
+        std::fs::read_dir(d.join("journal"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    let before = size(&dir);
+    let store = JournalStore::open(&dir, &options).unwrap();
+    let after = size(&dir);
+    assert!(after * 10 < before, "{before} → {after} bytes");
+    let tasks = snapshot(&store);
+    assert_eq!(tasks.len(), 10);
+    assert!(tasks.iter().all(|t| t.run_at_ms == 10_049));
+    drop(store);
+    // And the compacted journal opens again to the same state.
+    let again = JournalStore::open(&dir, &JournalStoreOptions::default()).unwrap();
+    assert_eq!(snapshot(&again), tasks);
+}

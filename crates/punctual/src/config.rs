@@ -23,6 +23,10 @@ pub struct ServeOpts {
     /// Directory of the data file, created if missing [default: ./punctual-data].
     #[arg(long, env = "PUNCTUAL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The embedded store: `redb` (one redb file) or `journal` (the sequential-write store, first
+    /// stage: docs/storage.md; all tasks in memory) [default: redb].
+    #[arg(long, env = "PUNCTUAL_STORE")]
+    pub store: Option<String>,
     /// Address to serve HTTP on [default: 127.0.0.1:7070].
     #[arg(long, env = "PUNCTUAL_HTTP")]
     pub http: Option<SocketAddr>,
@@ -257,13 +261,18 @@ impl ServeOpts {
         .into_iter()
         .filter(|u| !u.is_empty())
         .collect();
+        let embedded = match self.store.or(file.store).as_deref() {
+            None | Some("redb") => "redb",
+            Some("journal") => "journal",
+            Some(other) => bail!("store must be redb or journal, got {other:?}"),
+        };
         let (store, redis_urls) = match (redis, redis_cluster.is_empty()) {
-            (None, true) => ("redb", Vec::new()),
+            (None, true) => (embedded, Vec::new()),
             (Some(url), true) => ("redis", vec![url]),
             (None, false) => ("redis-cluster", redis_cluster),
             (Some(_), false) => bail!("give either redis or redis_cluster, not both"),
         };
-        if store != "redb" && data_dir_given {
+        if store.starts_with("redis") && data_dir_given {
             bail!("data_dir is for the embedded store; a node on Redis keeps no data of its own");
         }
         let settings = Settings {

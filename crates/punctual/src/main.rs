@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand};
 use punctual_core::TaskState;
 use punctual_server::ServerConfig;
 use punctual_store::{
-    RedbOptions, RedbStore, RedisOptions, RedisStore, RedisTarget, RedisTls, Store,
+    JournalStore, JournalStoreOptions, RedbOptions, RedbStore, RedisOptions, RedisStore,
+    RedisTarget, RedisTls, Store,
 };
 
 use crate::client::{Client, ScheduleSpec};
@@ -300,6 +301,12 @@ fn log_recovered(store: &dyn Store) {
 }
 
 fn open_store(settings: &config::Settings) -> Result<Arc<dyn Store>> {
+    if settings.store == "journal" {
+        let store = JournalStore::open(&settings.data_dir, &JournalStoreOptions::default())
+            .context("opening the data directory")?;
+        tracing::info!(path = %store.path().display(), "journal store open");
+        return Ok(Arc::new(store));
+    }
     if settings.store == "redb" {
         let store = RedbStore::open(
             &settings.data_dir,

@@ -220,12 +220,23 @@ async fn sigkill_at_random_moments_loses_and_resurrects_nothing() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
-    kill_and_check(Until::Rounds(rounds)).await;
+    kill_and_check(Until::Rounds(rounds), &[]).await;
+}
+
+/// The same on the journal store (storage v2, first stage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_on_the_journal_store_loses_and_resurrects_nothing() {
+    let rounds = std::env::var("PUNCTUAL_CRASH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
+    kill_and_check(Until::Rounds(rounds), &["--store", "journal"]).await;
 }
 
 /// The soak: the same mixed load with random `kill -9` for `PUNCTUAL_SOAK_MINUTES` (default 10),
 /// then a full check. Run it with
-/// `PUNCTUAL_SOAK_MINUTES=30 cargo test --release -p punctual --test crash soak -- --ignored --nocapture`.
+/// `PUNCTUAL_SOAK_MINUTES=30 cargo test --release -p punctual --test crash soak -- --ignored --nocapture`
+/// (`PUNCTUAL_SOAK_STORE=journal` for the journal store).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn soak_with_random_kills() {
@@ -233,14 +244,19 @@ async fn soak_with_random_kills() {
         .ok()
         .and_then(|m| m.parse().ok())
         .unwrap_or(10);
-    kill_and_check(Until::Elapsed(Duration::from_secs(minutes * 60))).await;
+    let store = std::env::var("PUNCTUAL_SOAK_STORE").unwrap_or_else(|_| "redb".into());
+    kill_and_check(
+        Until::Elapsed(Duration::from_secs(minutes * 60)),
+        &["--store", &store],
+    )
+    .await;
 }
 
-async fn kill_and_check(until: Until) {
+async fn kill_and_check(until: Until, args: &[&str]) {
     let soak_started = Instant::now();
     let mut rng = Rng::from_env_or_time();
     let dir = temp_dir("crash");
-    let mut server = Server::start(&dir, &[]).await;
+    let mut server = Server::start(&dir, args).await;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
