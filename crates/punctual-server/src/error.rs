@@ -103,7 +103,7 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.code == "server_busy" {
+        if self.code == "server_busy" || self.code == "insufficient_storage" {
             // An overload answer the client is told to retry, not a fault of the server.
             tracing::warn!(code = self.code, message = %self.message, "request refused");
         } else if self.status.is_server_error() {
@@ -119,7 +119,7 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("close"),
             );
         }
-        if self.code == "server_busy" {
+        if self.code == "server_busy" || self.code == "insufficient_storage" {
             headers.insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static("1"),

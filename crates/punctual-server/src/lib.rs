@@ -31,6 +31,7 @@ use crate::writer::{Effects, Writer};
 /// A running server core: writer thread and timer driver, ready to serve its router.
 pub struct App {
     state: api::AppState,
+    poisoned: watch::Receiver<bool>,
     shutdown: watch::Sender<bool>,
     timer: Arc<Timer>,
     driver: std::thread::JoinHandle<()>,
@@ -47,12 +48,14 @@ impl App {
         let clock = Clock;
         let timer = Arc::new(Timer::new(config.window_span_ms, config.window_capacity));
         let push_wake = Arc::new(tokio::sync::Notify::new());
+        let (poisoned, poisoned_rx) = watch::channel(false);
         let (writer, writer_thread) = Writer::start(
             store.clone(),
             clock,
             Effects {
                 timer: timer.clone(),
                 push_wake: push_wake.clone(),
+                poisoned,
             },
             config.max_commit_commands,
         );
@@ -105,12 +108,21 @@ impl App {
         });
         App {
             state,
+            poisoned: poisoned_rx,
             shutdown,
             timer,
             driver,
             resync,
             webhooks,
             writer_thread,
+        }
+    }
+
+    /// Completes once a commit has found the store poisoned.
+    pub fn poisoned(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut poisoned = self.poisoned.clone();
+        async move {
+            let _ = poisoned.wait_for(|p| *p).await;
         }
     }
 
@@ -162,19 +174,31 @@ pub async fn serve(
     let app = App::start(store, config);
     let router = app.router();
     let shutdown = app.shutdown.clone();
+    let poisoned = app.poisoned();
+    let poison_seen = app.poisoned.clone();
     let result = listen::serve_http(
         listener,
         router,
         conn,
         Clock,
         async move {
-            signal.await;
-            tracing::info!("shutting down: finishing in-flight requests");
+            tokio::select! {
+                () = signal => tracing::info!("shutting down: finishing in-flight requests"),
+                () = poisoned => tracing::error!(
+                    "the store is poisoned (a failed fsync): answering in-flight requests, then \
+                     exiting non-zero so a supervisor restarts the server and recovery runs"
+                ),
+            }
             let _ = shutdown.send(true);
         },
         std::time::Duration::from_secs(30),
     )
     .await;
     app.stop().await;
+    if *poison_seen.borrow() {
+        return Err(std::io::Error::other(
+            "stopped because the store is poisoned after a failed fsync; restart to recover",
+        ));
+    }
     result
 }

@@ -44,6 +44,9 @@ pub struct Effects {
     pub timer: Arc<Timer>,
     /// Woken when webhook tasks become ready.
     pub push_wake: Arc<tokio::sync::Notify>,
+    /// Set once a commit finds the store poisoned (a failed fsync): the server then shuts down and
+    /// exits non-zero, so a supervisor restarts it and recovery runs.
+    pub poisoned: tokio::sync::watch::Sender<bool>,
 }
 
 impl Writer {
@@ -175,6 +178,7 @@ fn copy_error(error: &StoreError) -> StoreError {
     match error {
         StoreError::Poisoned(message) => StoreError::Poisoned(message.clone()),
         StoreError::Unavailable(message) => StoreError::Unavailable(message.clone()),
+        StoreError::NoSpace(message) => StoreError::NoSpace(message.clone()),
         other => StoreError::Storage(other.to_string()),
     }
 }
@@ -218,7 +222,14 @@ impl Loop<'_> {
                 Ok((outcomes, ready))
             }
             Err(error) => {
-                tracing::error!(%error, commands = commands.len(), "store commit failed");
+                if matches!(error, StoreError::NoSpace(_)) {
+                    tracing::warn!(%error, commands = commands.len(), "store commit refused");
+                } else {
+                    tracing::error!(%error, commands = commands.len(), "store commit failed");
+                }
+                if matches!(error, StoreError::Poisoned(_)) {
+                    self.effects.poisoned.send_replace(true);
+                }
                 Err(error)
             }
         }

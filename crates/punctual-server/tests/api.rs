@@ -897,6 +897,42 @@ async fn a_failed_commit_turns_healthz_red_and_refuses_writes() {
     h.stop().await;
 }
 
+/// After a failed fsync the server answers what is in flight, then `serve` returns an error (the
+/// binary exits non-zero), so `Restart=on-failure` restarts it and recovery runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_store_stops_the_server_with_an_error() {
+    let backend = punctual_store::conformance::FailingSync::default();
+    let fail = backend.fail.clone();
+    let store = RedbStore::open_with_backend(backend, &RedbOptions::default()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let serving = tokio::spawn(punctual_server::serve(
+        listener,
+        Arc::new(store),
+        ServerConfig::default(),
+        std::future::pending(),
+    ));
+    let http = reqwest::Client::new();
+    let post = |id: &'static str| {
+        http.post(format!("{url}/v1/queues/q/tasks"))
+            .body(format!(r#"{{"id": "{id}"}}"#))
+            .send()
+    };
+    assert_eq!(post("a").await.unwrap().status(), 201);
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        post("b").await.unwrap().status(),
+        503,
+        "answered, not dropped"
+    );
+    let result = tokio::time::timeout(Duration::from_secs(20), serving)
+        .await
+        .expect("the server kept running on a poisoned store")
+        .unwrap();
+    let error = result.expect_err("serve must fail").to_string();
+    assert!(error.contains("poisoned"), "{error}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_tokens_guard_the_api_but_not_healthz() {
     for protect_metrics in [false, true] {

@@ -41,6 +41,9 @@ pub struct JournalStoreOptions {
     /// Open compacts the journal when it holds more than 4 records per live task and at least this
     /// many bytes.
     pub compact_min_bytes: u64,
+    /// New tasks are refused (`NoSpace`, 507) while the journal's file system has less free space
+    /// than this; acks, nacks and cancels still go through, until the disk is really full.
+    pub min_free_bytes: u64,
 }
 
 impl Default for JournalStoreOptions {
@@ -48,6 +51,7 @@ impl Default for JournalStoreOptions {
         JournalStoreOptions {
             journal: JournalOptions::default(),
             compact_min_bytes: 64 << 20,
+            min_free_bytes: 64 << 20,
         }
     }
 }
@@ -55,12 +59,24 @@ impl Default for JournalStoreOptions {
 struct State {
     mem: Inner,
     journal: Journal,
+    /// The last free-space reading: (when, bytes free).
+    free: Option<(u64, u64)>,
+}
+
+/// How often the free space is read again, at most.
+const FREE_SPACE_EVERY_MS: u64 = 100;
+
+/// Bytes free for unprivileged writes on the file system holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(path).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 /// The journal store; see the module documentation.
 pub struct JournalStore {
     state: Mutex<State>,
     dir: PathBuf,
+    min_free_bytes: u64,
 }
 
 /// One change to undo if the journal refuses the batch.
@@ -277,8 +293,13 @@ impl JournalStore {
         })?;
         mem.forget_empty_queues();
         let store = JournalStore {
-            state: Mutex::new(State { mem, journal }),
+            state: Mutex::new(State {
+                mem,
+                journal,
+                free: None,
+            }),
             dir: dir.to_owned(),
+            min_free_bytes: options.min_free_bytes,
         };
         let live = store.lock().mem.tasks.len() as u64;
         let on_disk = journal_bytes(&journal_dir);
@@ -336,9 +357,30 @@ impl JournalStore {
 impl Store for JournalStore {
     fn apply(&self, now_ms: u64, commands: &[Command]) -> Result<Vec<Outcome>, StoreError> {
         let mut state = self.lock();
-        let State { mem, journal } = &mut *state;
+        let State { mem, journal, free } = &mut *state;
         if let Some(why) = journal.poisoned() {
             return Err(StoreError::Poisoned(why.to_owned()));
+        }
+        if self.min_free_bytes > 0 && commands.iter().any(|c| matches!(c, Command::Schedule(_))) {
+            let reading = match *free {
+                Some((at, bytes)) if now_ms.saturating_sub(at) < FREE_SPACE_EVERY_MS => Some(bytes),
+                _ => {
+                    let bytes = free_bytes(&self.dir);
+                    *free = bytes.map(|b| (now_ms, b));
+                    bytes
+                }
+            };
+            if let Some(bytes) = reading
+                && bytes < self.min_free_bytes
+            {
+                return Err(StoreError::NoSpace(format!(
+                    "{} has {} MiB free, below the {} MiB kept for acks and recovery \
+                     (--min-free-disk-mb); new tasks are refused until space returns",
+                    self.dir.display(),
+                    bytes >> 20,
+                    self.min_free_bytes >> 20
+                )));
+            }
         }
         let durable = commands.iter().any(Command::is_durable);
         let mut logged = Logged {

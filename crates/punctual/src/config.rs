@@ -27,6 +27,10 @@ pub struct ServeOpts {
     /// stage: docs/storage.md; all tasks in memory) [default: redb].
     #[arg(long, env = "PUNCTUAL_STORE")]
     pub store: Option<String>,
+    /// Journal store: refuse new tasks (507) while the data directory's disk has less free space than
+    /// this, in MiB, keeping room for acks and recovery; 0 turns the check off [default: 64].
+    #[arg(long, env = "PUNCTUAL_MIN_FREE_DISK_MB")]
+    pub min_free_disk_mb: Option<u64>,
     /// Address to serve HTTP on [default: 127.0.0.1:7070].
     #[arg(long, env = "PUNCTUAL_HTTP")]
     pub http: Option<SocketAddr>,
@@ -185,6 +189,7 @@ pub struct Settings {
     pub body_read_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub max_body_memory_mb: usize,
+    pub min_free_disk_mb: u64,
     /// `redb` (embedded), `redis` or `redis-cluster`.
     pub store: &'static str,
     #[serde(skip)]
@@ -373,6 +378,10 @@ impl ServeOpts {
                 .max_body_memory_mb
                 .or(file.max_body_memory_mb)
                 .unwrap_or(256),
+            min_free_disk_mb: self
+                .min_free_disk_mb
+                .or(file.min_free_disk_mb)
+                .unwrap_or(64),
         };
         let settings = Settings {
             webhook_signing: settings.webhook_secret.is_some(),

@@ -302,7 +302,11 @@ fn log_recovered(store: &dyn Store) {
 
 fn open_store(settings: &config::Settings) -> Result<Arc<dyn Store>> {
     if settings.store == "journal" {
-        let store = JournalStore::open(&settings.data_dir, &JournalStoreOptions::default())
+        let options = JournalStoreOptions {
+            min_free_bytes: settings.min_free_disk_mb << 20,
+            ..JournalStoreOptions::default()
+        };
+        let store = JournalStore::open(&settings.data_dir, &options)
             .context("opening the data directory")?;
         tracing::info!(path = %store.path().display(), "journal store open");
         return Ok(Arc::new(store));
