@@ -49,7 +49,7 @@ struct ClientOpts {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the server in the foreground (logs to stderr; stops cleanly on SIGTERM/SIGINT).
-    Serve(ServeOpts),
+    Serve(Box<ServeOpts>),
     /// Schedule a task.
     Schedule {
         /// The queue (letters, digits and . _ : -).
@@ -379,7 +379,7 @@ fn connect(opts: &ClientOpts) -> Result<Client> {
 async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Serve(opts) => serve(opts).await,
+        Cmd::Serve(opts) => serve(*opts).await,
         Cmd::Schedule {
             queue,
             in_,
