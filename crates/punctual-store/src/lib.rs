@@ -11,6 +11,7 @@
 mod codec;
 pub mod conformance;
 mod engine;
+pub mod idtable;
 pub mod journal;
 mod journal_store;
 mod memory;
