@@ -262,6 +262,14 @@ async fn read_body(
     };
     let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await;
     let Ok(read) = read else {
+        let limit_ms = state.config.conn.body_read_timeout_ms;
+        crate::listen::BODY_TIMEOUT_LOG.hit(state.clock.now_ms(), |n| {
+            tracing::warn!(
+                body_read_timeout_ms = limit_ms,
+                timed_out = n,
+                "request bodies did not arrive in time: answered 408 and closed"
+            )
+        });
         return Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",

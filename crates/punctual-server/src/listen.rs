@@ -104,8 +104,18 @@ impl TimedIo {
         }
         if self.sleep.as_mut().poll(cx).is_ready() {
             let what = if phase == IDLE {
+                // Closing a quiet keep-alive connection is routine.
+                tracing::debug!("closing an idle connection");
                 "idle connection"
             } else {
+                let limit_ms = self.limits.header_read_timeout_ms;
+                HEAD_TIMEOUT_LOG.hit(crate::Clock.now_ms(), |n| {
+                    tracing::warn!(
+                        header_read_timeout_ms = limit_ms,
+                        closed = n,
+                        "closed connections whose request head did not arrive in time"
+                    )
+                });
                 "request head not received in time"
             };
             return Err(io::Error::new(io::ErrorKind::TimedOut, what));
@@ -200,7 +210,7 @@ impl tower::Service<hyper::Request<hyper::body::Incoming>> for PhaseService {
 
 /// Logs a hit limit at most once per 10 s (with how many times it was hit), so a flood does not
 /// flood the log too.
-struct RateLimitedLog {
+pub(crate) struct RateLimitedLog {
     last_ms: AtomicU64,
     suppressed: AtomicU64,
 }
@@ -213,7 +223,7 @@ impl RateLimitedLog {
         }
     }
 
-    fn hit(&self, now_ms: u64, log: impl FnOnce(u64)) {
+    pub(crate) fn hit(&self, now_ms: u64, log: impl FnOnce(u64)) {
         let last = self.last_ms.load(Ordering::Relaxed);
         if now_ms.saturating_sub(last) >= 10_000
             && self
@@ -229,6 +239,9 @@ impl RateLimitedLog {
 }
 
 static CAP_LOG: RateLimitedLog = RateLimitedLog::new();
+static HEAD_TIMEOUT_LOG: RateLimitedLog = RateLimitedLog::new();
+/// Bodies that did not arrive within the body-read timeout (logged by `api::read_body`).
+pub(crate) static BODY_TIMEOUT_LOG: RateLimitedLog = RateLimitedLog::new();
 
 /// The answer to a connection past the cap: a complete response, then close.
 fn over_cap_response(max: usize) -> Vec<u8> {

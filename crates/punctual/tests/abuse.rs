@@ -48,7 +48,9 @@ async fn half_sent_and_idle_connections_are_closed_after_their_timeouts() {
         "--idle-timeout-ms",
         "800",
     ];
-    let server = Server::start(&dir, &timeouts).await;
+    let log_path = dir.join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let server = Server::start_logging(&dir, &timeouts, "info", log.into()).await;
 
     // A head that never ends.
     let mut stream = TcpStream::connect(&server.addr).await.unwrap();
@@ -109,6 +111,17 @@ async fn half_sent_and_idle_connections_are_closed_after_their_timeouts() {
         closed && started.elapsed() >= Duration::from_millis(700),
         "idle: {:?}",
         started.elapsed()
+    );
+
+    // The limits that were hit are in the log.
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        logged.contains("request head did not arrive in time"),
+        "{logged}"
+    );
+    assert!(
+        logged.contains("request bodies did not arrive in time"),
+        "{logged}"
     );
 
     // Nothing was stored, and normal clients were never affected.
