@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -25,6 +24,7 @@ use tokio::sync::watch;
 use crate::clock::Clock;
 use crate::config::ServerConfig;
 use crate::error::ApiError;
+pub use crate::ids::IdGen;
 use crate::writer::{Park, Writer};
 
 /// Everything a handler needs.
@@ -54,32 +54,6 @@ impl Shared {
         tokio::task::spawn_blocking(move || read(store.as_ref()))
             .await
             .unwrap_or_else(|e| Err(StoreError::Storage(format!("store read failed: {e}"))))
-    }
-}
-
-/// Unpredictable, unique identifiers (generated task ids, lease tokens) without a random-number crate:
-/// std's `RandomState` is seeded from the OS, and hashing a counter with it gives distinct values.
-pub struct IdGen {
-    counter: AtomicU64,
-    state: std::collections::hash_map::RandomState,
-}
-
-impl Default for IdGen {
-    fn default() -> Self {
-        IdGen {
-            counter: AtomicU64::new(0),
-            state: std::collections::hash_map::RandomState::new(),
-        }
-    }
-}
-
-impl IdGen {
-    pub fn next(&self) -> String {
-        use std::hash::BuildHasher;
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let a = self.state.hash_one(n);
-        let b = self.state.hash_one(!n);
-        format!("{a:016x}{b:016x}")
     }
 }
 

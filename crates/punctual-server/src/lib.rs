@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod decode;
 pub mod error;
+pub mod ids;
 pub mod listen;
 pub mod metrics;
 pub mod targets;
@@ -24,7 +25,8 @@ pub use api::router;
 pub use clock::Clock;
 pub use config::ServerConfig;
 
-use crate::api::{IdGen, Shared};
+use crate::api::Shared;
+use crate::ids::IdGen;
 use crate::timer::Timer;
 use crate::writer::{Effects, Writer};
 

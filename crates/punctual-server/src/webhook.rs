@@ -25,8 +25,8 @@ use tokio::sync::{Notify, Semaphore, watch};
 
 pub use crate::address::AllowEntry;
 use crate::address::{AddressPolicy, GuardedResolver};
-use crate::api::IdGen;
 use crate::clock::Clock;
+use crate::ids::IdGen;
 use crate::metrics as m;
 use crate::targets::{Admit, Slot, Targets, host_key};
 use crate::writer::Writer;
