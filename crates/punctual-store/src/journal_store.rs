@@ -344,6 +344,41 @@ impl JournalStore {
         Ok(())
     }
 
+    /// Copies every task of `source` (another store, e.g. the redb file of an earlier release) into
+    /// this one, durably, in batches; `progress` hears the count after each batch. Meant for an empty
+    /// store: a task that already exists here is replaced.
+    pub fn import(
+        &self,
+        source: &dyn Store,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, StoreError> {
+        let mut copied = 0u64;
+        for counts in source.queues()? {
+            let mut after: Option<String> = None;
+            loop {
+                let page = source.list(&counts.queue, None, after.as_deref(), 10_000)?;
+                if !page.tasks.is_empty() {
+                    let mut state = self.lock();
+                    let State { mem, journal, .. } = &mut *state;
+                    let records: Vec<Record> = page.tasks.iter().map(put_record).collect();
+                    journal.append(&records)?;
+                    for task in &page.tasks {
+                        let old = mem.get(&task.queue, &task.id)?;
+                        engine::write(mem, old.as_ref(), Some(task))?;
+                    }
+                    mem.forget_empty_queues();
+                    copied += page.tasks.len() as u64;
+                    progress(copied);
+                }
+                match page.next_cursor {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+        }
+        Ok(copied)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -300,16 +300,70 @@ fn log_recovered(store: &dyn Store) {
     }
 }
 
+/// The first start of the journal store on a data directory of the redb store: every task is copied
+/// into the journal (with progress lines), then the redb file is renamed `punctual.redb.migrated`, kept
+/// as a backup. A migration cut short leaves the redb file in place and starts again from scratch.
+fn migrate_from_redb(
+    store: &JournalStore,
+    redb_file: &std::path::Path,
+    cache_mb: usize,
+) -> Result<()> {
+    let dir = redb_file.parent().unwrap_or(std::path::Path::new("."));
+    let redb = RedbStore::open(
+        dir,
+        &RedbOptions {
+            cache_bytes: cache_mb << 20,
+        },
+    )
+    .context("opening the redb data file to migrate it")?;
+    let total: u64 = redb.queues()?.iter().map(|q| q.total()).sum();
+    tracing::info!(file = %redb_file.display(), tasks = total, "migrating the redb store into the journal store");
+    let mut last_logged = 0u64;
+    let copied = store
+        .import(&redb, |copied| {
+            if copied - last_logged >= 100_000 || copied == total {
+                tracing::info!(copied, of = total, "migrating");
+                last_logged = copied;
+            }
+        })
+        .context("copying the redb store's tasks into the journal")?;
+    drop(redb);
+    let backup = redb_file.with_extension("redb.migrated");
+    std::fs::rename(redb_file, &backup)
+        .with_context(|| format!("renaming {} after the migration", redb_file.display()))?;
+    tracing::info!(copied, backup = %backup.display(), "migration done; the redb file is kept as a backup");
+    Ok(())
+}
+
 fn open_store(settings: &config::Settings) -> Result<Arc<dyn Store>> {
     if settings.store == "journal" {
         let options = JournalStoreOptions {
             min_free_bytes: settings.min_free_disk_mb << 20,
             ..JournalStoreOptions::default()
         };
+        let redb_file = settings.data_dir.join("punctual.redb");
+        let journal_dir = settings.data_dir.join("journal");
+        // The redb file is renamed only once a migration is complete, and the server serves nothing
+        // before that: a journal beside it is a migration cut short, to start again.
+        if redb_file.exists() && journal_dir.exists() {
+            tracing::warn!("an earlier migration from redb was cut short; starting it again");
+            std::fs::remove_dir_all(&journal_dir)
+                .with_context(|| format!("removing {}", journal_dir.display()))?;
+        }
         let store = JournalStore::open(&settings.data_dir, &options)
             .context("opening the data directory")?;
+        if redb_file.exists() {
+            migrate_from_redb(&store, &redb_file, settings.cache_mb)?;
+        }
         tracing::info!(path = %store.path().display(), "journal store open");
         return Ok(Arc::new(store));
+    }
+    if settings.store == "redb" && settings.data_dir.join("journal").exists() {
+        anyhow::bail!(
+            "{} holds a journal store (its journal/ directory); start with --store journal, or \
+             point --data-dir elsewhere",
+            settings.data_dir.display()
+        );
     }
     if settings.store == "redb" {
         let store = RedbStore::open(

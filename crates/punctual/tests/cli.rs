@@ -534,3 +534,66 @@ async fn schedule_sets_every_task_field() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A data directory of the redb store opens with `--store journal`: every task is migrated (the redb
+/// file kept as `punctual.redb.migrated`), and `--store redb` on a journal directory is a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redb_data_directory_migrates_to_the_journal_store() {
+    let dir = temp_dir("migrate");
+    let mut server = Server::start(&dir, &[]).await;
+    for i in 0..30 {
+        stdout(&punctual(
+            &server,
+            &[
+                "schedule",
+                "orders",
+                "--in",
+                "1h",
+                "--id",
+                &format!("o{i}"),
+                "--payload",
+                &format!("{{\"n\":{i}}}"),
+            ],
+        ));
+    }
+    stdout(&punctual(&server, &["cancel", "orders", "o3"]));
+    server.kill9();
+    let mut server = Server::start(&dir, &["--store", "journal"]).await;
+    assert!(dir.join("punctual.redb.migrated").exists());
+    assert!(!dir.join("punctual.redb").exists());
+    let listing = stdout(&punctual(&server, &["ls", "orders", "--json"]));
+    let ids: Vec<String> = listing
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 29, "{ids:?}");
+    assert!(!ids.contains(&"o3".to_owned()));
+    let task: serde_json::Value =
+        serde_json::from_str(stdout(&punctual(&server, &["get", "orders", "o7", "--json"])).trim())
+            .unwrap();
+    assert_eq!(task["payload"], serde_json::json!({"n": 7}));
+    // The migrated tasks survive a kill -9 of the journal store.
+    server.kill9();
+    server.restart().await;
+    assert_eq!(
+        stdout(&punctual(&server, &["ls", "orders", "--json"]))
+            .lines()
+            .count(),
+        29
+    );
+    server.kill9();
+    let refused = Command::new(bin())
+        .args(["serve", "--data-dir"])
+        .arg(&dir)
+        .args(["--http", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--store journal"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
