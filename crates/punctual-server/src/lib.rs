@@ -10,6 +10,7 @@ pub mod error;
 pub mod ids;
 pub mod listen;
 pub mod metrics;
+pub mod resp;
 pub mod targets;
 pub mod timer;
 pub mod webhook;
