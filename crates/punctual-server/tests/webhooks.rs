@@ -450,7 +450,7 @@ async fn five_dead_hosts_do_not_delay_a_healthy_one() {
     let took = started.elapsed();
     eprintln!("50 deliveries to the healthy host beside 5 dead ones took {took:?}");
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_secs(5),
         "the healthy host waited {took:?}"
     );
     assert_eq!(healthy_seen.lock().unwrap().len(), 50);

@@ -298,7 +298,7 @@ async fn dead_webhook_hosts_do_not_delay_a_healthy_one() {
     let delay = healthy_delay_beside_dead_hosts(&server).await;
     eprintln!("100 deliveries to a healthy host beside 5 dead hosts: {delay:?}");
     assert!(
-        delay < Duration::from_secs(3),
+        delay < Duration::from_secs(5),
         "the healthy host waited {delay:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
