@@ -403,3 +403,44 @@ async fn probe_figures() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The server raises its soft limit on open files to the hard limit at start, so the connection cap,
+/// not the default soft limit of 1 024, decides how many clients fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let dir = temp_dir("abuse-nofile");
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    // Start from a low soft limit, as a default login shell has.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 512 && exec {} serve --data-dir {} --http {addr}",
+            common::bin(),
+            dir.display()
+        ))
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let limits_path = format!("/proc/{}/limits", child.id());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (soft, hard) = loop {
+        let ready = reqwest::get(format!("http://{addr}/healthz")).await.is_ok();
+        if ready {
+            let limits = std::fs::read_to_string(&limits_path).unwrap();
+            let line = limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .unwrap()
+                .to_owned();
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            break (fields[3].to_owned(), fields[4].to_owned());
+        }
+        assert!(Instant::now() < deadline, "the server never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(soft, hard, "soft {soft} was not raised to hard {hard}");
+    assert_ne!(soft, "512");
+    let _ = std::fs::remove_dir_all(&dir);
+}
