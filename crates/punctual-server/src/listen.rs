@@ -12,7 +12,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -51,8 +51,41 @@ const IDLE: u8 = 0;
 const HEAD: u8 = 1;
 const BUSY: u8 = 2;
 
-/// Shared by a connection's socket wrapper (which sees bytes) and its service (which sees requests).
-struct Phase(AtomicU8);
+/// Shared by a connection's socket wrapper (which sees bytes) and its service (which sees requests):
+/// the phase in the low two bits, and above them a count of phase changes, so the wrapper can tell
+/// that a connection went through a whole request (idle → head → busy → idle) since it last looked
+/// and re-arms its deadline. (Without the count, a connection in steady use kept its first idle
+/// deadline and was closed between two requests after `idle_timeout_ms`.)
+struct Phase(AtomicU64);
+
+impl Phase {
+    fn new() -> Phase {
+        Phase(AtomicU64::new(u64::from(IDLE)))
+    }
+
+    /// The phase and the whole state word it came from.
+    fn load(&self) -> (u8, u64) {
+        let word = self.0.load(Ordering::Acquire);
+        ((word & 3) as u8, word)
+    }
+
+    fn set(&self, phase: u8) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                Some((((word >> 2) + 1) << 2) | u64::from(phase))
+            });
+    }
+
+    /// Idle → head, when a request's first byte arrives; no change in any other phase.
+    fn head_started(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                ((word & 3) as u8 == IDLE).then_some((((word >> 2) + 1) << 2) | u64::from(HEAD))
+            });
+    }
+}
 
 /// The accepted socket, with the idle and head deadlines.
 struct TimedIo {
@@ -61,8 +94,8 @@ struct TimedIo {
     limits: Arc<ConnLimits>,
     /// The deadline of the current phase, when it has one.
     sleep: Pin<Box<tokio::time::Sleep>>,
-    /// The phase `sleep` was armed for (a phase change re-arms it).
-    armed: Option<u8>,
+    /// The phase word `sleep` was armed for (any change re-arms it).
+    armed: Option<u64>,
 }
 
 impl TimedIo {
@@ -73,11 +106,11 @@ impl TimedIo {
             phase,
             limits,
             sleep: Box::pin(tokio::time::sleep(idle)),
-            armed: Some(IDLE),
+            armed: Some(u64::from(IDLE)),
         }
     }
 
-    fn arm(&mut self, phase: u8) {
+    fn arm(&mut self, phase: u8, word: u64) {
         let after_ms = match phase {
             IDLE => self.limits.idle_timeout_ms,
             HEAD => self.limits.header_read_timeout_ms,
@@ -89,18 +122,18 @@ impl TimedIo {
         #[allow(clippy::disallowed_methods)] // A connection timeout, not task time.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(after_ms);
         self.sleep.as_mut().reset(deadline);
-        self.armed = Some(phase);
+        self.armed = Some(word);
     }
 
     /// Fails the read when the phase's deadline has passed.
     fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        let phase = self.phase.0.load(Ordering::Acquire);
+        let (phase, word) = self.phase.load();
         if phase == BUSY {
             self.armed = None;
             return Ok(());
         }
-        if self.armed != Some(phase) {
-            self.arm(phase);
+        if self.armed != Some(word) {
+            self.arm(phase, word);
         }
         if self.sleep.as_mut().poll(cx).is_ready() {
             let what = if phase == IDLE {
@@ -135,12 +168,7 @@ impl AsyncRead for TimedIo {
             Poll::Ready(result) => {
                 if buf.filled().len() > before {
                     // The first byte of a request starts the head's deadline.
-                    let _ = self.phase.0.compare_exchange(
-                        IDLE,
-                        HEAD,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
+                    self.phase.head_started();
                 }
                 Poll::Ready(result)
             }
@@ -196,13 +224,13 @@ impl tower::Service<hyper::Request<hyper::body::Incoming>> for PhaseService {
     }
 
     fn call(&mut self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
-        self.phase.0.store(BUSY, Ordering::Release);
+        self.phase.set(BUSY);
         let phase = self.phase.clone();
         let mut router = self.router.clone();
         Box::pin(async move {
             let response =
                 tower::Service::call(&mut router, request.map(axum::body::Body::new)).await;
-            phase.0.store(IDLE, Ordering::Release);
+            phase.set(IDLE);
             response
         })
     }
@@ -309,7 +337,7 @@ pub async fn serve_http(
             });
             continue;
         };
-        let phase = Arc::new(Phase(AtomicU8::new(IDLE)));
+        let phase = Arc::new(Phase::new());
         let io = TimedIo::new(stream, phase.clone(), limits.clone());
         let service = hyper_util::service::TowerToHyperService::new(PhaseService {
             router: router.clone(),
