@@ -503,16 +503,39 @@ fn exponential(text: &str) -> Result<Value> {
 }
 
 /// What `punctual schedule` asks for.
+#[derive(clap::Args)]
 pub struct ScheduleSpec {
-    pub id: Option<String>,
+    /// Delay from now: 500ms, 10s, 5min, 1h30m, 2d.
+    #[arg(long = "in", value_name = "DURATION")]
     pub in_: Option<String>,
+    /// Due time, RFC 3339 with a zone (2026-11-22T09:30:00Z, 2026-11-22T10:30:00+01:00).
+    #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
+    /// Task id (default: generated). Scheduling the same id and spec again is a no-op.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Payload as JSON ('{"order":123}', or '"text"' for a string); delivered as sent.
+    #[arg(long, value_name = "JSON")]
     pub payload: Option<String>,
+    /// Attempts before the task is dead (default: the server's, 5 unless configured).
+    #[arg(long, value_name = "N")]
     pub max_attempts: Option<u32>,
+    /// Retry ladder, e.g. 10s,30s,1m (the last step repeats).
+    #[arg(long, value_name = "DURATIONS", conflicts_with = "backoff_exp")]
     pub backoff: Option<String>,
+    /// Exponential backoff: INITIAL[,FACTOR[,MAX]], e.g. 1s,2,10m (jittered).
+    #[arg(long, value_name = "INITIAL,FACTOR,MAX")]
     pub backoff_exp: Option<String>,
+    /// Lease length when this task is handed out (default: the reserve's or the server's).
+    #[arg(long, value_name = "DURATION")]
     pub lease: Option<String>,
+    /// Deliver by POSTing to this URL.
+    #[arg(long, value_name = "URL")]
     pub webhook: Option<String>,
+    /// A header for the webhook request, "Name: value" (repeatable).
+    #[arg(long = "header", value_name = "NAME: VALUE", requires = "webhook")]
     pub headers: Vec<String>,
+    /// How long a webhook request may take (default: the server's, 10s).
+    #[arg(long, value_name = "DURATION", requires = "webhook")]
     pub webhook_timeout: Option<String>,
 }

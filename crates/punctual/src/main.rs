@@ -54,39 +54,8 @@ enum Cmd {
     Schedule {
         /// The queue (letters, digits and . _ : -).
         queue: String,
-        /// Delay from now: 500ms, 10s, 5min, 1h30m, 2d.
-        #[arg(long = "in", value_name = "DURATION")]
-        in_: Option<String>,
-        /// Due time, RFC 3339 with a zone (2026-11-22T09:30:00Z, 2026-11-22T10:30:00+01:00).
-        #[arg(long, value_name = "TIME")]
-        at: Option<String>,
-        /// Task id (default: generated). Scheduling the same id and spec again is a no-op.
-        #[arg(long)]
-        id: Option<String>,
-        /// Payload as JSON ('{"order":123}', or '"text"' for a string); delivered as sent.
-        #[arg(long, value_name = "JSON")]
-        payload: Option<String>,
-        /// Attempts before the task is dead (default: the server's, 5 unless configured).
-        #[arg(long, value_name = "N")]
-        max_attempts: Option<u32>,
-        /// Retry ladder, e.g. 10s,30s,1m (the last step repeats).
-        #[arg(long, value_name = "DURATIONS", conflicts_with = "backoff_exp")]
-        backoff: Option<String>,
-        /// Exponential backoff: INITIAL[,FACTOR[,MAX]], e.g. 1s,2,10m (jittered).
-        #[arg(long, value_name = "INITIAL,FACTOR,MAX")]
-        backoff_exp: Option<String>,
-        /// Lease length when this task is handed out (default: the reserve's or the server's).
-        #[arg(long, value_name = "DURATION")]
-        lease: Option<String>,
-        /// Deliver by POSTing to this URL.
-        #[arg(long, value_name = "URL")]
-        webhook: Option<String>,
-        /// A header for the webhook request, "Name: value" (repeatable).
-        #[arg(long = "header", value_name = "NAME: VALUE", requires = "webhook")]
-        headers: Vec<String>,
-        /// How long a webhook request may take (default 30s).
-        #[arg(long, value_name = "DURATION", requires = "webhook")]
-        webhook_timeout: Option<String>,
+        #[command(flatten)]
+        spec: ScheduleSpec,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -436,34 +405,9 @@ async fn main() {
         Cmd::Serve(opts) => serve(*opts).await,
         Cmd::Schedule {
             queue,
-            in_,
-            at,
-            id,
-            payload,
-            max_attempts,
-            backoff,
-            backoff_exp,
-            lease,
-            webhook,
-            headers,
-            webhook_timeout,
+            spec,
             client,
-        } => {
-            let spec = ScheduleSpec {
-                id,
-                in_,
-                at,
-                payload,
-                max_attempts,
-                backoff,
-                backoff_exp,
-                lease,
-                webhook,
-                headers,
-                webhook_timeout,
-            };
-            async { connect(&client)?.schedule(&queue, spec).await }.await
-        }
+        } => async { connect(&client)?.schedule(&queue, spec).await }.await,
         Cmd::Get { queue, id, client } => async { connect(&client)?.get(&queue, &id).await }.await,
         Cmd::Cancel { queue, id, client } => {
             async { connect(&client)?.cancel(&queue, &id).await }.await
