@@ -19,10 +19,28 @@ pub use window::DueWindow;
 ///
 /// Used for request fingerprints (idempotency) and for deterministic jitter; not for security.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv1a64_from(FNV1A64_OFFSET, bytes)
+}
+
+/// The FNV-1a starting value, `fnv1a64(b"")`.
+pub const FNV1A64_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a continued over `bytes` from `hash`, so a key in parts hashes without being joined:
+/// `fnv1a64_from(fnv1a64(a), b) == fnv1a64(a ++ b)`.
+pub fn fnv1a64_from(mut hash: u64, bytes: &[u8]) -> u64 {
     for byte in bytes {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
     hash
+}
+
+/// The murmur3 64-bit finalizer: every input bit flips each output bit with probability about ½, so
+/// FNV-1a values of keys that differ only in their last bytes become unrelated.
+pub fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
 }

@@ -17,17 +17,12 @@ const MAX_LOAD_PERCENT: usize = 90;
 
 /// The 32-bit fingerprint of a key: never 0 (0 marks an empty slot).
 pub fn fingerprint(queue: &str, id: &str) -> u32 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in queue.bytes().chain(std::iter::once(0)).chain(id.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    // The murmur3 finalizer, so keys that differ in one byte get unrelated fingerprints.
-    hash ^= hash >> 33;
-    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    hash ^= hash >> 33;
-    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    hash ^= hash >> 33;
+    use punctual_core::{fnv1a64, fnv1a64_from, mix64};
+    // Mixed, so keys that differ in one byte get unrelated fingerprints.
+    let hash = mix64(fnv1a64_from(
+        fnv1a64_from(fnv1a64(queue.as_bytes()), b"\0"),
+        id.as_bytes(),
+    ));
     let fp = (hash >> 32) as u32 ^ hash as u32;
     if fp == 0 { 1 } else { fp }
 }

@@ -33,6 +33,9 @@ use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
 use punctual_core::{Task, TaskState};
+// FNV-1a: every node hashes the same way (std's hashers are seeded per process); the streaming form
+// hashes "node/tag" without building it.
+use punctual_core::{fnv1a64 as fnv, fnv1a64_from as fnv_from, mix64};
 use redis::{Cmd, ConnectionLike, RedisResult, Value, cmd};
 
 use crate::engine::{self, Txn};
@@ -345,16 +348,6 @@ fn split_tag(tag: &str) -> (&str, Option<u32>) {
         .map_or((tag, None), |(group, shard)| (group, Some(shard)))
 }
 
-/// The murmur3 64-bit finalizer: every input bit flips each output bit with probability about ½, so
-/// FNV-1a values of names that differ only in their last bytes become unrelated scores.
-fn mix64(mut x: u64) -> u64 {
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^ (x >> 33)
-}
-
 fn storage(error: redis::RedisError) -> StoreError {
     if error.is_io_error()
         || error.is_timeout()
@@ -366,20 +359,6 @@ fn storage(error: redis::RedisError) -> StoreError {
     } else {
         StoreError::Storage(format!("redis: {error}"))
     }
-}
-
-/// FNV-1a: a hash every node computes the same way (std's hashers are seeded per process).
-fn fnv(bytes: &[u8]) -> u64 {
-    fnv_from(0xcbf2_9ce4_8422_2325, bytes)
-}
-
-/// FNV-1a continued over `bytes` from `hash`: `fnv_from(fnv(a), b) == fnv(a ++ b)`.
-fn fnv_from(mut hash: u64, bytes: &[u8]) -> u64 {
-    for b in bytes {
-        hash ^= u64::from(*b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
 }
 
 fn from<T: redis::FromRedisValue>(value: &Value) -> Result<T, StoreError> {
