@@ -28,6 +28,11 @@ impl ApiError {
         self.close = true;
         self
     }
+    /// A refusal for want of room (memory for bodies, disk), not a fault: logged as a warning and
+    /// answered with `Retry-After: 1`.
+    fn is_overload(&self) -> bool {
+        matches!(self.code, "server_busy" | "insufficient_storage")
+    }
     /// A passing overload: `503 server_busy` with `Retry-After: 1`.
     pub fn busy(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_busy", message)
@@ -103,7 +108,7 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.code == "server_busy" || self.code == "insufficient_storage" {
+        if self.is_overload() {
             // An overload answer the client is told to retry, not a fault of the server.
             tracing::warn!(code = self.code, message = %self.message, "request refused");
         } else if self.status.is_server_error() {
@@ -119,7 +124,7 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("close"),
             );
         }
-        if self.code == "server_busy" || self.code == "insufficient_storage" {
+        if self.is_overload() {
             headers.insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static("1"),

@@ -156,11 +156,6 @@ impl Sender {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The webhook targets and their state (for the dashboard).
-    pub fn targets(&self) -> Arc<Targets> {
-        self.targets.clone()
-    }
-
     /// Runs until `shutdown`, then gives deliveries in flight the grace period to finish.
     pub async fn run(self: Arc<Self>, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
         let slots = Arc::new(Semaphore::new(self.config.concurrency.max(1)));

@@ -437,12 +437,10 @@ impl Store for JournalStore {
             let records: Vec<Record> = logged
                 .touched
                 .iter()
-                .map(
-                    |(queue, id)| match logged.mem.tasks.get(&(queue.clone(), id.clone())) {
-                        Some(task) => put_record(task),
-                        None => delete_record(queue, id),
-                    },
-                )
+                .map(|key| match logged.mem.tasks.get(key) {
+                    Some(task) => put_record(task),
+                    None => delete_record(&key.0, &key.1),
+                })
                 .collect();
             if let Err(error) = journal.append(&records) {
                 logged.rollback();
