@@ -17,12 +17,13 @@
 //! every task in RAM and replays the whole live journal at open; open compacts the journal when it has
 //! grown to several times the live data.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use punctual_core::{Task, TaskState};
 
+use crate::cold::{Cold, SliceGeometry};
 use crate::engine::{self, Txn};
 use crate::journal::{Journal, JournalOptions, Record};
 use crate::memory::Inner;
@@ -44,6 +45,11 @@ pub struct JournalStoreOptions {
     /// New tasks are refused (`NoSpace`, 507) while the journal's file system has less free space
     /// than this; acks, nacks and cancels still go through, until the disk is really full.
     pub min_free_bytes: u64,
+    /// The time slices of the cold tier.
+    pub slices: SliceGeometry,
+    /// The wall-clock time at open: tasks due within the load horizon of it are replayed into memory,
+    /// the others into slice files.
+    pub now_ms: u64,
 }
 
 impl Default for JournalStoreOptions {
@@ -52,12 +58,28 @@ impl Default for JournalStoreOptions {
             journal: JournalOptions::default(),
             compact_min_bytes: 64 << 20,
             min_free_bytes: 64 << 20,
+            slices: SliceGeometry::default(),
+            now_ms: 0,
         }
     }
 }
 
+/// What the store holds, for metrics and the memory benchmark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Tasks in memory (due soon, ready, leased, dead or kept after success).
+    pub hot_tasks: u64,
+    /// Scheduled tasks in slice files.
+    pub cold_tasks: u64,
+    /// Memory of the cold tier's id table and chunk directory.
+    pub cold_index_bytes: u64,
+    /// Bytes written to slice files since open.
+    pub slice_bytes_written: u64,
+}
+
 struct State {
     mem: Inner,
+    cold: Cold,
     journal: Journal,
     /// The last free-space reading: (when, bytes free).
     free: Option<(u64, u64)>,
@@ -89,15 +111,36 @@ enum Undo {
     Count(String, TaskState, i64),
 }
 
-/// The engine's view of the state during one batch: every change is applied at once and logged, so
-/// the batch can be undone and its touched tasks journaled.
-struct Logged<'a> {
-    mem: &'a mut Inner,
-    undo: Vec<Undo>,
-    touched: BTreeSet<(String, String)>,
+/// A cold task's change within one batch: where it was in the cold tier when the batch began, and
+/// what of it is cold now (`None`: it is hot, or gone).
+struct Edit {
+    was: Option<u32>,
+    now: Option<Task>,
+    dirty: bool,
 }
 
-impl Logged<'_> {
+/// The engine's view of the state during one batch: hot changes are applied at once and logged, so
+/// the batch can be undone; cold changes are kept aside in `edits` and applied to the cold tier only
+/// once the batch stands. Touched tasks are journaled.
+struct Logged<'a> {
+    mem: &'a mut Inner,
+    cold: &'a mut Cold,
+    undo: Vec<Undo>,
+    touched: BTreeSet<(String, String)>,
+    edits: HashMap<(String, String), Edit>,
+}
+
+impl<'a> Logged<'a> {
+    fn new(mem: &'a mut Inner, cold: &'a mut Cold) -> Logged<'a> {
+        Logged {
+            mem,
+            cold,
+            undo: Vec::new(),
+            touched: BTreeSet::new(),
+            edits: HashMap::new(),
+        }
+    }
+
     fn set(&mut self, key: (String, String), task: Option<Task>) {
         let previous = match task {
             Some(task) => self.mem.tasks.insert(key.clone(), task),
@@ -105,6 +148,46 @@ impl Logged<'_> {
         };
         self.touched.insert(key.clone());
         self.undo.push(Undo::Task(key, previous.map(Box::new)));
+    }
+
+    /// The final record of every touched task, for the journal.
+    fn records(&self) -> Vec<Record> {
+        self.touched
+            .iter()
+            .map(|key| {
+                let cold = self.edits.get(key).and_then(|e| e.now.as_ref());
+                match cold.or_else(|| self.mem.tasks.get(key)) {
+                    Some(task) => put_record(task),
+                    None => delete_record(&key.0, &key.1),
+                }
+            })
+            .collect()
+    }
+
+    /// The batch stands: applies its cold changes.
+    fn settle(self) {
+        let Logged {
+            mem, cold, edits, ..
+        } = self;
+        for ((queue, id), edit) in edits {
+            if !edit.dirty {
+                continue;
+            }
+            if let Some(loc) = edit.was
+                && let Err(error) = cold.remove(&queue, &id, loc)
+            {
+                tracing::warn!(%error, "cannot append a deletion marker to a slice file");
+            }
+            if let Some(task) = edit.now
+                && let Err(error) = cold.insert(&task)
+            {
+                // The journal has the task; keep it in memory rather than lose it until a restart.
+                tracing::warn!(%error, "cannot add a task to the cold tier; keeping it in memory");
+                mem.due.insert((task.run_at_ms, queue.clone(), id.clone()));
+                mem.tasks.insert((queue, id), task);
+            }
+        }
+        mem.forget_empty_queues();
     }
 
     fn rollback(self) {
@@ -140,26 +223,86 @@ impl Logged<'_> {
 
 impl Txn for Logged<'_> {
     fn get(&mut self, queue: &str, id: &str) -> Result<Option<Task>, StoreError> {
-        self.mem.get(queue, id)
+        let key = (queue.to_owned(), id.to_owned());
+        if let Some(edit) = self.edits.get(&key) {
+            return Ok(edit
+                .now
+                .clone()
+                .or_else(|| self.mem.tasks.get(&key).cloned()));
+        }
+        if let Some(task) = self.mem.tasks.get(&key) {
+            return Ok(Some(task.clone()));
+        }
+        match self.cold.find(queue, id)? {
+            Some((loc, task)) => {
+                self.edits.insert(
+                    key,
+                    Edit {
+                        was: Some(loc),
+                        now: Some(task.clone()),
+                        dirty: false,
+                    },
+                );
+                Ok(Some(task))
+            }
+            None => Ok(None),
+        }
     }
     fn put(&mut self, task: &Task) -> Result<(), StoreError> {
-        self.set((task.queue.clone(), task.id.clone()), Some(task.clone()));
+        let key = (task.queue.clone(), task.id.clone());
+        if self.cold.is_cold(task) {
+            if self.mem.tasks.contains_key(&key) {
+                self.set(key.clone(), None);
+            }
+            let entry = (task.run_at_ms, task.queue.clone(), task.id.clone());
+            if self.mem.due.remove(&entry) {
+                self.undo.push(Undo::DueRemoved(entry));
+            }
+            self.touched.insert(key.clone());
+            let edit = self.edits.entry(key).or_insert(Edit {
+                was: None,
+                now: None,
+                dirty: true,
+            });
+            edit.now = Some(task.clone());
+            edit.dirty = true;
+        } else {
+            if let Some(edit) = self.edits.get_mut(&key) {
+                edit.now = None;
+                edit.dirty = true;
+            }
+            self.set(key, Some(task.clone()));
+        }
         Ok(())
     }
     fn create(&mut self, task: &Task) -> Result<Option<Task>, StoreError> {
-        let key = (task.queue.clone(), task.id.clone());
-        if let Some(existing) = self.mem.tasks.get(&key) {
-            return Ok(Some(existing.clone()));
+        if let Some(existing) = self.get(&task.queue, &task.id)? {
+            return Ok(Some(existing));
         }
-        self.set(key, Some(task.clone()));
+        self.put(task)?;
         Ok(None)
     }
     fn remove(&mut self, queue: &str, id: &str) -> Result<(), StoreError> {
-        self.set((queue.to_owned(), id.to_owned()), None);
+        let key = (queue.to_owned(), id.to_owned());
+        if let Some(edit) = self.edits.get_mut(&key) {
+            edit.now = None;
+            edit.dirty = true;
+        }
+        self.set(key, None);
         Ok(())
     }
     fn due_add(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError> {
         let entry = (due_ms, queue.to_owned(), id.to_owned());
+        if due_ms >= self.cold.loaded()
+            && self
+                .edits
+                .get(&(entry.1.clone(), entry.2.clone()))
+                .and_then(|e| e.now.as_ref())
+                .is_some_and(|t| t.run_at_ms == due_ms)
+        {
+            // A cold task: its slice is its due index.
+            return Ok(());
+        }
         if self.mem.due.insert(entry.clone()) {
             self.undo.push(Undo::DueAdded(entry));
         }
@@ -202,8 +345,8 @@ impl Txn for Logged<'_> {
     }
 }
 
-/// `queue_len u16 | queue | id_len u16 | id`, then for a put the record in the stored format.
-fn key_bytes(queue: &str, id: &str, capacity: usize) -> Vec<u8> {
+/// `queue_len u16 | queue | id_len u16 | id`, with room for `capacity` more bytes.
+pub(crate) fn key_bytes(queue: &str, id: &str, capacity: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + queue.len() + id.len() + capacity);
     out.extend_from_slice(&(queue.len() as u16).to_le_bytes());
     out.extend_from_slice(queue.as_bytes());
@@ -212,11 +355,19 @@ fn key_bytes(queue: &str, id: &str, capacity: usize) -> Vec<u8> {
     out
 }
 
-fn put_record(task: &Task) -> Record {
+/// The key, then the record in the stored format: a put in the journal and in slice files.
+pub(crate) fn put_bytes(task: &Task) -> Vec<u8> {
     let value = codec::encode(task);
     let mut bytes = key_bytes(&task.queue, &task.id, value.len());
     bytes.extend_from_slice(&value);
-    Record { kind: PUT, bytes }
+    bytes
+}
+
+fn put_record(task: &Task) -> Record {
+    Record {
+        kind: PUT,
+        bytes: put_bytes(task),
+    }
 }
 
 fn delete_record(queue: &str, id: &str) -> Record {
@@ -227,7 +378,7 @@ fn delete_record(queue: &str, id: &str) -> Record {
 }
 
 /// Splits a record's key from its value.
-fn split_key(bytes: &[u8]) -> Option<(String, String, &[u8])> {
+pub(crate) fn split_key(bytes: &[u8]) -> Option<(String, String, &[u8])> {
     let take = |at: usize| -> Option<(String, usize)> {
         let len = u16::from_le_bytes(bytes.get(at..at + 2)?.try_into().ok()?) as usize;
         let text = std::str::from_utf8(bytes.get(at + 2..at + 2 + len)?).ok()?;
@@ -238,20 +389,39 @@ fn split_key(bytes: &[u8]) -> Option<(String, String, &[u8])> {
     Some((queue, id, &bytes[at..]))
 }
 
-/// Applies one journaled record to the state, keeping the indexes in step.
-fn replay_record(mem: &mut Inner, record: &Record, source: &Path) -> Result<(), StoreError> {
+/// Sets each task's final state (`None`: gone) across both tiers, keeping indexes and counts in step:
+/// replay and import.
+fn set_final(
+    mem: &mut Inner,
+    cold: &mut Cold,
+    finals: impl IntoIterator<Item = Result<(String, String, Option<Task>), StoreError>>,
+) -> Result<(), StoreError> {
+    let mut logged = Logged::new(mem, cold);
+    for item in finals {
+        let (queue, id, new) = item?;
+        let old = logged.get(&queue, &id)?;
+        engine::write(&mut logged, old.as_ref(), new.as_ref())?;
+    }
+    logged.settle();
+    Ok(())
+}
+
+/// Decodes one journaled record: the task's key and its final state.
+fn decode_record(
+    record: &Record,
+    source: &Path,
+) -> Result<(String, String, Option<Task>), StoreError> {
     let damaged = |why: &str| StoreError::Open {
         path: source.display().to_string(),
         reason: format!("journal record {why}"),
     };
     let (queue, id, value) = split_key(&record.bytes).ok_or_else(|| damaged("with a bad key"))?;
-    let old = mem.get(&queue, &id)?;
     let new = match record.kind {
         PUT => Some(codec::decode(&queue, &id, value)?),
         DELETE => None,
         other => return Err(damaged(&format!("of unknown kind {other}"))),
     };
-    engine::write(mem, old.as_ref(), new.as_ref())
+    Ok((queue, id, new))
 }
 
 fn journal_bytes(dir: &Path) -> u64 {
@@ -266,9 +436,20 @@ fn journal_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Hands tasks the cold tier releases to memory (they are scheduled, due before the load horizon).
+fn load_hot(mem: &mut Inner) -> impl FnMut(Task) + '_ {
+    |task| {
+        mem.due
+            .insert((task.run_at_ms, task.queue.clone(), task.id.clone()));
+        mem.tasks
+            .insert((task.queue.clone(), task.id.clone()), task);
+    }
+}
+
 impl JournalStore {
-    /// Opens (or creates) the store in `dir` (its journal lives in `dir/journal`), replaying the
-    /// journal; compacts it first when it has grown to several times the live data.
+    /// Opens (or creates) the store in `dir` (its journal lives in `dir/journal`, its slice files in
+    /// `dir/slices`), replaying the journal; compacts it first when it has grown to several times the
+    /// live data.
     pub fn open(dir: &Path, options: &JournalStoreOptions) -> Result<JournalStore, StoreError> {
         let journal_dir = dir.join("journal");
         let fresh = dir.join("journal.new");
@@ -283,30 +464,36 @@ impl JournalStore {
         let _ = std::fs::remove_dir_all(&fresh);
         let _ = std::fs::remove_dir_all(&old);
         let mut mem = Inner::default();
+        let mut cold = Cold::create(&dir.join("slices"), options.slices.clone(), options.now_ms)?;
         let mut records = 0u64;
         let journal = Journal::open(&journal_dir, options.journal.clone(), |_, batch| {
-            for record in &batch {
-                replay_record(&mut mem, record, &journal_dir)?;
-                records += 1;
-            }
-            Ok(())
+            records += batch.len() as u64;
+            set_final(
+                &mut mem,
+                &mut cold,
+                batch.iter().map(|r| decode_record(r, &journal_dir)),
+            )
         })?;
         mem.forget_empty_queues();
         let store = JournalStore {
             state: Mutex::new(State {
                 mem,
+                cold,
                 journal,
                 free: None,
             }),
             dir: dir.to_owned(),
             min_free_bytes: options.min_free_bytes,
         };
-        let live = store.lock().mem.tasks.len() as u64;
+        let stats = store.stats();
+        let live = stats.hot_tasks + stats.cold_tasks;
         let on_disk = journal_bytes(&journal_dir);
         tracing::info!(
             dir = %journal_dir.display(),
             records,
             live,
+            hot = stats.hot_tasks,
+            cold = stats.cold_tasks,
             bytes = on_disk,
             "journal replayed"
         );
@@ -314,6 +501,17 @@ impl JournalStore {
             store.compact(options)?;
         }
         Ok(store)
+    }
+
+    /// What the store holds now.
+    pub fn stats(&self) -> JournalStats {
+        let state = self.lock();
+        JournalStats {
+            hot_tasks: state.mem.tasks.len() as u64,
+            cold_tasks: state.cold.len() as u64,
+            cold_index_bytes: state.cold.index_bytes() as u64,
+            slice_bytes_written: state.cold.bytes_written(),
+        }
     }
 
     /// Rewrites the journal as one put per live task, then switches to it (crash-safe: the old
@@ -326,10 +524,26 @@ impl JournalStore {
         let io =
             |what: &str, e: std::io::Error| StoreError::Storage(format!("compaction: {what}: {e}"));
         let mut next = Journal::open(&fresh, options.journal.clone(), |_, _| Ok(()))?;
-        let tasks: Vec<&Task> = state.mem.tasks.values().collect();
-        for chunk in tasks.chunks(COMPACT_BATCH) {
-            let records: Vec<Record> = chunk.iter().map(|t| put_record(t)).collect();
-            next.append(&records)?;
+        let mut batch: Vec<Record> = Vec::with_capacity(COMPACT_BATCH);
+        let mut failed: Option<StoreError> = None;
+        let mut add = |task: &Task, batch: &mut Vec<Record>| {
+            batch.push(put_record(task));
+            if batch.len() >= COMPACT_BATCH && failed.is_none() {
+                if let Err(error) = next.append(batch) {
+                    failed = Some(error);
+                }
+                batch.clear();
+            }
+        };
+        for task in state.mem.tasks.values() {
+            add(task, &mut batch);
+        }
+        state.cold.for_each(|task| add(&task, &mut batch))?;
+        if let Some(error) = failed {
+            return Err(error);
+        }
+        if !batch.is_empty() {
+            next.append(&batch)?;
         }
         drop(next);
         std::fs::rename(&journal_dir, &old).map_err(|e| io("rename the old journal", e))?;
@@ -338,7 +552,7 @@ impl JournalStore {
             .and_then(|d| d.sync_all())
             .map_err(|e| io("sync the data directory", e))?;
         let _ = std::fs::remove_dir_all(&old);
-        let live = state.mem.tasks.len();
+        let live = state.mem.tasks.len() + state.cold.len();
         state.journal = Journal::open(&journal_dir, options.journal.clone(), |_, _| Ok(()))?;
         tracing::info!(live, "journal compacted");
         Ok(())
@@ -359,14 +573,18 @@ impl JournalStore {
                 let page = source.list(&counts.queue, None, after.as_deref(), 10_000)?;
                 if !page.tasks.is_empty() {
                     let mut state = self.lock();
-                    let State { mem, journal, .. } = &mut *state;
+                    let State {
+                        mem, cold, journal, ..
+                    } = &mut *state;
                     let records: Vec<Record> = page.tasks.iter().map(put_record).collect();
                     journal.append(&records)?;
-                    for task in &page.tasks {
-                        let old = mem.get(&task.queue, &task.id)?;
-                        engine::write(mem, old.as_ref(), Some(task))?;
-                    }
-                    mem.forget_empty_queues();
+                    set_final(
+                        mem,
+                        cold,
+                        page.tasks
+                            .iter()
+                            .map(|t| Ok((t.queue.clone(), t.id.clone(), Some(t.clone())))),
+                    )?;
                     copied += page.tasks.len() as u64;
                     progress(copied);
                 }
@@ -392,7 +610,12 @@ impl JournalStore {
 impl Store for JournalStore {
     fn apply(&self, now_ms: u64, commands: &[Command]) -> Result<Vec<Outcome>, StoreError> {
         let mut state = self.lock();
-        let State { mem, journal, free } = &mut *state;
+        let State {
+            mem,
+            cold,
+            journal,
+            free,
+        } = &mut *state;
         if let Some(why) = journal.poisoned() {
             return Err(StoreError::Poisoned(why.to_owned()));
         }
@@ -417,12 +640,9 @@ impl Store for JournalStore {
                 )));
             }
         }
+        cold.advance(now_ms, load_hot(mem))?;
         let durable = commands.iter().any(Command::is_durable);
-        let mut logged = Logged {
-            mem,
-            undo: Vec::new(),
-            touched: BTreeSet::new(),
-        };
+        let mut logged = Logged::new(mem, cold);
         let mut outcomes = Vec::with_capacity(commands.len());
         for command in commands {
             match engine::apply_one(&mut logged, now_ms, command) {
@@ -433,26 +653,23 @@ impl Store for JournalStore {
                 }
             }
         }
-        if durable && !logged.touched.is_empty() {
-            let records: Vec<Record> = logged
-                .touched
-                .iter()
-                .map(|key| match logged.mem.tasks.get(key) {
-                    Some(task) => put_record(task),
-                    None => delete_record(&key.0, &key.1),
-                })
-                .collect();
-            if let Err(error) = journal.append(&records) {
-                logged.rollback();
-                return Err(error);
-            }
+        if durable
+            && !logged.touched.is_empty()
+            && let Err(error) = journal.append(&logged.records())
+        {
+            logged.rollback();
+            return Err(error);
         }
-        logged.mem.forget_empty_queues();
+        logged.settle();
         Ok(outcomes)
     }
 
     fn get(&self, queue: &str, id: &str) -> Result<Option<Task>, StoreError> {
-        self.lock().mem.get(queue, id)
+        let mut state = self.lock();
+        if let Some(task) = state.mem.get(queue, id)? {
+            return Ok(Some(task));
+        }
+        Ok(state.cold.find(queue, id)?.map(|(_, task)| task))
     }
 
     fn list(
@@ -462,7 +679,40 @@ impl Store for JournalStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        Ok(self.lock().mem.list(queue, state, after, limit))
+        let guard = self.lock();
+        let hot = guard.mem.list(queue, state, after, limit);
+        if state.is_some_and(|s| s != TaskState::Scheduled) || guard.cold.len() == 0 {
+            return Ok(hot);
+        }
+        // The hot listing is complete up to its cursor; cold tasks in the same id range join it.
+        let bound = hot.next_cursor.clone();
+        let mut cold: BTreeMap<String, Task> = BTreeMap::new();
+        guard.cold.for_each(|task| {
+            if task.queue != queue
+                || after.is_some_and(|a| task.id.as_str() <= a)
+                || bound.as_ref().is_some_and(|b| task.id > *b)
+            {
+                return;
+            }
+            cold.insert(task.id.clone(), task);
+            // One more than a page, to know whether another page follows.
+            if cold.len() > limit + 1 {
+                cold.pop_last();
+            }
+        })?;
+        let mut merged: Vec<Task> = hot.tasks;
+        merged.extend(cold.into_values());
+        merged.sort_by(|a, b| a.id.cmp(&b.id));
+        let next_cursor = if merged.len() > limit {
+            merged.truncate(limit);
+            merged.last().map(|t| t.id.clone())
+        } else {
+            bound
+        };
+        Ok(Page {
+            tasks: merged,
+            next_cursor,
+        })
     }
 
     fn queues(&self) -> Result<Vec<QueueCounts>, StoreError> {
@@ -470,7 +720,21 @@ impl Store for JournalStore {
     }
 
     fn due_times(&self, from_ms: u64, to_ms: u64, limit: usize) -> Result<DueTimes, StoreError> {
-        Ok(self.lock().mem.due_times(from_ms, to_ms, limit))
+        let state = self.lock();
+        let mut hot = state.mem.due_times(from_ms, to_ms, limit);
+        let loaded = state.cold.loaded();
+        if to_ms < loaded || state.cold.len() == 0 {
+            return Ok(hot);
+        }
+        // Hot due times (leases, purges) can lie beyond the load horizon too: merge, then cut. What
+        // a truncated hot answer left out comes after its last time, so after the cut as well.
+        let (times, more) = state.cold.due_times(from_ms.max(loaded), to_ms, limit)?;
+        hot.times.extend(times);
+        hot.times.sort_unstable();
+        hot.times.dedup();
+        hot.truncated |= more || hot.times.len() > limit;
+        hot.times.truncate(limit);
+        Ok(hot)
     }
 
     fn health(&self) -> Result<(), StoreError> {

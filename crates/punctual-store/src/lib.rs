@@ -9,6 +9,7 @@
 //! - [`RedisStore`]: the distributed mode, on a standalone Redis or a Redis Cluster shared by many nodes.
 
 mod codec;
+mod cold;
 pub mod conformance;
 mod engine;
 pub mod idtable;
@@ -23,8 +24,9 @@ use punctual_core::{LeaseCheck, Task, TaskState};
 use thiserror::Error;
 
 pub use codec::FORMAT_VERSION;
+pub use cold::SliceGeometry;
 pub use engine::{LEASE_EXPIRED, ready_target};
-pub use journal_store::{JournalStore, JournalStoreOptions};
+pub use journal_store::{JournalStats, JournalStore, JournalStoreOptions};
 pub use memory::MemoryStore;
 pub use redb_store::{RedbOptions, RedbStore};
 pub use redis_store::{

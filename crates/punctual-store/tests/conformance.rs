@@ -129,15 +129,39 @@ fn a_failed_fsync_poisons_the_store_for_good() {
 // The journal store (storage v2, first stage)
 
 use punctual_store::journal::JournalOptions;
-use punctual_store::{Command, JournalStore, JournalStoreOptions, StoreError};
+use punctual_store::{
+    Command, JournalStore, JournalStoreOptions, Outcome, SliceGeometry, StoreError,
+};
 
 fn journal_store() -> Box<dyn Store> {
     Box::new(JournalStore::open(&temp_dir("jconf"), &JournalStoreOptions::default()).unwrap())
 }
 
+/// Time slices of a few milliseconds, so the suites' tasks (due 0–10 000 ms) live in slice files
+/// of all three levels and move between them and memory as the suites' clock advances.
+fn tiny_slices() -> JournalStoreOptions {
+    JournalStoreOptions {
+        slices: SliceGeometry {
+            load_ahead_ms: 5,
+            widths_ms: [10, 50, 500],
+            reach_ms: [100, 1_000],
+        },
+        ..JournalStoreOptions::default()
+    }
+}
+
+fn sliced_store() -> Box<dyn Store> {
+    Box::new(JournalStore::open(&temp_dir("jslices"), &tiny_slices()).unwrap())
+}
+
 #[test]
 fn journal_store_conforms() {
     conformance::run_all(&journal_store);
+}
+
+#[test]
+fn journal_store_conforms_with_tasks_in_slice_files() {
+    conformance::run_all(&sliced_store);
 }
 
 proptest! {
@@ -147,6 +171,108 @@ proptest! {
     fn journal_store_matches_the_oracle(steps in proptest::collection::vec(step(), 1..120), batch in 1usize..8) {
         let store = journal_store();
         conformance::compare_with_oracle(store.as_ref(), &steps, batch);
+    }
+
+    #[test]
+    fn journal_store_with_slice_files_matches_the_oracle(steps in proptest::collection::vec(step(), 1..120), batch in 1usize..8) {
+        let store = sliced_store();
+        conformance::compare_with_oracle(store.as_ref(), &steps, batch);
+    }
+}
+
+/// Cold tasks are found by id, cancelled, moved and listed without being in memory, and come back
+/// from the journal after a reopen; the slice files go once their tasks are due.
+#[test]
+fn journal_store_keeps_far_tasks_in_slice_files() {
+    let dir = temp_dir("jcold");
+    let store = JournalStore::open(&dir, &tiny_slices()).unwrap();
+    let schedule: Vec<Command> = (0..2_000u64)
+        .map(|n| {
+            Command::Schedule(Box::new(conformance::task(
+                "q",
+                &format!("t{n:04}"),
+                200 + n * 5,
+                3,
+                &[10],
+            )))
+        })
+        .collect();
+    store.apply(0, &schedule).unwrap();
+    let stats = store.stats();
+    assert_eq!((stats.hot_tasks, stats.cold_tasks), (0, 2_000));
+    let slices = || std::fs::read_dir(dir.join("slices")).unwrap().count();
+    assert_eq!(
+        store.get("q", "t1234").unwrap().unwrap().run_at_ms,
+        200 + 1234 * 5
+    );
+    assert!(store.get("q", "t9999").unwrap().is_none());
+    // Cancel one, move one far ahead and one into the hot window.
+    let outcomes = store
+        .apply(
+            0,
+            &[
+                Command::Cancel {
+                    queue: "q".into(),
+                    id: "t0007".into(),
+                },
+                Command::Reschedule {
+                    queue: "q".into(),
+                    id: "t0008".into(),
+                    run_at_ms: Some(50_000),
+                    payload: None,
+                },
+                Command::Reschedule {
+                    queue: "q".into(),
+                    id: "t0009".into(),
+                    run_at_ms: Some(1),
+                    payload: None,
+                },
+            ],
+        )
+        .unwrap();
+    assert!(matches!(outcomes[0], Outcome::Cancelled(ref t) if t.id == "t0007"));
+    assert!(store.get("q", "t0007").unwrap().is_none());
+    assert_eq!(store.get("q", "t0008").unwrap().unwrap().run_at_ms, 50_000);
+    assert_eq!(store.stats().hot_tasks, 1);
+    let page = store.list("q", None, Some("t0005"), 4).unwrap();
+    let ids: Vec<&str> = page.tasks.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["t0006", "t0008", "t0009", "t0010"]);
+    assert_eq!(page.next_cursor.as_deref(), Some("t0010"));
+    assert_eq!(
+        store.due_times(0, 230, 10).unwrap().times,
+        [1, 200, 205, 210, 215, 220, 225, 230]
+    );
+    drop(store);
+    let store = JournalStore::open(&dir, &tiny_slices()).unwrap();
+    assert_eq!(store.stats().cold_tasks, 1_998);
+    assert_eq!(store.get("q", "t0008").unwrap().unwrap().run_at_ms, 50_000);
+    // Fire everything: the slices empty into memory as time passes, and their files go.
+    let mut fired = 0;
+    let mut now = 0;
+    while now <= 60_000 {
+        let report = tick(&store, now);
+        fired += report.fired;
+        now += 7;
+    }
+    assert_eq!(fired, 1_999);
+    assert_eq!(store.stats().cold_tasks, 0);
+    assert_eq!(slices(), 0);
+}
+
+fn tick(store: &dyn Store, now_ms: u64) -> punctual_store::TickReport {
+    match store
+        .apply(
+            now_ms,
+            &[Command::Tick {
+                limit: 100_000,
+                takers: Vec::new(),
+            }],
+        )
+        .unwrap()
+        .pop()
+    {
+        Some(Outcome::Ticked(report)) => report,
+        other => panic!("{other:?}"),
     }
 }
 
