@@ -10,18 +10,29 @@
 //! finer slice, or into memory. So a task is copied at most once per level, and nothing far off is
 //! in RAM.
 //!
-//! A slice file is a run of records, each `len u32 | crc u32 | kind u8 | bytes` (CRC32C over kind
-//! and bytes). Consecutive records of a slice form chunks of at most [`CHUNK_RECORDS`] records and
-//! [`CHUNK_BYTES`] bytes; a location in the id table is `chunk << 8 | record within the chunk`, so it
-//! names one record exactly, and a lookup reads one chunk. A record is live while the id table holds
-//! its location: cancel and reschedule remove the entry and append a deletion marker (for rebuilding),
-//! nothing is rewritten.
+//! A slice is two files, `<level>-<start>-<generation>.slice` and `.keys`:
+//! - the `.slice` file holds the tasks' records, each `len u32 | crc u32 | bytes` (CRC32C over the
+//!   bytes: the key, then the record in the stored format of `codec.rs`);
+//! - the `.keys` file holds 8 bytes per change, `fingerprint u32 | word u32`: for a put the record's
+//!   length in the `.slice` file; for a removal `1 << 31 | the put's ordinal in the slice`.
 //!
-//! The journal stays the source of truth: slice files are derived from it and rebuilt when the
-//! store opens, so they are written without `fdatasync`.
+//! Consecutive records of a slice form chunks of at most [`CHUNK_RECORDS`] records and [`CHUNK_BYTES`]
+//! bytes; a location in the id table is `chunk << 8 | record within the chunk`, so it names one
+//! record exactly, and a lookup reads one chunk. A record is live while the id table holds its
+//! location: cancel and reschedule remove the entry and append a removal to the `.keys` file, nothing
+//! is rewritten. Opening from a checkpoint rebuilds the id table from the `.keys` files alone (8 bytes
+//! per change), never reading the records.
+//!
+//! Slice files are written without `fdatasync`; the journal covers them until a checkpoint
+//! ([`Cold::checkpoint`]) has synced them and recorded their lengths. Recovery cuts every file back
+//! to the length its checkpoint recorded and deletes files the checkpoint does not name, so what
+//! remains is exactly the state the checkpoint describes; the journal after it is replayed on top.
+//! A file the boundaries emptied is deleted only after the next checkpoint (the one before still
+//! names it), and generations keep a new file from ever taking an old one's name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -36,12 +47,10 @@ pub const CHUNK_RECORDS: u32 = 256;
 pub const CHUNK_BYTES: u64 = 256 << 10;
 /// Most chunks at once (the high bits of a location).
 pub const MAX_CHUNKS: u32 = 1 << (LOC_BITS - 8);
-/// A slice's buffered records are written once they reach this many bytes.
+/// A file's buffered bytes are written once they reach this many.
 const FLUSH_BYTES: usize = 16 << 10;
-
-/// Record kinds in slice files.
-const PUT: u8 = 1;
-const DEL: u8 = 2;
+/// A `.keys` word with this bit names a removal.
+const REMOVED: u32 = 1 << 31;
 
 /// The widths and reach of the slice levels.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,52 +94,70 @@ fn align_up(ms: u64, width: u64) -> u64 {
     ms.div_ceil(width).saturating_mul(width)
 }
 
-/// A slice: its level (0-based) and start.
+/// A slice: its start and level (0-based), in time order.
 type SliceKey = (u64, u8);
 
-struct Slice {
-    path: PathBuf,
-    file: Option<File>,
-    /// Bytes already in the file.
-    flushed: u64,
-    /// Records not yet written.
-    buf: Vec<u8>,
-    /// This slice's chunks, in order; the last is the one being filled.
-    chunks: Vec<u32>,
-    /// Records appended so far (puts and deletions): a deletion names its put by this ordinal.
-    records: u32,
+fn file_error(path: &Path, what: &str, e: std::io::Error) -> StoreError {
+    if e.raw_os_error() == Some(28) || e.kind() == std::io::ErrorKind::StorageFull {
+        StoreError::NoSpace(format!("cannot {what} {}: {e}", path.display()))
+    } else {
+        StoreError::Storage(format!("cannot {what} {}: {e}", path.display()))
+    }
 }
 
-impl Slice {
+/// One append-only file with a write buffer.
+struct Stream {
+    path: PathBuf,
+    file: Option<File>,
+    /// Bytes in the file.
+    flushed: u64,
+    /// Bytes known durable (synced by a checkpoint, or found at open).
+    synced: u64,
+    buf: Vec<u8>,
+}
+
+impl Stream {
+    fn new(path: PathBuf) -> Stream {
+        Stream {
+            path,
+            file: None,
+            flushed: 0,
+            synced: 0,
+            buf: Vec::new(),
+        }
+    }
+
     fn len(&self) -> u64 {
         self.flushed + self.buf.len() as u64
     }
 
-    /// Bytes `[start, end)` of the slice's record stream (file, then buffer).
+    /// Bytes `[start, end)` (file, then buffer).
     fn read(&self, start: u64, end: u64) -> Result<Vec<u8>, StoreError> {
         let mut out = Vec::with_capacity((end - start) as usize);
         if start < self.flushed {
             let upto = end.min(self.flushed);
             out.resize((upto - start) as usize, 0);
-            let file = self
-                .file
-                .as_ref()
-                .ok_or_else(|| StoreError::Storage(format!("{}: no file", self.path.display())))?;
+            let file = self.file.as_ref().ok_or_else(|| {
+                StoreError::Storage(format!("{} is not open", self.path.display()))
+            })?;
             file.read_exact_at(&mut out, start)
-                .map_err(|e| StoreError::Storage(format!("read {}: {e}", self.path.display())))?;
+                .map_err(|e| file_error(&self.path, "read", e))?;
         }
         if end > self.flushed {
-            let from = start.max(self.flushed) - self.flushed;
-            let to = end - self.flushed;
-            out.extend_from_slice(&self.buf[from as usize..to as usize]);
+            let from = (start.max(self.flushed) - self.flushed) as usize;
+            let to = (end - self.flushed) as usize;
+            out.extend_from_slice(&self.buf[from..to]);
         }
         Ok(out)
     }
 
-    fn flush(&mut self) -> Result<(), StoreError> {
+    /// Writes the buffer; true if this created the file. A failed write leaves the buffer whole, to
+    /// be written again at the same offset.
+    fn flush(&mut self) -> Result<bool, StoreError> {
         if self.buf.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
+        let mut created = false;
         if self.file.is_none() {
             let file = OpenOptions::new()
                 .create(true)
@@ -138,26 +165,71 @@ impl Slice {
                 .read(true)
                 .write(true)
                 .open(&self.path)
-                .map_err(|e| slice_error(&self.path, "create", e))?;
+                .map_err(|e| file_error(&self.path, "create", e))?;
             self.file = Some(file);
+            created = true;
         }
-        let file = self.file.as_mut().expect("opened above");
-        // A short or failed write leaves the buffer whole; the next flush writes it again at the
-        // same offset.
+        let file = self.file.as_ref().expect("opened above");
         file.write_all_at(&self.buf, self.flushed)
-            .map_err(|e| slice_error(&self.path, "write", e))?;
+            .map_err(|e| file_error(&self.path, "write", e))?;
         self.flushed += self.buf.len() as u64;
         self.buf.clear();
+        Ok(created)
+    }
+
+    /// Makes what was written durable. A failure is final (see `Cold::poisoned`).
+    fn sync(&mut self) -> Result<(), String> {
+        if self.flushed > self.synced
+            && let Some(file) = &self.file
+        {
+            file.sync_data()
+                .map_err(|e| format!("fdatasync {} failed: {e}", self.path.display()))?;
+        }
+        self.synced = self.flushed;
         Ok(())
+    }
+
+    /// Opens an existing file at the length a checkpoint recorded, cutting off what came after.
+    fn reopen(path: PathBuf, len: u64) -> Result<Stream, StoreError> {
+        let mut stream = Stream::new(path);
+        if len == 0 {
+            let _ = std::fs::remove_file(&stream.path);
+            return Ok(stream);
+        }
+        let damaged = |why: String| StoreError::Open {
+            path: stream.path.display().to_string(),
+            reason: why,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&stream.path)
+            .map_err(|e| damaged(format!("a file the checkpoint names: {e}")))?;
+        let actual = file.metadata().map_err(|e| damaged(e.to_string()))?.len();
+        if actual < len {
+            return Err(damaged(format!(
+                "{actual} bytes, shorter than the {len} its checkpoint synced"
+            )));
+        }
+        if actual > len {
+            file.set_len(len)
+                .map_err(|e| damaged(format!("cannot cut back to {len} bytes: {e}")))?;
+        }
+        stream.file = Some(file);
+        stream.flushed = len;
+        stream.synced = len;
+        Ok(stream)
     }
 }
 
-fn slice_error(path: &Path, what: &str, e: std::io::Error) -> StoreError {
-    if e.raw_os_error() == Some(28) {
-        StoreError::NoSpace(format!("{what} {}: {e}", path.display()))
-    } else {
-        StoreError::Storage(format!("{what} {}: {e}", path.display()))
-    }
+struct Slice {
+    generation: u64,
+    data: Stream,
+    keys: Stream,
+    /// This slice's chunks, in order; the last is the one being filled.
+    chunks: Vec<u32>,
+    /// Puts appended so far: a removal names its put by ordinal.
+    records: u32,
 }
 
 #[derive(Clone, Copy)]
@@ -177,27 +249,81 @@ enum Place {
     Slice(SliceKey),
 }
 
-/// One record of a chunk, parsed: its kind and its bytes (key, then value).
-fn parse_records(data: &[u8]) -> Result<Vec<(u8, &[u8])>, String> {
+/// The records of a chunk, parsed.
+fn parse_records(data: &[u8]) -> Result<Vec<&[u8]>, String> {
     let mut out = Vec::new();
     let mut at = 0usize;
     while at < data.len() {
         let head = data
-            .get(at..at + 9)
+            .get(at..at + 8)
             .ok_or_else(|| format!("record cut at byte {at}"))?;
         let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
         let body = data
             .get(at + 8..at + 8 + len)
-            .filter(|_| len >= 1)
             .ok_or_else(|| format!("record of {len} bytes cut at byte {at}"))?;
         if crc32c::crc32c(body) != crc {
             return Err(format!("bad checksum at byte {at}"));
         }
-        out.push((body[0], &body[1..]));
+        out.push(body);
         at += 8 + len;
     }
     Ok(out)
+}
+
+/// What a checkpoint records of the cold tier: the boundaries and every slice's synced lengths.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ColdCheckpoint {
+    pub loaded: u64,
+    pub b1: u64,
+    pub b2: u64,
+    pub next_generation: u64,
+    /// (start, level, generation, data bytes, keys bytes).
+    pub slices: Vec<(u64, u8, u64, u64, u64)>,
+}
+
+impl ColdCheckpoint {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        for v in [self.loaded, self.b1, self.b2, self.next_generation] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.slices.len() as u64).to_le_bytes());
+        for (start, level, generation, data, keys) in &self.slices {
+            out.extend_from_slice(&start.to_le_bytes());
+            out.push(*level);
+            for v in [*generation, *data, *keys] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+
+    /// Decodes from `bytes` at `*at`, advancing it.
+    pub(crate) fn decode(bytes: &[u8], at: &mut usize) -> Option<ColdCheckpoint> {
+        let u64_at = |at: &mut usize| -> Option<u64> {
+            let v = u64::from_le_bytes(bytes.get(*at..*at + 8)?.try_into().ok()?);
+            *at += 8;
+            Some(v)
+        };
+        let loaded = u64_at(at)?;
+        let b1 = u64_at(at)?;
+        let b2 = u64_at(at)?;
+        let next_generation = u64_at(at)?;
+        let n = u64_at(at)?;
+        let mut slices = Vec::new();
+        for _ in 0..n {
+            let start = u64_at(at)?;
+            let level = *bytes.get(*at)?;
+            *at += 1;
+            slices.push((start, level, u64_at(at)?, u64_at(at)?, u64_at(at)?));
+        }
+        Some(ColdCheckpoint {
+            loaded,
+            b1,
+            b2,
+            next_generation,
+            slices,
+        })
+    }
 }
 
 /// The cold tier; see the module documentation.
@@ -209,20 +335,29 @@ pub(crate) struct Cold {
     /// Level-1 slices hold tasks due before this; level-2 before `b2`.
     b1: u64,
     b2: u64,
+    next_generation: u64,
     slices: BTreeMap<SliceKey, Slice>,
     chunks: Vec<Option<Chunk>>,
     free_chunks: Vec<u32>,
     ids: IdTable,
+    /// Files of dropped slices, deleted after the next checkpoint, and their bytes.
+    doomed: Vec<PathBuf>,
+    doomed_bytes: u64,
+    /// A file was created since the last checkpoint: the directory needs a sync.
+    created: bool,
+    /// A failed `fdatasync`: no checkpoint may be written again.
+    poisoned: Option<String>,
     /// Bytes written to slice files, in total.
     written: u64,
 }
 
 impl Cold {
-    /// An empty cold tier in `dir` (whatever was there is removed: slices are rebuilt from the
-    /// journal), with its boundaries set for `now_ms`.
-    pub(crate) fn create(
+    /// Opens the cold tier in `dir`: empty (whatever was there is removed, because the journal will
+    /// be replayed from its start) without a checkpoint, else exactly the state `checkpoint` records.
+    pub(crate) fn open(
         dir: &Path,
         geometry: SliceGeometry,
+        checkpoint: Option<&ColdCheckpoint>,
         now_ms: u64,
     ) -> Result<Cold, StoreError> {
         geometry.check().map_err(StoreError::Storage)?;
@@ -230,7 +365,7 @@ impl Cold {
             path: dir.display().to_string(),
             reason: e.to_string(),
         };
-        if dir.exists() {
+        if checkpoint.is_none() && dir.exists() {
             std::fs::remove_dir_all(dir).map_err(open_error)?;
         }
         std::fs::create_dir_all(dir).map_err(open_error)?;
@@ -240,14 +375,124 @@ impl Cold {
             loaded: 0,
             b1: 0,
             b2: 0,
+            next_generation: 1,
             slices: BTreeMap::new(),
             chunks: Vec::new(),
             free_chunks: Vec::new(),
             ids: IdTable::default(),
+            doomed: Vec::new(),
+            doomed_bytes: 0,
+            created: false,
+            poisoned: None,
             written: 0,
         };
+        if let Some(checkpoint) = checkpoint {
+            cold.restore(checkpoint)?;
+        }
         cold.set_boundaries(now_ms);
         Ok(cold)
+    }
+
+    fn stem(&self, key: SliceKey, generation: u64) -> PathBuf {
+        self.dir
+            .join(format!("{}-{:016x}-{generation:08x}", key.1 + 1, key.0))
+    }
+
+    fn restore(&mut self, checkpoint: &ColdCheckpoint) -> Result<(), StoreError> {
+        self.loaded = checkpoint.loaded;
+        self.b1 = checkpoint.b1;
+        self.b2 = checkpoint.b2;
+        self.next_generation = checkpoint.next_generation;
+        let mut named = BTreeSet::new();
+        let mut keys_data = Vec::new();
+        for &(start, level, generation, data_len, keys_len) in &checkpoint.slices {
+            let key = (start, level);
+            let stem = self.stem(key, generation);
+            let data = Stream::reopen(stem.with_extension("slice"), data_len)?;
+            let keys = Stream::reopen(stem.with_extension("keys"), keys_len)?;
+            named.insert(data.path.clone());
+            named.insert(keys.path.clone());
+            let bytes = keys.read(0, keys_len)?;
+            keys_data.push((key, bytes));
+            self.slices.insert(
+                key,
+                Slice {
+                    generation,
+                    data,
+                    keys,
+                    chunks: Vec::new(),
+                    records: 0,
+                },
+            );
+        }
+        // Whatever the checkpoint does not name came after it (or was doomed by it): remove it.
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| file_error(&self.dir, "list", e))? {
+            let path = entry.map_err(|e| file_error(&self.dir, "list", e))?.path();
+            if !named.contains(&path) {
+                std::fs::remove_file(&path).map_err(|e| file_error(&path, "remove", e))?;
+            }
+        }
+        let puts: usize = keys_data
+            .iter()
+            .map(|(_, k)| k.chunks_exact(8).filter(|e| e[7] & 0x80 == 0).count())
+            .sum();
+        self.ids = IdTable::with_capacity(puts);
+        for (key, bytes) in keys_data {
+            self.rebuild_slice(key, &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds one slice's chunks and id table entries from its `.keys` file.
+    fn rebuild_slice(&mut self, key: SliceKey, keys: &[u8]) -> Result<(), StoreError> {
+        let path = self.slices[&key].keys.path.clone();
+        let damaged = |why: String| StoreError::Open {
+            path: path.display().to_string(),
+            reason: why,
+        };
+        if !keys.len().is_multiple_of(8) {
+            return Err(damaged(format!("{} bytes, not whole entries", keys.len())));
+        }
+        let mut pos = 0u64;
+        for (n, entry) in keys.chunks_exact(8).enumerate() {
+            let fp = u32::from_le_bytes(entry[..4].try_into().expect("4 bytes"));
+            let word = u32::from_le_bytes(entry[4..].try_into().expect("4 bytes"));
+            if word & REMOVED == 0 {
+                let (chunk_id, index) = self.place_record(key, pos)?;
+                let chunk = self.chunks[chunk_id as usize]
+                    .as_mut()
+                    .expect("just placed");
+                pos += u64::from(word);
+                chunk.end = pos;
+                let slice = self.slices.get_mut(&key).expect("restored");
+                slice.records += 1;
+                self.ids.insert(fp, (chunk_id << 8) | index);
+            } else {
+                let loc = self
+                    .loc_of_ordinal(key, word & !REMOVED)
+                    .ok_or_else(|| damaged(format!("entry {n} removes a record not there")))?;
+                if !self.ids.remove(fp, loc) {
+                    return Err(damaged(format!("entry {n} removes a record twice")));
+                }
+            }
+        }
+        let data_len = self.slices[&key].data.len();
+        if pos != data_len {
+            return Err(damaged(format!(
+                "its records add up to {pos} bytes, its .slice file holds {data_len}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn loc_of_ordinal(&self, key: SliceKey, ordinal: u32) -> Option<u32> {
+        let slice = self.slices.get(&key)?;
+        let at = slice
+            .chunks
+            .partition_point(|c| self.chunks[*c as usize].is_some_and(|ch| ch.first <= ordinal));
+        let chunk_id = *slice.chunks.get(at.checked_sub(1)?)?;
+        let chunk = self.chunks[chunk_id as usize]?;
+        (ordinal < chunk.first + chunk.records).then(|| (chunk_id << 8) | (ordinal - chunk.first))
     }
 
     /// Moves the boundaries forward for `now_ms`; true if any moved.
@@ -301,23 +546,34 @@ impl Cold {
         self.written
     }
 
-    fn append(&mut self, key: SliceKey, kind: u8, bytes: &[u8]) -> Result<u32, StoreError> {
-        let slice = match self.slices.get_mut(&key) {
-            Some(slice) => slice,
-            None => {
-                let path = self.dir.join(format!("{}-{:016x}.slice", key.1 + 1, key.0));
-                self.slices.entry(key).or_insert(Slice {
-                    path,
-                    file: None,
-                    flushed: 0,
-                    buf: Vec::new(),
+    /// Why no checkpoint can be written any more, if so.
+    pub(crate) fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    /// The slice `key`, created if needed.
+    fn slice_mut(&mut self, key: SliceKey) -> &mut Slice {
+        if !self.slices.contains_key(&key) {
+            let generation = self.next_generation;
+            self.next_generation += 1;
+            let stem = self.stem(key, generation);
+            self.slices.insert(
+                key,
+                Slice {
+                    generation,
+                    data: Stream::new(stem.with_extension("slice")),
+                    keys: Stream::new(stem.with_extension("keys")),
                     chunks: Vec::new(),
                     records: 0,
-                })
-            }
-        };
-        let pos = slice.len();
-        let open_chunk = slice.chunks.last().copied().filter(|c| {
+                },
+            );
+        }
+        self.slices.get_mut(&key).expect("inserted above")
+    }
+
+    /// The chunk and index a new record at byte `pos` of slice `key` gets.
+    fn place_record(&mut self, key: SliceKey, pos: u64) -> Result<(u32, u32), StoreError> {
+        let open_chunk = self.slices[&key].chunks.last().copied().filter(|c| {
             let chunk = self.chunks[*c as usize].expect("a slice's chunks are allocated");
             chunk.records < CHUNK_RECORDS && chunk.end - chunk.start < CHUNK_BYTES
         });
@@ -329,7 +585,7 @@ impl Cold {
                     start: pos,
                     end: pos,
                     records: 0,
-                    first: slice.records,
+                    first: self.slices[&key].records,
                 };
                 let id = match self.free_chunks.pop() {
                     Some(id) => {
@@ -346,33 +602,28 @@ impl Cold {
                         )));
                     }
                 };
-                slice.chunks.push(id);
+                self.slices.get_mut(&key).expect("exists").chunks.push(id);
                 id
             }
         };
-        let len = 1 + bytes.len();
-        let mut crc = crc32c::crc32c(&[kind]);
-        crc = crc32c::crc32c_append(crc, bytes);
-        slice.buf.extend_from_slice(&(len as u32).to_le_bytes());
-        slice.buf.extend_from_slice(&crc.to_le_bytes());
-        slice.buf.push(kind);
-        slice.buf.extend_from_slice(bytes);
-        slice.records += 1;
-        self.written += 8 + len as u64;
-        let end = slice.len();
         let chunk = self.chunks[chunk_id as usize]
             .as_mut()
             .expect("allocated above");
         let index = chunk.records;
         chunk.records += 1;
-        chunk.end = end;
-        if slice.buf.len() >= FLUSH_BYTES
-            && let Err(error) = slice.flush()
-        {
-            // The records stay buffered and are written with the next flush; the journal has them.
-            tracing::warn!(%error, "cannot write a slice file yet; keeping its records in memory");
+        Ok((chunk_id, index))
+    }
+
+    fn flush_if_full(stream: &mut Stream, created: &mut bool) {
+        if stream.buf.len() >= FLUSH_BYTES {
+            match stream.flush() {
+                Ok(new) => *created |= new,
+                // The bytes stay buffered and are written with the next flush; the journal has them.
+                Err(error) => {
+                    tracing::warn!(%error, "cannot write a slice file yet; keeping it in memory")
+                }
+            }
         }
-        Ok((chunk_id << 8) | index)
     }
 
     /// Adds a cold task (the caller checked [`Cold::is_cold`]).
@@ -384,35 +635,66 @@ impl Cold {
             )));
         };
         let bytes = crate::journal_store::put_bytes(task);
-        let loc = self.append(key, PUT, &bytes)?;
-        self.ids.insert(fingerprint(&task.queue, &task.id), loc);
+        let fp = fingerprint(&task.queue, &task.id);
+        let pos = self.slice_mut(key).data.len();
+        let (chunk_id, index) = self.place_record(key, pos)?;
+        let record_len = 8 + bytes.len() as u64;
+        let slice = self.slices.get_mut(&key).expect("created above");
+        slice
+            .data
+            .buf
+            .extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        slice
+            .data
+            .buf
+            .extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+        slice.data.buf.extend_from_slice(&bytes);
+        slice.keys.buf.extend_from_slice(&fp.to_le_bytes());
+        slice
+            .keys
+            .buf
+            .extend_from_slice(&(record_len as u32).to_le_bytes());
+        slice.records += 1;
+        self.written += record_len + 8;
+        Self::flush_if_full(&mut slice.data, &mut self.created);
+        Self::flush_if_full(&mut slice.keys, &mut self.created);
+        let chunk = self.chunks[chunk_id as usize]
+            .as_mut()
+            .expect("placed above");
+        chunk.end = pos + record_len;
+        self.ids.insert(fp, (chunk_id << 8) | index);
         Ok(())
     }
 
     /// Removes the cold task at `loc` (as found by [`Cold::find`]).
     pub(crate) fn remove(&mut self, queue: &str, id: &str, loc: u32) -> Result<(), StoreError> {
-        if !self.ids.remove(fingerprint(queue, id), loc) {
+        let fp = fingerprint(queue, id);
+        if !self.ids.remove(fp, loc) {
             return Ok(());
         }
         let chunk = self.chunks[(loc >> 8) as usize].expect("a live location's chunk");
         let ordinal = chunk.first + (loc & 0xff);
-        let mut bytes = crate::journal_store::key_bytes(queue, id, 4);
-        bytes.extend_from_slice(&ordinal.to_le_bytes());
-        self.append(chunk.slice, DEL, &bytes)?;
+        let slice = self.slices.get_mut(&chunk.slice).expect("a chunk's slice");
+        slice.keys.buf.extend_from_slice(&fp.to_le_bytes());
+        slice
+            .keys
+            .buf
+            .extend_from_slice(&(REMOVED | ordinal).to_le_bytes());
+        self.written += 8;
+        Self::flush_if_full(&mut slice.keys, &mut self.created);
         Ok(())
     }
 
     fn chunk_records(&self, chunk_id: u32) -> Result<Vec<u8>, StoreError> {
         let chunk = self.chunks[chunk_id as usize]
             .ok_or_else(|| StoreError::Storage(format!("chunk {chunk_id} is not allocated")))?;
-        let slice = &self.slices[&chunk.slice];
-        slice.read(chunk.start, chunk.end)
+        self.slices[&chunk.slice].data.read(chunk.start, chunk.end)
     }
 
     fn damaged(&self, chunk_id: u32, why: String) -> StoreError {
         let path = self.chunks[chunk_id as usize]
             .and_then(|c| self.slices.get(&c.slice))
-            .map_or_else(|| self.dir.clone(), |s| s.path.clone());
+            .map_or_else(|| self.dir.clone(), |s| s.data.path.clone());
         StoreError::Storage(format!("slice file {} damaged: {why}", path.display()))
     }
 
@@ -423,8 +705,8 @@ impl Cold {
             let chunk_id = loc >> 8;
             let data = self.chunk_records(chunk_id)?;
             let records = parse_records(&data).map_err(|why| self.damaged(chunk_id, why))?;
-            let Some((PUT, bytes)) = records.get((loc & 0xff) as usize).copied() else {
-                return Err(self.damaged(chunk_id, format!("no put at location {loc}")));
+            let Some(bytes) = records.get((loc & 0xff) as usize).copied() else {
+                return Err(self.damaged(chunk_id, format!("no record at location {loc}")));
             };
             let (q, i, value) = crate::journal_store::split_key(bytes)
                 .ok_or_else(|| self.damaged(chunk_id, "a bad key".into()))?;
@@ -441,10 +723,7 @@ impl Cold {
         for &chunk_id in &self.slices[&key].chunks {
             let data = self.chunk_records(chunk_id)?;
             let records = parse_records(&data).map_err(|why| self.damaged(chunk_id, why))?;
-            for (index, (kind, bytes)) in records.into_iter().enumerate() {
-                if kind != PUT {
-                    continue;
-                }
+            for (index, bytes) in records.into_iter().enumerate() {
                 let (q, i, value) = crate::journal_store::split_key(bytes)
                     .ok_or_else(|| self.damaged(chunk_id, "a bad key".into()))?;
                 let loc = (chunk_id << 8) | index as u32;
@@ -456,17 +735,19 @@ impl Cold {
         Ok(out)
     }
 
-    /// Drops a slice whose tasks have all been moved out: its file and its chunks.
+    /// Drops a slice whose tasks have all been moved out: its chunks now, its files after the next
+    /// checkpoint (the last one may still name them).
     fn drop_slice(&mut self, key: SliceKey) {
         if let Some(slice) = self.slices.remove(&key) {
             for chunk in slice.chunks {
                 self.chunks[chunk as usize] = None;
                 self.free_chunks.push(chunk);
             }
-            if slice.file.is_some()
-                && let Err(error) = std::fs::remove_file(&slice.path)
-            {
-                tracing::warn!(%error, path = %slice.path.display(), "cannot remove a slice file");
+            for stream in [slice.data, slice.keys] {
+                if stream.file.is_some() {
+                    self.doomed_bytes += stream.flushed;
+                    self.doomed.push(stream.path);
+                }
             }
         }
     }
@@ -507,6 +788,63 @@ impl Cold {
         Ok(())
     }
 
+    /// Writes and syncs every slice file and answers what a checkpoint must record. A failed write
+    /// (a full disk) is an error to retry later; a failed `fdatasync` poisons the tier for good.
+    pub(crate) fn checkpoint(&mut self) -> Result<ColdCheckpoint, StoreError> {
+        if let Some(why) = &self.poisoned {
+            return Err(StoreError::Poisoned(why.clone()));
+        }
+        let mut created = self.created;
+        for slice in self.slices.values_mut() {
+            created |= slice.data.flush()?;
+            created |= slice.keys.flush()?;
+        }
+        let mut synced = Ok(());
+        for slice in self.slices.values_mut() {
+            synced = synced
+                .and_then(|()| slice.data.sync())
+                .and_then(|()| slice.keys.sync());
+        }
+        if created && synced.is_ok() {
+            synced = File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("cannot sync {}: {e}", self.dir.display()));
+        }
+        if let Err(why) = synced {
+            self.poisoned = Some(why.clone());
+            return Err(StoreError::Poisoned(why));
+        }
+        self.created = false;
+        Ok(ColdCheckpoint {
+            loaded: self.loaded,
+            b1: self.b1,
+            b2: self.b2,
+            next_generation: self.next_generation,
+            slices: self
+                .slices
+                .iter()
+                .map(|(&(start, level), s)| {
+                    (start, level, s.generation, s.data.synced, s.keys.synced)
+                })
+                .collect(),
+        })
+    }
+
+    /// A checkpoint was written: the files it no longer names can go.
+    /// Bytes in files waiting for the next checkpoint to be deleted.
+    pub(crate) fn doomed_bytes(&self) -> u64 {
+        self.doomed_bytes
+    }
+
+    pub(crate) fn checkpointed(&mut self) {
+        self.doomed_bytes = 0;
+        for path in std::mem::take(&mut self.doomed) {
+            if let Err(error) = std::fs::remove_file(&path) {
+                tracing::warn!(%error, path = %path.display(), "cannot remove a slice file");
+            }
+        }
+    }
+
     /// Every live cold task, slice by slice in time order.
     pub(crate) fn for_each(&self, mut each: impl FnMut(Task)) -> Result<(), StoreError> {
         for key in self.slices.keys() {
@@ -525,8 +863,8 @@ impl Cold {
         to_ms: u64,
         limit: usize,
     ) -> Result<(Vec<u64>, bool), StoreError> {
-        let mut times = std::collections::BTreeSet::new();
-        for (&(start, level), _) in self.slices.iter() {
+        let mut times = BTreeSet::new();
+        for &(start, level) in self.slices.keys() {
             let width = self.geometry.widths_ms[level as usize];
             if start > to_ms {
                 break;
@@ -534,8 +872,8 @@ impl Cold {
             if start.saturating_add(width) <= from_ms {
                 continue;
             }
-            // Slices are in time order and do not overlap: once `limit` times are known and this
-            // slice starts after the last of them, nothing here can come earlier.
+            // Slices are in time order and do not overlap: once more than `limit` times are known
+            // and this slice starts after the one past the limit, nothing here can come earlier.
             if times.len() > limit && times.iter().nth(limit).is_some_and(|t| *t < start) {
                 break;
             }
@@ -547,5 +885,19 @@ impl Cold {
         }
         let more = times.len() > limit;
         Ok((times.into_iter().take(limit).collect(), more))
+    }
+}
+
+/// Reads a whole file (the checkpoint).
+pub(crate) fn read_all(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    match File::open(path) {
+        Ok(mut file) => {
+            let mut out = Vec::new();
+            file.read_to_end(&mut out)
+                .map_err(|e| file_error(path, "read", e))?;
+            Ok(Some(out))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(file_error(path, "open", e)),
     }
 }

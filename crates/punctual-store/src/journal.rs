@@ -42,6 +42,9 @@ pub const MAX_BATCH_BYTES: usize = 256 << 20;
 pub struct JournalOptions {
     /// A new segment starts once the current one is at least this long.
     pub segment_bytes: u64,
+    /// The sequence number of the first batch when the journal has no segment at all (everything
+    /// before it was released behind a checkpoint).
+    pub first_seq: u64,
     /// Test hooks: make the n-th `fdatasync` (0-based) or `write` fail.
     #[doc(hidden)]
     pub fail_sync_at: Option<u64>,
@@ -53,6 +56,7 @@ impl Default for JournalOptions {
     fn default() -> Self {
         JournalOptions {
             segment_bytes: 64 << 20,
+            first_seq: 1,
             fail_sync_at: None,
             fail_write_at: None,
         }
@@ -187,7 +191,7 @@ impl Journal {
     ) -> Result<Journal, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, "cannot create", e))?;
         let files = segments(dir)?;
-        let mut next_seq = 1u64;
+        let mut next_seq = options.first_seq.max(1);
         let mut tail: Option<(PathBuf, u64)> = None;
         for (index, (first, path)) in files.iter().enumerate() {
             let last_segment = index + 1 == files.len();

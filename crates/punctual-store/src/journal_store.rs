@@ -23,7 +23,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use punctual_core::{Task, TaskState};
 
-use crate::cold::{Cold, SliceGeometry};
+use crate::cold::{Cold, ColdCheckpoint, SliceGeometry};
 use crate::engine::{self, Txn};
 use crate::journal::{Journal, JournalOptions, Record};
 use crate::memory::Inner;
@@ -32,16 +32,18 @@ use crate::{Command, DueTimes, Outcome, Page, QueueCounts, Store, StoreError, co
 /// Record kinds in the journal.
 const PUT: u8 = 1;
 const DELETE: u8 = 2;
-/// Tasks per batch when open rewrites the journal.
-const COMPACT_BATCH: usize = 10_000;
+/// The checkpoint file's magic and format version.
+const CHECKPOINT_MAGIC: &[u8; 4] = b"PCKP";
+const CHECKPOINT_VERSION: u8 = 1;
 
 /// Settings of the journal store.
 #[derive(Debug, Clone)]
 pub struct JournalStoreOptions {
     pub journal: JournalOptions,
-    /// Open compacts the journal when it holds more than 4 records per live task and at least this
-    /// many bytes.
-    pub compact_min_bytes: u64,
+    /// A checkpoint is written once the journal has grown by this many bytes since the last one (or
+    /// by twice the last checkpoint's size, if that is more), and at clean shutdown; recovery replays
+    /// only the journal after it.
+    pub checkpoint_bytes: u64,
     /// New tasks are refused (`NoSpace`, 507) while the journal's file system has less free space
     /// than this; acks, nacks and cancels still go through, until the disk is really full.
     pub min_free_bytes: u64,
@@ -56,7 +58,7 @@ impl Default for JournalStoreOptions {
     fn default() -> Self {
         JournalStoreOptions {
             journal: JournalOptions::default(),
-            compact_min_bytes: 64 << 20,
+            checkpoint_bytes: 32 << 20,
             min_free_bytes: 64 << 20,
             slices: SliceGeometry::default(),
             now_ms: 0,
@@ -75,12 +77,19 @@ pub struct JournalStats {
     pub cold_index_bytes: u64,
     /// Bytes written to slice files since open.
     pub slice_bytes_written: u64,
+    /// Journal records replayed at open (those after the checkpoint).
+    pub replayed_at_open: u64,
 }
 
 struct State {
     mem: Inner,
     cold: Cold,
     journal: Journal,
+    /// Journal bytes appended since the last checkpoint, and the size that last checkpoint had.
+    since_checkpoint: u64,
+    checkpoint_size: u64,
+    /// A checkpoint failed in a way that leaves the disk's state unknown.
+    poisoned: Option<String>,
     /// The last free-space reading: (when, bytes free).
     free: Option<(u64, u64)>,
 }
@@ -99,6 +108,8 @@ pub struct JournalStore {
     state: Mutex<State>,
     dir: PathBuf,
     min_free_bytes: u64,
+    checkpoint_bytes: u64,
+    replayed: u64,
 }
 
 /// One change to undo if the journal refuses the batch.
@@ -424,16 +435,13 @@ fn decode_record(
     Ok((queue, id, new))
 }
 
-fn journal_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
+/// Counts a batch's journal bytes toward the next checkpoint.
+fn state_bytes(records: &[Record], since_checkpoint: &mut u64) {
+    *since_checkpoint += records
+        .iter()
+        .map(|r| 5 + r.bytes.len() as u64)
+        .sum::<u64>()
+        + 16;
 }
 
 /// Hands tasks the cold tier releases to memory (they are scheduled, due before the load horizon).
@@ -446,59 +454,260 @@ fn load_hot(mem: &mut Inner) -> impl FnMut(Task) + '_ {
     }
 }
 
+/// What a checkpoint file holds.
+struct Checkpoint {
+    /// The journal's batches from this sequence number on come after the checkpoint.
+    next_seq: u64,
+    counts: BTreeMap<String, [i64; 5]>,
+    cold: ColdCheckpoint,
+    hot: Vec<Task>,
+}
+
+/// `"PCKP" | version u8 | 3 zero bytes | body length u64 | body | crc32c(body) u32`.
+fn encode_checkpoint(next_seq: u64, mem: &Inner, cold: &ColdCheckpoint) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&next_seq.to_le_bytes());
+    body.extend_from_slice(&(mem.counts.len() as u64).to_le_bytes());
+    for (queue, counts) in &mem.counts {
+        body.extend_from_slice(&(queue.len() as u16).to_le_bytes());
+        body.extend_from_slice(queue.as_bytes());
+        for c in counts {
+            body.extend_from_slice(&c.to_le_bytes());
+        }
+    }
+    cold.encode(&mut body);
+    body.extend_from_slice(&(mem.tasks.len() as u64).to_le_bytes());
+    for task in mem.tasks.values() {
+        let bytes = put_bytes(task);
+        body.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        body.extend_from_slice(&bytes);
+    }
+    let mut out = Vec::with_capacity(body.len() + 24);
+    out.extend_from_slice(CHECKPOINT_MAGIC);
+    out.extend_from_slice(&[CHECKPOINT_VERSION, 0, 0, 0]);
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out
+}
+
+fn decode_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, StoreError> {
+    let damaged = |why: &str| StoreError::Open {
+        path: path.display().to_string(),
+        reason: format!("checkpoint damaged: {why}"),
+    };
+    if bytes.len() < 20 || &bytes[..4] != CHECKPOINT_MAGIC {
+        return Err(damaged("not a checkpoint (bad magic or too short)"));
+    }
+    if bytes[4] != CHECKPOINT_VERSION {
+        return Err(StoreError::FormatVersion {
+            path: path.display().to_string(),
+            found: u64::from(bytes[4]),
+            expected: u64::from(CHECKPOINT_VERSION),
+        });
+    }
+    let len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) as usize;
+    let body = bytes
+        .get(16..16 + len)
+        .ok_or_else(|| damaged("shorter than its length"))?;
+    let crc = bytes
+        .get(16 + len..20 + len)
+        .ok_or_else(|| damaged("no checksum"))?;
+    if crc32c::crc32c(body).to_le_bytes() != crc {
+        return Err(damaged("bad checksum"));
+    }
+    let parse = || -> Option<Checkpoint> {
+        let mut at = 0usize;
+        let u64_at = |at: &mut usize| -> Option<u64> {
+            let v = u64::from_le_bytes(body.get(*at..*at + 8)?.try_into().ok()?);
+            *at += 8;
+            Some(v)
+        };
+        let next_seq = u64_at(&mut at)?;
+        let mut counts = BTreeMap::new();
+        for _ in 0..u64_at(&mut at)? {
+            let n = u16::from_le_bytes(body.get(at..at + 2)?.try_into().ok()?) as usize;
+            let queue = std::str::from_utf8(body.get(at + 2..at + 2 + n)?).ok()?;
+            at += 2 + n;
+            let mut c = [0i64; 5];
+            for slot in &mut c {
+                *slot = i64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?);
+                at += 8;
+            }
+            counts.insert(queue.to_owned(), c);
+        }
+        let cold = ColdCheckpoint::decode(body, &mut at)?;
+        let mut hot = Vec::new();
+        for _ in 0..u64_at(&mut at)? {
+            let n = u32::from_le_bytes(body.get(at..at + 4)?.try_into().ok()?) as usize;
+            let record = body.get(at + 4..at + 4 + n)?;
+            at += 4 + n;
+            let (queue, id, value) = split_key(record)?;
+            hot.push(codec::decode(&queue, &id, value).ok()?);
+        }
+        Some(Checkpoint {
+            next_seq,
+            counts,
+            cold,
+            hot,
+        })
+    };
+    parse().ok_or_else(|| damaged("a field is cut or malformed"))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl State {
+    /// Writes a checkpoint (slice files synced, then the checkpoint file replaced atomically), then
+    /// releases the journal segments and slice files it covers. A full disk leaves everything as it
+    /// was (the next checkpoint tries again); a failed `fdatasync` of slices or of the directory
+    /// poisons the store.
+    fn checkpoint(&mut self, dir: &Path) -> Result<(), StoreError> {
+        if let Some(why) = &self.poisoned {
+            return Err(StoreError::Poisoned(why.clone()));
+        }
+        let cold = self.cold.checkpoint()?;
+        let next_seq = self.journal.next_seq();
+        let bytes = encode_checkpoint(next_seq, &self.mem, &cold);
+        let fresh = dir.join("checkpoint.new");
+        let path = dir.join("checkpoint");
+        let written = std::fs::File::create(&fresh).and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &bytes)?;
+            f.sync_data()
+        });
+        if let Err(error) = written {
+            // The old checkpoint still stands; nothing was released.
+            let _ = std::fs::remove_file(&fresh);
+            return Err(if error.raw_os_error() == Some(28) {
+                StoreError::NoSpace(format!("cannot write {}: {error}", fresh.display()))
+            } else {
+                StoreError::Storage(format!("cannot write {}: {error}", fresh.display()))
+            });
+        }
+        if let Err(error) = std::fs::rename(&fresh, &path).and_then(|()| sync_dir(dir)) {
+            // Which checkpoint a restart finds is unknown now: release nothing, ever again.
+            let why = format!("cannot install {}: {error}", path.display());
+            self.poisoned = Some(why.clone());
+            return Err(StoreError::Poisoned(why));
+        }
+        self.journal.release_before(next_seq)?;
+        self.cold.checkpointed();
+        self.since_checkpoint = 0;
+        self.checkpoint_size = bytes.len() as u64;
+        Ok(())
+    }
+
+    fn poisoned(&self) -> Option<&str> {
+        self.journal
+            .poisoned()
+            .or(self.poisoned.as_deref())
+            .or(self.cold.poisoned())
+    }
+}
+
 impl JournalStore {
-    /// Opens (or creates) the store in `dir` (its journal lives in `dir/journal`, its slice files in
-    /// `dir/slices`), replaying the journal; compacts it first when it has grown to several times the
-    /// live data.
+    /// Opens (or creates) the store in `dir`: its checkpoint (`dir/checkpoint`), the slice files it
+    /// names (`dir/slices`), then the journal after it (`dir/journal`). Without a checkpoint (a new
+    /// directory, or one written before checkpoints existed) the whole journal is replayed and a
+    /// checkpoint written at once.
     pub fn open(dir: &Path, options: &JournalStoreOptions) -> Result<JournalStore, StoreError> {
         let journal_dir = dir.join("journal");
-        let fresh = dir.join("journal.new");
-        let old = dir.join("journal.old");
-        // A compaction cut short: finish the switch, or drop the half-written copy.
-        if !journal_dir.exists() && fresh.exists() {
-            std::fs::rename(&fresh, &journal_dir).map_err(|e| StoreError::Open {
-                path: fresh.display().to_string(),
-                reason: e.to_string(),
-            })?;
-        }
-        let _ = std::fs::remove_dir_all(&fresh);
-        let _ = std::fs::remove_dir_all(&old);
+        // Left by the stage-1 store's compaction at open, which no longer exists.
+        let _ = std::fs::remove_dir_all(dir.join("journal.new"));
+        let _ = std::fs::remove_dir_all(dir.join("journal.old"));
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            path: dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let _ = std::fs::remove_file(dir.join("checkpoint.new"));
+        let checkpoint_path = dir.join("checkpoint");
+        let checkpoint = crate::cold::read_all(&checkpoint_path)?
+            .map(|bytes| decode_checkpoint(&checkpoint_path, &bytes))
+            .transpose()?;
         let mut mem = Inner::default();
-        let mut cold = Cold::create(&dir.join("slices"), options.slices.clone(), options.now_ms)?;
+        let (mut cold, first_seq) = match &checkpoint {
+            Some(cp) => {
+                for task in &cp.hot {
+                    engine::write(&mut mem, None, Some(task))?;
+                }
+                mem.counts = cp.counts.clone();
+                let cold = Cold::open(
+                    &dir.join("slices"),
+                    options.slices.clone(),
+                    Some(&cp.cold),
+                    options.now_ms,
+                )?;
+                (cold, cp.next_seq)
+            }
+            None => (
+                Cold::open(
+                    &dir.join("slices"),
+                    options.slices.clone(),
+                    None,
+                    options.now_ms,
+                )?,
+                1,
+            ),
+        };
         let mut records = 0u64;
-        let journal = Journal::open(&journal_dir, options.journal.clone(), |_, batch| {
+        let mut bytes = 0u64;
+        let mut journal_options = options.journal.clone();
+        journal_options.first_seq = first_seq;
+        let gap = |found: String| StoreError::Open {
+            path: journal_dir.display().to_string(),
+            reason: format!(
+                "the checkpoint covers the journal up to batch {first_seq}, but the journal {found}; \
+                 batches in between are missing"
+            ),
+        };
+        let journal = Journal::open(&journal_dir, journal_options, |seq, batch| {
+            if seq < first_seq {
+                return Ok(());
+            }
+            if records == 0 && seq > first_seq {
+                return Err(gap(format!("starts at batch {seq}")));
+            }
             records += batch.len() as u64;
+            bytes += batch.iter().map(|r| 5 + r.bytes.len() as u64).sum::<u64>() + 16;
             set_final(
                 &mut mem,
                 &mut cold,
                 batch.iter().map(|r| decode_record(r, &journal_dir)),
             )
         })?;
+        if journal.next_seq() < first_seq {
+            return Err(gap(format!("ends before batch {}", journal.next_seq())));
+        }
+        cold.advance(options.now_ms, load_hot(&mut mem))?;
         mem.forget_empty_queues();
         let store = JournalStore {
             state: Mutex::new(State {
                 mem,
                 cold,
                 journal,
+                since_checkpoint: bytes,
+                checkpoint_size: 0,
+                poisoned: None,
                 free: None,
             }),
             dir: dir.to_owned(),
             min_free_bytes: options.min_free_bytes,
+            checkpoint_bytes: options.checkpoint_bytes,
+            replayed: records,
         };
         let stats = store.stats();
-        let live = stats.hot_tasks + stats.cold_tasks;
-        let on_disk = journal_bytes(&journal_dir);
         tracing::info!(
-            dir = %journal_dir.display(),
-            records,
-            live,
+            dir = %dir.display(),
+            from_checkpoint = checkpoint.is_some(),
+            replayed = records,
             hot = stats.hot_tasks,
             cold = stats.cold_tasks,
-            bytes = on_disk,
-            "journal replayed"
+            "journal store opened"
         );
-        if records > 4 * live.max(1) && on_disk >= options.compact_min_bytes {
-            store.compact(options)?;
+        if checkpoint.is_none() && records > 0 {
+            store.lock().checkpoint(dir)?;
         }
         Ok(store)
     }
@@ -511,51 +720,8 @@ impl JournalStore {
             cold_tasks: state.cold.len() as u64,
             cold_index_bytes: state.cold.index_bytes() as u64,
             slice_bytes_written: state.cold.bytes_written(),
+            replayed_at_open: self.replayed,
         }
-    }
-
-    /// Rewrites the journal as one put per live task, then switches to it (crash-safe: the old
-    /// journal stays the truth until the new one is complete and renamed into place).
-    fn compact(&self, options: &JournalStoreOptions) -> Result<(), StoreError> {
-        let mut state = self.lock();
-        let journal_dir = self.dir.join("journal");
-        let fresh = self.dir.join("journal.new");
-        let old = self.dir.join("journal.old");
-        let io =
-            |what: &str, e: std::io::Error| StoreError::Storage(format!("compaction: {what}: {e}"));
-        let mut next = Journal::open(&fresh, options.journal.clone(), |_, _| Ok(()))?;
-        let mut batch: Vec<Record> = Vec::with_capacity(COMPACT_BATCH);
-        let mut failed: Option<StoreError> = None;
-        let mut add = |task: &Task, batch: &mut Vec<Record>| {
-            batch.push(put_record(task));
-            if batch.len() >= COMPACT_BATCH && failed.is_none() {
-                if let Err(error) = next.append(batch) {
-                    failed = Some(error);
-                }
-                batch.clear();
-            }
-        };
-        for task in state.mem.tasks.values() {
-            add(task, &mut batch);
-        }
-        state.cold.for_each(|task| add(&task, &mut batch))?;
-        if let Some(error) = failed {
-            return Err(error);
-        }
-        if !batch.is_empty() {
-            next.append(&batch)?;
-        }
-        drop(next);
-        std::fs::rename(&journal_dir, &old).map_err(|e| io("rename the old journal", e))?;
-        std::fs::rename(&fresh, &journal_dir).map_err(|e| io("rename the new journal", e))?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("sync the data directory", e))?;
-        let _ = std::fs::remove_dir_all(&old);
-        let live = state.mem.tasks.len() + state.cold.len();
-        state.journal = Journal::open(&journal_dir, options.journal.clone(), |_, _| Ok(()))?;
-        tracing::info!(live, "journal compacted");
-        Ok(())
     }
 
     /// Copies every task of `source` (another store, e.g. the redb file of an earlier release) into
@@ -574,10 +740,15 @@ impl JournalStore {
                 if !page.tasks.is_empty() {
                     let mut state = self.lock();
                     let State {
-                        mem, cold, journal, ..
+                        mem,
+                        cold,
+                        journal,
+                        since_checkpoint,
+                        ..
                     } = &mut *state;
                     let records: Vec<Record> = page.tasks.iter().map(put_record).collect();
                     journal.append(&records)?;
+                    state_bytes(&records, since_checkpoint);
                     set_final(
                         mem,
                         cold,
@@ -585,6 +756,9 @@ impl JournalStore {
                             .iter()
                             .map(|t| Ok((t.queue.clone(), t.id.clone(), Some(t.clone())))),
                     )?;
+                    if *since_checkpoint >= self.checkpoint_bytes {
+                        state.checkpoint(&self.dir)?;
+                    }
                     copied += page.tasks.len() as u64;
                     progress(copied);
                 }
@@ -610,15 +784,17 @@ impl JournalStore {
 impl Store for JournalStore {
     fn apply(&self, now_ms: u64, commands: &[Command]) -> Result<Vec<Outcome>, StoreError> {
         let mut state = self.lock();
+        if let Some(why) = state.poisoned() {
+            return Err(StoreError::Poisoned(why.to_owned()));
+        }
         let State {
             mem,
             cold,
             journal,
             free,
+            since_checkpoint,
+            ..
         } = &mut *state;
-        if let Some(why) = journal.poisoned() {
-            return Err(StoreError::Poisoned(why.to_owned()));
-        }
         if self.min_free_bytes > 0 && commands.iter().any(|c| matches!(c, Command::Schedule(_))) {
             let reading = match *free {
                 Some((at, bytes)) if now_ms.saturating_sub(at) < FREE_SPACE_EVERY_MS => Some(bytes),
@@ -653,14 +829,26 @@ impl Store for JournalStore {
                 }
             }
         }
-        if durable
-            && !logged.touched.is_empty()
-            && let Err(error) = journal.append(&logged.records())
-        {
-            logged.rollback();
-            return Err(error);
+        if durable && !logged.touched.is_empty() {
+            let records = logged.records();
+            if let Err(error) = journal.append(&records) {
+                logged.rollback();
+                return Err(error);
+            }
+            state_bytes(&records, since_checkpoint);
         }
         logged.settle();
+        let due = state.since_checkpoint >= self.checkpoint_bytes.max(2 * state.checkpoint_size)
+            || state.cold.doomed_bytes() >= self.checkpoint_bytes;
+        // A clean shutdown checkpoints, so the next start replays nothing.
+        let shutdown = commands.iter().any(|c| matches!(c, Command::Sync));
+        if (due || shutdown)
+            && let Err(error) = state.checkpoint(&self.dir)
+        {
+            // The commit stands (the journal has it); the checkpoint is tried again later, unless
+            // the store is now poisoned, which the next commit reports.
+            tracing::error!(%error, "checkpoint failed");
+        }
         Ok(outcomes)
     }
 
@@ -738,7 +926,7 @@ impl Store for JournalStore {
     }
 
     fn health(&self) -> Result<(), StoreError> {
-        match self.lock().journal.poisoned() {
+        match self.lock().poisoned() {
             Some(why) => Err(StoreError::Poisoned(why.to_owned())),
             None => Ok(()),
         }
