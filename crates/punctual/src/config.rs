@@ -31,6 +31,10 @@ pub struct ServeOpts {
     /// this, in MiB, keeping room for acks and recovery; 0 turns the check off [default: 64].
     #[arg(long, env = "PUNCTUAL_MIN_FREE_DISK_MB")]
     pub min_free_disk_mb: Option<u64>,
+    /// Journal store: write a checkpoint each time the journal has grown by this many MiB, so a
+    /// restart replays at most about this much [default: 32].
+    #[arg(long, env = "PUNCTUAL_CHECKPOINT_MB")]
+    pub checkpoint_mb: Option<u64>,
     /// Address to serve HTTP on [default: 127.0.0.1:7070].
     #[arg(long, env = "PUNCTUAL_HTTP")]
     pub http: Option<SocketAddr>,
@@ -190,6 +194,7 @@ pub struct Settings {
     pub idle_timeout_ms: u64,
     pub max_body_memory_mb: usize,
     pub min_free_disk_mb: u64,
+    pub checkpoint_mb: u64,
     /// `redb` (embedded), `redis` or `redis-cluster`.
     pub store: &'static str,
     #[serde(skip)]
@@ -382,6 +387,7 @@ impl ServeOpts {
                 .min_free_disk_mb
                 .or(file.min_free_disk_mb)
                 .unwrap_or(64),
+            checkpoint_mb: self.checkpoint_mb.or(file.checkpoint_mb).unwrap_or(32),
         };
         let settings = Settings {
             webhook_signing: settings.webhook_secret.is_some(),
@@ -425,6 +431,9 @@ impl Settings {
             if !(100..=3_600_000).contains(&ms) {
                 bail!("{name} must be between 100 and 3600000");
             }
+        }
+        if !(1..=65_536).contains(&self.checkpoint_mb) {
+            bail!("checkpoint_mb must be between 1 and 65536");
         }
         if !(1..=65_536).contains(&self.max_body_memory_mb) {
             bail!("max_body_memory_mb must be between 1 and 65536");

@@ -308,6 +308,7 @@ fn open_store(settings: &config::Settings) -> Result<Arc<dyn Store>> {
     if settings.store == "journal" {
         let options = JournalStoreOptions {
             min_free_bytes: settings.min_free_disk_mb << 20,
+            checkpoint_bytes: settings.checkpoint_mb << 20,
             now_ms: punctual_server::Clock.now_ms(),
             ..JournalStoreOptions::default()
         };

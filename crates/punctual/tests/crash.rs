@@ -236,7 +236,12 @@ async fn sigkill_on_the_journal_store_loses_and_resurrects_nothing() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
-    kill_and_check(Until::Rounds(rounds), &["--store", "journal"]).await;
+    // Checkpoints every MiB, so kills land before, during and after them.
+    kill_and_check(
+        Until::Rounds(rounds),
+        &["--store", "journal", "--checkpoint-mb", "1"],
+    )
+    .await;
 }
 
 /// The soak: the same mixed load with random `kill -9` for `PUNCTUAL_SOAK_MINUTES` (default 10),
