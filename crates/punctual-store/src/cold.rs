@@ -249,8 +249,9 @@ enum Place {
     Slice(SliceKey),
 }
 
-/// The records of a chunk, parsed.
-fn parse_records(data: &[u8]) -> Result<Vec<&[u8]>, String> {
+/// The records of a chunk, parsed, with their stored checksums; each checked only if `verify` (a
+/// lookup checks just the record it takes).
+fn parse_records(data: &[u8], verify: bool) -> Result<Vec<(u32, &[u8])>, String> {
     let mut out = Vec::new();
     let mut at = 0usize;
     while at < data.len() {
@@ -262,10 +263,10 @@ fn parse_records(data: &[u8]) -> Result<Vec<&[u8]>, String> {
         let body = data
             .get(at + 8..at + 8 + len)
             .ok_or_else(|| format!("record of {len} bytes cut at byte {at}"))?;
-        if crc32c::crc32c(body) != crc {
+        if verify && crc32c::crc32c(body) != crc {
             return Err(format!("bad checksum at byte {at}"));
         }
-        out.push(body);
+        out.push((crc, body));
         at += 8 + len;
     }
     Ok(out)
@@ -432,19 +433,22 @@ impl Cold {
                 std::fs::remove_file(&path).map_err(|e| file_error(&path, "remove", e))?;
             }
         }
-        let puts: usize = keys_data
-            .iter()
-            .map(|(_, k)| k.chunks_exact(8).filter(|e| e[7] & 0x80 == 0).count())
-            .sum();
-        self.ids = IdTable::with_capacity(puts);
+        let mut entries = Vec::new();
         for (key, bytes) in keys_data {
-            self.rebuild_slice(key, &bytes)?;
+            self.rebuild_slice(key, &bytes, &mut entries)?;
         }
+        self.ids = IdTable::from_entries(entries);
         Ok(())
     }
 
-    /// Rebuilds one slice's chunks and id table entries from its `.keys` file.
-    fn rebuild_slice(&mut self, key: SliceKey, keys: &[u8]) -> Result<(), StoreError> {
+    /// Rebuilds one slice's chunks from its `.keys` file, adding its live entries to `entries`
+    /// (`fingerprint << LOC_BITS | location`).
+    fn rebuild_slice(
+        &mut self,
+        key: SliceKey,
+        keys: &[u8],
+        entries: &mut Vec<u64>,
+    ) -> Result<(), StoreError> {
         let path = self.slices[&key].keys.path.clone();
         let damaged = |why: String| StoreError::Open {
             path: path.display().to_string(),
@@ -454,6 +458,8 @@ impl Cold {
             return Err(damaged(format!("{} bytes, not whole entries", keys.len())));
         }
         let mut pos = 0u64;
+        // By ordinal: `fingerprint << LOC_BITS | location`, or 0 once removed.
+        let mut puts: Vec<u64> = Vec::new();
         for (n, entry) in keys.chunks_exact(8).enumerate() {
             let fp = u32::from_le_bytes(entry[..4].try_into().expect("4 bytes"));
             let word = u32::from_le_bytes(entry[4..].try_into().expect("4 bytes"));
@@ -466,16 +472,17 @@ impl Cold {
                 chunk.end = pos;
                 let slice = self.slices.get_mut(&key).expect("restored");
                 slice.records += 1;
-                self.ids.insert(fp, (chunk_id << 8) | index);
+                puts.push((u64::from(fp) << LOC_BITS) | u64::from((chunk_id << 8) | index));
             } else {
-                let loc = self
-                    .loc_of_ordinal(key, word & !REMOVED)
-                    .ok_or_else(|| damaged(format!("entry {n} removes a record not there")))?;
-                if !self.ids.remove(fp, loc) {
-                    return Err(damaged(format!("entry {n} removes a record twice")));
+                let ordinal = (word & !REMOVED) as usize;
+                match puts.get_mut(ordinal) {
+                    Some(put) if *put >> LOC_BITS == u64::from(fp) => *put = 0,
+                    Some(0) => return Err(damaged(format!("entry {n} removes a record twice"))),
+                    _ => return Err(damaged(format!("entry {n} removes a record not there"))),
                 }
             }
         }
+        entries.extend(puts.into_iter().filter(|p| *p != 0));
         let data_len = self.slices[&key].data.len();
         if pos != data_len {
             return Err(damaged(format!(
@@ -483,16 +490,6 @@ impl Cold {
             )));
         }
         Ok(())
-    }
-
-    fn loc_of_ordinal(&self, key: SliceKey, ordinal: u32) -> Option<u32> {
-        let slice = self.slices.get(&key)?;
-        let at = slice
-            .chunks
-            .partition_point(|c| self.chunks[*c as usize].is_some_and(|ch| ch.first <= ordinal));
-        let chunk_id = *slice.chunks.get(at.checked_sub(1)?)?;
-        let chunk = self.chunks[chunk_id as usize]?;
-        (ordinal < chunk.first + chunk.records).then(|| (chunk_id << 8) | (ordinal - chunk.first))
     }
 
     /// Moves the boundaries forward for `now_ms`; true if any moved.
@@ -704,10 +701,13 @@ impl Cold {
         for loc in candidates {
             let chunk_id = loc >> 8;
             let data = self.chunk_records(chunk_id)?;
-            let records = parse_records(&data).map_err(|why| self.damaged(chunk_id, why))?;
-            let Some(bytes) = records.get((loc & 0xff) as usize).copied() else {
+            let records = parse_records(&data, false).map_err(|why| self.damaged(chunk_id, why))?;
+            let Some((crc, bytes)) = records.get((loc & 0xff) as usize).copied() else {
                 return Err(self.damaged(chunk_id, format!("no record at location {loc}")));
             };
+            if crc32c::crc32c(bytes) != crc {
+                return Err(self.damaged(chunk_id, format!("bad checksum at location {loc}")));
+            }
             let (q, i, value) = crate::journal_store::split_key(bytes)
                 .ok_or_else(|| self.damaged(chunk_id, "a bad key".into()))?;
             if q == queue && i == id {
@@ -722,8 +722,8 @@ impl Cold {
         let mut out = Vec::new();
         for &chunk_id in &self.slices[&key].chunks {
             let data = self.chunk_records(chunk_id)?;
-            let records = parse_records(&data).map_err(|why| self.damaged(chunk_id, why))?;
-            for (index, bytes) in records.into_iter().enumerate() {
+            let records = parse_records(&data, true).map_err(|why| self.damaged(chunk_id, why))?;
+            for (index, (_, bytes)) in records.into_iter().enumerate() {
                 let (q, i, value) = crate::journal_store::split_key(bytes)
                     .ok_or_else(|| self.damaged(chunk_id, "a bad key".into()))?;
                 let loc = (chunk_id << 8) | index as u32;

@@ -3,10 +3,14 @@
 //! so 100 M pending tasks take ~0.8 GB (spike 2 measured 6-byte slots: 6.67 B per task at 90 % load,
 //! 86 ns a hit).
 //!
-//! Open addressing with linear probing over slots of a 26-bit fingerprint and a 30-bit location. The
-//! fingerprint also decides the home slot (multiply-shift over the table size), so an entry's home can
-//! be recomputed from the slot alone: that is what lets removal shift later entries back instead of
-//! leaving tombstones. Two keys can share a fingerprint (about 1 in 67 million per pair), so a lookup
+//! Open addressing with *ordered* linear probing (Amble and Knuth's ordered hash table) over slots of a
+//! 28-bit fingerprint and a 28-bit location. The fingerprint also decides the home slot (multiply-shift
+//! over the table size, so homes grow with fingerprints), and every run of occupied slots is kept in
+//! fingerprint order: a lookup stops at the first larger fingerprint, so a miss costs no more than a
+//! hit (about 7 slots at 92 % load, where plain linear probing scans about 78). An entry's home can be
+//! recomputed from the slot alone, which lets removal shift later entries back instead of leaving
+//! tombstones. The table does not wrap around: a little spare room after the last home takes the
+//! runs that reach the end. Two keys can share a fingerprint (about 1 in 268 million per pair), so a lookup
 //! answers every *candidate* location and the caller confirms against the record it reads; the table
 //! never decides on its own that a key exists. A location names one record exactly, so a confirmed
 //! candidate is the key's live record.
@@ -15,9 +19,9 @@
 type Slot = [u8; 7];
 
 /// Bits of the fingerprint.
-pub const FP_BITS: u32 = 26;
+pub const FP_BITS: u32 = 28;
 /// Bits of a location.
-pub const LOC_BITS: u32 = 30;
+pub const LOC_BITS: u32 = 28;
 
 /// The table grows (×1.25) when it would pass this load, in percent, so it stays between 74 % and
 /// 92 % full once it has grown: 7.6–9.5 bytes per entry.
@@ -39,6 +43,8 @@ pub fn fingerprint(queue: &str, id: &str) -> u32 {
 #[derive(Debug, Clone)]
 pub struct IdTable {
     slots: Vec<Slot>,
+    /// Home slots; the rest are spare room at the end.
+    homes: usize,
     len: usize,
 }
 
@@ -70,14 +76,39 @@ impl Default for IdTable {
     }
 }
 
+/// Slots past the last home, so a run near the end never needs to wrap around.
+fn spare(homes: usize) -> usize {
+    64 + homes / 64
+}
+
 impl IdTable {
     /// A table that holds `entries` before it first grows.
     pub fn with_capacity(entries: usize) -> IdTable {
-        let slots = (entries * 100 / MAX_LOAD_PERCENT).max(16) + 1;
+        let homes = (entries * 100 / MAX_LOAD_PERCENT).max(16) + 1;
         IdTable {
-            slots: vec![EMPTY; slots],
+            slots: vec![EMPTY; homes + spare(homes)],
+            homes,
             len: 0,
         }
+    }
+
+    /// A table of `entries` (`fingerprint << LOC_BITS | location` each), built in one pass after
+    /// sorting them: far cheaper than inserting them one by one into a nearly full table.
+    pub fn from_entries(mut entries: Vec<u64>) -> IdTable {
+        entries.sort_unstable();
+        let mut table = IdTable::with_capacity(entries.len());
+        let mut next = 0usize;
+        for packed in entries {
+            let fp = (packed >> LOC_BITS) as u32;
+            let at = table.home(fp).max(next);
+            if at >= table.slots.len() {
+                table.slots.resize(at + 1 + spare(table.homes), EMPTY);
+            }
+            table.slots[at] = slot(fp, (packed & ((1 << LOC_BITS) - 1)) as u32);
+            next = at + 1;
+            table.len += 1;
+        }
+        table
     }
 
     pub fn len(&self) -> usize {
@@ -94,39 +125,50 @@ impl IdTable {
     }
 
     fn home(&self, fp: u32) -> usize {
-        ((u64::from(fp) * self.slots.len() as u64) >> FP_BITS) as usize
-    }
-
-    fn next(&self, i: usize) -> usize {
-        if i + 1 == self.slots.len() { 0 } else { i + 1 }
+        ((u64::from(fp) * self.homes as u64) >> FP_BITS) as usize
     }
 
     /// Adds an entry (a key may have one entry; the caller removes the old one when a task moves).
     pub fn insert(&mut self, fp: u32, loc: u32) {
         debug_assert!(fp != 0 && fp < (1 << FP_BITS), "fingerprint {fp}");
         debug_assert!(loc < (1 << LOC_BITS), "location {loc}");
-        if (self.len + 1) * 100 > self.slots.len() * MAX_LOAD_PERCENT {
+        if (self.len + 1) * 100 > self.homes * MAX_LOAD_PERCENT {
             self.grow();
         }
-        let mut i = self.home(fp);
-        while fp_of(&self.slots[i]) != 0 {
-            i = self.next(i);
+        loop {
+            // Runs are kept in fingerprint order: skip the smaller (and equal) ones, then shift the
+            // rest of the run up by one slot.
+            let mut i = self.home(fp);
+            while i < self.slots.len() && fp_of(&self.slots[i]) != 0 && fp_of(&self.slots[i]) <= fp
+            {
+                i += 1;
+            }
+            let mut j = i;
+            while j < self.slots.len() && fp_of(&self.slots[j]) != 0 {
+                j += 1;
+            }
+            if j == self.slots.len() {
+                self.grow();
+                continue;
+            }
+            self.slots.copy_within(i..j, i + 1);
+            self.slots[i] = slot(fp, loc);
+            self.len += 1;
+            return;
         }
-        self.slots[i] = slot(fp, loc);
-        self.len += 1;
     }
 
     /// Every location stored under `fp` (usually none or one), handed to `each`.
     pub fn for_each_candidate(&self, fp: u32, mut each: impl FnMut(u32)) {
         let mut i = self.home(fp);
-        loop {
-            let s = &self.slots[i];
+        while let Some(s) = self.slots.get(i) {
             match fp_of(s) {
                 0 => return,
+                f if f > fp => return,
                 f if f == fp => each(loc_of(s)),
                 _ => {}
             }
-            i = self.next(i);
+            i += 1;
         }
     }
 
@@ -148,44 +190,37 @@ impl IdTable {
     pub fn remove(&mut self, fp: u32, loc: u32) -> bool {
         let mut i = self.home(fp);
         loop {
-            let s = &self.slots[i];
+            let Some(s) = self.slots.get(i) else {
+                return false;
+            };
             match fp_of(s) {
                 0 => return false,
+                f if f > fp => return false,
                 f if f == fp && loc_of(s) == loc => break,
-                _ => i = self.next(i),
+                _ => i += 1,
             }
         }
-        // Backward-shift deletion: pull later entries of the run back over the hole when their home
-        // allows it, so no tombstones pile up.
-        let mut hole = i;
-        let mut j = self.next(i);
-        loop {
-            let f = fp_of(&self.slots[j]);
-            if f == 0 {
-                break;
-            }
-            let home = self.home(f);
-            // Does the entry at j belong at or before the hole (cyclically)?
-            let movable = if hole <= j {
-                home <= hole || home > j
-            } else {
-                home <= hole && home > j
-            };
-            if movable {
-                self.slots[hole] = self.slots[j];
-                hole = j;
-            }
-            j = self.next(j);
+        // Backward shift: the displaced entries after the hole move down one slot, up to the first
+        // empty slot or entry at its home, so no tombstones pile up and the order holds.
+        let mut j = i + 1;
+        while j < self.slots.len()
+            && fp_of(&self.slots[j]) != 0
+            && self.home(fp_of(&self.slots[j])) < j
+        {
+            j += 1;
         }
-        self.slots[hole] = EMPTY;
+        self.slots.copy_within(i + 1..j, i);
+        self.slots[j - 1] = EMPTY;
         self.len -= 1;
         true
     }
 
     fn grow(&mut self) {
         let old = std::mem::take(&mut self.slots);
-        self.slots = vec![EMPTY; old.len() + old.len() / 4 + 1];
+        self.homes = self.homes + self.homes / 4 + 1;
+        self.slots = vec![EMPTY; self.homes + spare(self.homes)];
         self.len = 0;
+        // The old slots are in fingerprint order, so each entry lands at the end of its run.
         for s in old {
             if fp_of(&s) != 0 {
                 self.insert(fp_of(&s), loc_of(&s));
@@ -235,6 +270,38 @@ mod tests {
             "{} bytes",
             table.bytes()
         );
+    }
+
+    #[test]
+    fn a_table_built_from_entries_answers_as_one_built_by_inserts() {
+        let entries: Vec<(u32, u32)> = (0..50_000u32)
+            .map(|i| (fingerprint("q", &i.to_string()), i * 3))
+            .chain((0..100).map(|i| (1, i)))
+            .collect();
+        let mut built = IdTable::from_entries(
+            entries
+                .iter()
+                .map(|(f, l)| (u64::from(*f) << LOC_BITS) | u64::from(*l))
+                .collect(),
+        );
+        let mut inserted = IdTable::default();
+        for (f, l) in &entries {
+            inserted.insert(*f, *l);
+        }
+        assert_eq!(built.len(), inserted.len());
+        for (f, _) in &entries {
+            let (mut a, mut b) = (built.candidates(*f), inserted.candidates(*f));
+            a.sort_unstable();
+            b.sort_unstable();
+            assert_eq!(a, b);
+        }
+        // It goes on working as a table: removals and inserts.
+        for (f, l) in entries.iter().step_by(2) {
+            assert!(built.remove(*f, *l));
+        }
+        built.insert(7, 7);
+        assert!(built.contains(7, 7));
+        assert_eq!(built.len(), entries.len() / 2 + 1);
     }
 
     /// A small fingerprint space forces collisions and long runs: the model is a multiset of

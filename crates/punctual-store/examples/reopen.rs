@@ -1,0 +1,53 @@
+//! Fills a journal store with N scheduled tasks due over 30 days, then times reopening it:
+//! `cargo run --release -p punctual-store --example reopen -- DIR N` (N in tasks; an existing DIR
+//! is only reopened). Prints the phases' times, for profiling recovery.
+#![allow(clippy::disallowed_methods)] // A timing tool.
+
+use std::time::Instant;
+
+use punctual_core::Task;
+use punctual_store::{Command, JournalStore, JournalStoreOptions, Store};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let dir = std::path::PathBuf::from(args.next().expect("DIR"));
+    let n: u64 = args.next().map_or(1_000_000, |a| a.parse().expect("N"));
+    let now = 1_800_000_000_000u64;
+    let options = JournalStoreOptions {
+        now_ms: now,
+        ..JournalStoreOptions::default()
+    };
+    if !dir.join("checkpoint").exists() {
+        let store = JournalStore::open(&dir, &options).unwrap();
+        let started = Instant::now();
+        let month = 30 * 86_400_000u64;
+        for chunk in 0..n.div_ceil(1_000) {
+            let batch: Vec<Command> = (chunk * 1_000..((chunk + 1) * 1_000).min(n))
+                .map(|i| {
+                    let due = now + 60_000 + (i.wrapping_mul(2_654_435_761) % month);
+                    let task: Task = punctual_store::conformance::task(
+                        "bench",
+                        &format!("task-{i:010}"),
+                        due,
+                        3,
+                        &[1_000],
+                    );
+                    Command::Schedule(Box::new(task))
+                })
+                .collect();
+            store.apply(now, &batch).unwrap();
+        }
+        println!(
+            "filled {n} in {:.2?}: {:?}",
+            started.elapsed(),
+            store.stats()
+        );
+        // A crash, not a clean shutdown: no final checkpoint.
+        std::mem::forget(store);
+    }
+    let started = Instant::now();
+    let store = JournalStore::open(&dir, &options).unwrap();
+    println!("reopened in {:.2?}: {:?}", started.elapsed(), store.stats());
+    let got = store.get("bench", "task-0000000007").unwrap();
+    println!("a get: {:?}", got.map(|t| t.run_at_ms));
+}
