@@ -11,7 +11,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use punctual_core::time::{format_rfc3339_ms, parse_rfc3339_ms};
@@ -934,9 +934,20 @@ struct BatchRequest {
     tasks: Vec<Box<RawValue>>,
 }
 
+/// Whether the request asks for a minimal answer (`Prefer: return=minimal`, RFC 7240).
+fn prefers_minimal(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("return=minimal"))
+}
+
 async fn batch(
     State(state): State<AppState>,
     p: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let queue = queue_path(&state, p)?;
@@ -991,22 +1002,38 @@ async fn batch(
             })
         })
         .collect();
+    let minimal = prefers_minimal(&headers);
     let items: Vec<BatchItem<'_>> = answers
         .iter()
         .map(|answer| match answer {
+            Ok((status, task)) if minimal => BatchItem {
+                status: status.as_u16(),
+                id: Some(&task.id),
+                task: None,
+                error: None,
+            },
             Ok((status, task)) => BatchItem {
                 status: status.as_u16(),
+                id: None,
                 task: Some(view(task, false)),
                 error: None,
             },
             Err(error) => BatchItem {
                 status: error.status.as_u16(),
+                id: None,
                 task: None,
                 error: Some(error.into()),
             },
         })
         .collect();
-    Ok(axum::Json(Results { results: items }).into_response())
+    let mut response = axum::Json(Results { results: items }).into_response();
+    if minimal {
+        response.headers_mut().insert(
+            "preference-applied",
+            axum::http::HeaderValue::from_static("return=minimal"),
+        );
+    }
+    Ok(response)
 }
 
 /// `{"results": [...]}`, the answer of every per-item endpoint (batch, ack many).
@@ -1018,6 +1045,9 @@ struct Results<T> {
 #[derive(Serialize)]
 struct BatchItem<'a> {
     status: u16,
+    /// With `Prefer: return=minimal`: the task's id instead of the whole task.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     task: Option<TaskView<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]

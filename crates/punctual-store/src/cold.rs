@@ -623,15 +623,23 @@ impl Cold {
         }
     }
 
-    /// Adds a cold task (the caller checked [`Cold::is_cold`]).
-    pub(crate) fn insert(&mut self, task: &Task) -> Result<(), StoreError> {
+    /// Adds a cold task (the caller checked [`Cold::is_cold`]); `encoded` is its put's bytes when
+    /// the caller has them already.
+    pub(crate) fn insert(&mut self, task: &Task, encoded: Option<&[u8]>) -> Result<(), StoreError> {
         let Place::Slice(key) = self.place(task.run_at_ms) else {
             return Err(StoreError::Storage(format!(
                 "{}/{} is not cold",
                 task.queue, task.id
             )));
         };
-        let bytes = crate::journal_store::put_bytes(task);
+        let owned;
+        let bytes = match encoded {
+            Some(bytes) => bytes,
+            None => {
+                owned = crate::journal_store::put_bytes(task);
+                &owned
+            }
+        };
         let fp = fingerprint(&task.queue, &task.id);
         let pos = self.slice_mut(key).data.len();
         let (chunk_id, index) = self.place_record(key, pos)?;
@@ -645,7 +653,7 @@ impl Cold {
             .data
             .buf
             .extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
-        slice.data.buf.extend_from_slice(&bytes);
+        slice.data.buf.extend_from_slice(bytes);
         slice.keys.buf.extend_from_slice(&fp.to_le_bytes());
         slice
             .keys
@@ -781,7 +789,7 @@ impl Cold {
             for (_, task) in tasks {
                 match self.place(task.run_at_ms) {
                     Place::Hot => hot(task),
-                    Place::Slice(_) => self.insert(&task)?,
+                    Place::Slice(_) => self.insert(&task, None)?,
                 }
             }
         }

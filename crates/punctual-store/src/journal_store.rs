@@ -119,7 +119,6 @@ enum Undo {
     DueRemoved((u64, String, String)),
     ReadyAdded((String, u64, String)),
     ReadyRemoved((String, u64, String)),
-    Count(String, TaskState, i64),
 }
 
 /// A cold task's change within one batch: where it was in the cold tier when the batch began, and
@@ -128,6 +127,8 @@ struct Edit {
     was: Option<u32>,
     now: Option<Task>,
     dirty: bool,
+    /// Which of the batch's journal records is `now`'s put.
+    record: Option<usize>,
 }
 
 /// The engine's view of the state during one batch: hot changes are applied at once and logged, so
@@ -137,18 +138,32 @@ struct Logged<'a> {
     mem: &'a mut Inner,
     cold: &'a mut Cold,
     undo: Vec<Undo>,
+    /// Each queue's counts before the batch first changed them.
+    counts_before: Vec<(String, [i64; 5])>,
     touched: BTreeSet<(String, String)>,
-    edits: HashMap<(String, String), Edit>,
+    edits: HashMap<(String, String), Edit, foldhash::fast::RandomState>,
+    /// A reusable key, so lookups do not allocate.
+    key: (String, String),
+}
+
+/// Sets `key` to (queue, id) reusing its buffers.
+fn set_key(key: &mut (String, String), queue: &str, id: &str) {
+    key.0.clear();
+    key.0.push_str(queue);
+    key.1.clear();
+    key.1.push_str(id);
 }
 
 impl<'a> Logged<'a> {
-    fn new(mem: &'a mut Inner, cold: &'a mut Cold) -> Logged<'a> {
+    fn new(mem: &'a mut Inner, cold: &'a mut Cold, commands: usize) -> Logged<'a> {
         Logged {
             mem,
             cold,
             undo: Vec::new(),
+            counts_before: Vec::new(),
             touched: BTreeSet::new(),
-            edits: HashMap::new(),
+            edits: HashMap::with_capacity_and_hasher(commands, Default::default()),
+            key: (String::new(), String::new()),
         }
     }
 
@@ -157,26 +172,46 @@ impl<'a> Logged<'a> {
             Some(task) => self.mem.tasks.insert(key.clone(), task),
             None => self.mem.tasks.remove(&key),
         };
-        self.touched.insert(key.clone());
+        self.touch(&key);
         self.undo.push(Undo::Task(key, previous.map(Box::new)));
     }
 
-    /// The final record of every touched task, for the journal.
-    fn records(&self) -> Vec<Record> {
-        self.touched
-            .iter()
-            .map(|key| {
-                let cold = self.edits.get(key).and_then(|e| e.now.as_ref());
-                match cold.or_else(|| self.mem.tasks.get(key)) {
-                    Some(task) => put_record(task),
-                    None => delete_record(&key.0, &key.1),
-                }
-            })
-            .collect()
+    fn touch(&mut self, key: &(String, String)) {
+        if !self.touched.contains(key) {
+            self.touched.insert(key.clone());
+        }
     }
 
-    /// The batch stands: applies its cold changes.
-    fn settle(self) {
+    /// The final record of every touched task, for the journal.
+    /// Every touched task's final record (its put, or its deletion): the hot ones, then the cold
+    /// ones, whose edits learn where their record is so the slice file gets the same bytes.
+    fn records(&mut self) -> Vec<Record> {
+        let mut out = Vec::with_capacity(self.touched.len() + self.edits.len());
+        for key in &self.touched {
+            let cold = self.edits.get(key).and_then(|e| e.now.as_ref());
+            out.push(match cold.or_else(|| self.mem.tasks.get(key)) {
+                Some(task) => put_record(task),
+                None => delete_record(&key.0, &key.1),
+            });
+        }
+        for (key, edit) in &mut self.edits {
+            if !edit.dirty || self.touched.contains(key) {
+                continue;
+            }
+            match &edit.now {
+                Some(task) => {
+                    edit.record = Some(out.len());
+                    out.push(put_record(task));
+                }
+                None => out.push(delete_record(&key.0, &key.1)),
+            }
+        }
+        out
+    }
+
+    /// The batch stands: applies its cold changes (`records`: what [`Logged::records`] answered,
+    /// if the batch was journaled).
+    fn settle(self, records: &[Record]) {
         let Logged {
             mem, cold, edits, ..
         } = self;
@@ -189,8 +224,9 @@ impl<'a> Logged<'a> {
             {
                 tracing::warn!(%error, "cannot append a deletion marker to a slice file");
             }
+            let encoded = edit.record.and_then(|i| records.get(i));
             if let Some(task) = edit.now
-                && let Err(error) = cold.insert(&task)
+                && let Err(error) = cold.insert(&task, encoded.map(|r| r.bytes.as_slice()))
             {
                 // The journal has the task; keep it in memory rather than lose it until a restart.
                 tracing::warn!(%error, "cannot add a task to the cold tier; keeping it in memory");
@@ -203,6 +239,9 @@ impl<'a> Logged<'a> {
 
     fn rollback(self) {
         let mem = self.mem;
+        for (queue, counts) in self.counts_before {
+            mem.counts.insert(queue, counts);
+        }
         for undo in self.undo.into_iter().rev() {
             match undo {
                 Undo::Task(key, Some(task)) => {
@@ -223,9 +262,6 @@ impl<'a> Logged<'a> {
                 Undo::ReadyRemoved(entry) => {
                     mem.ready.insert(entry);
                 }
-                Undo::Count(queue, state, delta) => {
-                    mem.count(&queue, state, -delta);
-                }
             }
         }
         mem.forget_empty_queues();
@@ -234,24 +270,26 @@ impl<'a> Logged<'a> {
 
 impl Txn for Logged<'_> {
     fn get(&mut self, queue: &str, id: &str) -> Result<Option<Task>, StoreError> {
-        let key = (queue.to_owned(), id.to_owned());
-        if let Some(edit) = self.edits.get(&key) {
+        set_key(&mut self.key, queue, id);
+        let key = &self.key;
+        if let Some(edit) = self.edits.get(key) {
             return Ok(edit
                 .now
                 .clone()
-                .or_else(|| self.mem.tasks.get(&key).cloned()));
+                .or_else(|| self.mem.tasks.get(key).cloned()));
         }
-        if let Some(task) = self.mem.tasks.get(&key) {
+        if let Some(task) = self.mem.tasks.get(key) {
             return Ok(Some(task.clone()));
         }
         match self.cold.find(queue, id)? {
             Some((loc, task)) => {
                 self.edits.insert(
-                    key,
+                    (queue.to_owned(), id.to_owned()),
                     Edit {
                         was: Some(loc),
                         now: Some(task.clone()),
                         dirty: false,
+                        record: None,
                     },
                 );
                 Ok(Some(task))
@@ -260,29 +298,41 @@ impl Txn for Logged<'_> {
         }
     }
     fn put(&mut self, task: &Task) -> Result<(), StoreError> {
-        let key = (task.queue.clone(), task.id.clone());
+        set_key(&mut self.key, &task.queue, &task.id);
         if self.cold.is_cold(task) {
-            if self.mem.tasks.contains_key(&key) {
-                self.set(key.clone(), None);
+            if self.mem.tasks.contains_key(&self.key) {
+                self.set(self.key.clone(), None);
             }
-            let entry = (task.run_at_ms, task.queue.clone(), task.id.clone());
-            if self.mem.due.remove(&entry) {
-                self.undo.push(Undo::DueRemoved(entry));
+            if !self.mem.due.is_empty() {
+                let entry = (task.run_at_ms, task.queue.clone(), task.id.clone());
+                if self.mem.due.remove(&entry) {
+                    self.undo.push(Undo::DueRemoved(entry));
+                }
             }
-            self.touched.insert(key.clone());
-            let edit = self.edits.entry(key).or_insert(Edit {
-                was: None,
-                now: None,
-                dirty: true,
-            });
-            edit.now = Some(task.clone());
-            edit.dirty = true;
+            // Not `touched`: a dirty edit is journaled by itself (see `records`).
+            match self.edits.get_mut(&self.key) {
+                Some(edit) => {
+                    edit.now = Some(task.clone());
+                    edit.dirty = true;
+                }
+                None => {
+                    self.edits.insert(
+                        self.key.clone(),
+                        Edit {
+                            was: None,
+                            now: Some(task.clone()),
+                            dirty: true,
+                            record: None,
+                        },
+                    );
+                }
+            }
         } else {
-            if let Some(edit) = self.edits.get_mut(&key) {
+            if let Some(edit) = self.edits.get_mut(&self.key) {
                 edit.now = None;
                 edit.dirty = true;
             }
-            self.set(key, Some(task.clone()));
+            self.set(self.key.clone(), Some(task.clone()));
         }
         Ok(())
     }
@@ -303,17 +353,19 @@ impl Txn for Logged<'_> {
         Ok(())
     }
     fn due_add(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError> {
-        let entry = (due_ms, queue.to_owned(), id.to_owned());
-        if due_ms >= self.cold.loaded()
-            && self
+        if due_ms >= self.cold.loaded() {
+            set_key(&mut self.key, queue, id);
+            if self
                 .edits
-                .get(&(entry.1.clone(), entry.2.clone()))
+                .get(&self.key)
                 .and_then(|e| e.now.as_ref())
                 .is_some_and(|t| t.run_at_ms == due_ms)
-        {
-            // A cold task: its slice is its due index.
-            return Ok(());
+            {
+                // A cold task: its slice is its due index.
+                return Ok(());
+            }
         }
+        let entry = (due_ms, queue.to_owned(), id.to_owned());
         if self.mem.due.insert(entry.clone()) {
             self.undo.push(Undo::DueAdded(entry));
         }
@@ -351,8 +403,11 @@ impl Txn for Logged<'_> {
         self.mem.ready_first(queue, limit)
     }
     fn count(&mut self, queue: &str, state: TaskState, delta: i64) {
+        if !self.counts_before.iter().any(|(q, _)| q == queue) {
+            let before = self.mem.counts.get(queue).copied().unwrap_or_default();
+            self.counts_before.push((queue.to_owned(), before));
+        }
         self.mem.count(queue, state, delta);
-        self.undo.push(Undo::Count(queue.to_owned(), state, delta));
     }
 }
 
@@ -407,13 +462,13 @@ fn set_final(
     cold: &mut Cold,
     finals: impl IntoIterator<Item = Result<(String, String, Option<Task>), StoreError>>,
 ) -> Result<(), StoreError> {
-    let mut logged = Logged::new(mem, cold);
+    let mut logged = Logged::new(mem, cold, 0);
     for item in finals {
         let (queue, id, new) = item?;
         let old = logged.get(&queue, &id)?;
         engine::write(&mut logged, old.as_ref(), new.as_ref())?;
     }
-    logged.settle();
+    logged.settle(&[]);
     Ok(())
 }
 
@@ -818,7 +873,7 @@ impl Store for JournalStore {
         }
         cold.advance(now_ms, load_hot(mem))?;
         let durable = commands.iter().any(Command::is_durable);
-        let mut logged = Logged::new(mem, cold);
+        let mut logged = Logged::new(mem, cold, commands.len());
         let mut outcomes = Vec::with_capacity(commands.len());
         for command in commands {
             match engine::apply_one(&mut logged, now_ms, command) {
@@ -829,15 +884,18 @@ impl Store for JournalStore {
                 }
             }
         }
-        if durable && !logged.touched.is_empty() {
-            let records = logged.records();
-            if let Err(error) = journal.append(&records) {
-                logged.rollback();
-                return Err(error);
+        let mut records = Vec::new();
+        if durable && (!logged.touched.is_empty() || !logged.edits.is_empty()) {
+            records = logged.records();
+            if !records.is_empty() {
+                if let Err(error) = journal.append(&records) {
+                    logged.rollback();
+                    return Err(error);
+                }
+                state_bytes(&records, since_checkpoint);
             }
-            state_bytes(&records, since_checkpoint);
         }
-        logged.settle();
+        logged.settle(&records);
         let due = state.since_checkpoint >= self.checkpoint_bytes.max(2 * state.checkpoint_size)
             || state.cold.doomed_bytes() >= self.checkpoint_bytes;
         // A clean shutdown checkpoints, so the next start replays nothing.

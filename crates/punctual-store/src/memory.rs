@@ -98,8 +98,10 @@ impl Txn for Inner {
             .collect())
     }
     fn count(&mut self, queue: &str, state: TaskState, delta: i64) {
-        let counts = self.counts.entry(queue.to_owned()).or_default();
-        counts[state.index()] += delta;
+        match self.counts.get_mut(queue) {
+            Some(counts) => counts[state.index()] += delta,
+            None => self.counts.entry(queue.to_owned()).or_default()[state.index()] += delta,
+        }
     }
 }
 
