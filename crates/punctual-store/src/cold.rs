@@ -652,7 +652,7 @@ impl Cold {
         slice
             .data
             .buf
-            .extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+            .extend_from_slice(&crc32c::crc32c(bytes).to_le_bytes());
         slice.data.buf.extend_from_slice(bytes);
         slice.keys.buf.extend_from_slice(&fp.to_le_bytes());
         slice
