@@ -789,7 +789,13 @@ impl Cold {
             for (_, task) in tasks {
                 match self.place(task.run_at_ms) {
                     Place::Hot => hot(task),
-                    Place::Slice(_) => self.insert(&task, None)?,
+                    Place::Slice(_) => {
+                        if let Err(error) = self.insert(&task, None) {
+                            // As in a commit: memory rather than losing it until a restart.
+                            tracing::warn!(%error, "cannot move a task to a finer slice; keeping it in memory");
+                            hot(task);
+                        }
+                    }
                 }
             }
         }

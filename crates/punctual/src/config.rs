@@ -23,8 +23,9 @@ pub struct ServeOpts {
     /// Directory of the data file, created if missing [default: ./punctual-data].
     #[arg(long, env = "PUNCTUAL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// The embedded store: `redb` (one redb file) or `journal` (the sequential-write store, first
-    /// stage: docs/storage.md; all tasks in memory) [default: redb].
+    /// The embedded store: `journal` (the sequential-write store: a journal, time-sliced files and a
+    /// compact id table; docs/storage.md) or `redb` (one redb file, the earlier default, kept for one
+    /// release) [default: journal].
     #[arg(long, env = "PUNCTUAL_STORE")]
     pub store: Option<String>,
     /// Journal store: refuse new tasks (507) while the data directory's disk has less free space than
@@ -272,9 +273,9 @@ impl ServeOpts {
         .filter(|u| !u.is_empty())
         .collect();
         let embedded = match self.store.or(file.store).as_deref() {
-            None | Some("redb") => "redb",
-            Some("journal") => "journal",
-            Some(other) => bail!("store must be redb or journal, got {other:?}"),
+            None | Some("journal") => "journal",
+            Some("redb") => "redb",
+            Some(other) => bail!("store must be journal or redb, got {other:?}"),
         };
         let (store, redis_urls) = match (redis, redis_cluster.is_empty()) {
             (None, true) => (embedded, Vec::new()),

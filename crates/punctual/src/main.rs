@@ -331,8 +331,8 @@ fn open_store(settings: &config::Settings) -> Result<Arc<dyn Store>> {
     }
     if settings.store == "redb" && settings.data_dir.join("journal").exists() {
         anyhow::bail!(
-            "{} holds a journal store (its journal/ directory); start with --store journal, or \
-             point --data-dir elsewhere",
+            "{} holds a journal store (its journal/ directory); start without --store redb (the \
+             journal store is the default, --store journal), or point --data-dir elsewhere",
             settings.data_dir.display()
         );
     }

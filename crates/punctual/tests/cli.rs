@@ -535,12 +535,13 @@ async fn schedule_sets_every_task_field() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A data directory of the redb store opens with `--store journal`: every task is migrated (the redb
-/// file kept as `punctual.redb.migrated`), and `--store redb` on a journal directory is a clear error.
+/// A data directory of the redb store (the earlier default) opens with the journal store, the
+/// default now: every task is migrated (the redb file kept as `punctual.redb.migrated`), and
+/// `--store redb` on a journal directory is a clear error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redb_data_directory_migrates_to_the_journal_store() {
     let dir = temp_dir("migrate");
-    let mut server = Server::start(&dir, &[]).await;
+    let mut server = Server::start(&dir, &["--store", "redb"]).await;
     for i in 0..30 {
         stdout(&punctual(
             &server,
@@ -558,7 +559,7 @@ async fn a_redb_data_directory_migrates_to_the_journal_store() {
     }
     stdout(&punctual(&server, &["cancel", "orders", "o3"]));
     server.kill9();
-    let mut server = Server::start(&dir, &["--store", "journal"]).await;
+    let mut server = Server::start(&dir, &[]).await;
     assert!(dir.join("punctual.redb.migrated").exists());
     assert!(!dir.join("punctual.redb").exists());
     let listing = stdout(&punctual(&server, &["ls", "orders", "--json"]));
@@ -588,12 +589,12 @@ async fn a_redb_data_directory_migrates_to_the_journal_store() {
     );
     server.kill9();
     let refused = Command::new(bin())
-        .args(["serve", "--data-dir"])
+        .args(["serve", "--store", "redb", "--data-dir"])
         .arg(&dir)
         .args(["--http", "127.0.0.1:0"])
         .output()
         .unwrap();
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--store journal"));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("without --store redb"));
     let _ = std::fs::remove_dir_all(&dir);
 }

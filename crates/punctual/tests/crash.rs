@@ -219,17 +219,18 @@ impl Until {
     }
 }
 
-/// Five kills by default; `PUNCTUAL_CRASH_ROUNDS=200` for the long mode.
+/// Five kills by default; `PUNCTUAL_CRASH_ROUNDS=200` for the long mode. On the redb store, kept
+/// for one release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_resurrects_nothing() {
     let rounds = std::env::var("PUNCTUAL_CRASH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
-    kill_and_check(Until::Rounds(rounds), &[]).await;
+    kill_and_check(Until::Rounds(rounds), &["--store", "redb"]).await;
 }
 
-/// The same on the journal store (storage v2, first stage).
+/// The same on the journal store, the default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_on_the_journal_store_loses_and_resurrects_nothing() {
     let rounds = std::env::var("PUNCTUAL_CRASH_ROUNDS")
@@ -247,7 +248,7 @@ async fn sigkill_on_the_journal_store_loses_and_resurrects_nothing() {
 /// The soak: the same mixed load with random `kill -9` for `PUNCTUAL_SOAK_MINUTES` (default 10),
 /// then a full check. Run it with
 /// `PUNCTUAL_SOAK_MINUTES=30 cargo test --release -p punctual --test crash soak -- --ignored --nocapture`
-/// (`PUNCTUAL_SOAK_STORE=journal` for the journal store).
+/// (`PUNCTUAL_SOAK_STORE=redb` for the redb store).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn soak_with_random_kills() {
@@ -255,7 +256,7 @@ async fn soak_with_random_kills() {
         .ok()
         .and_then(|m| m.parse().ok())
         .unwrap_or(10);
-    let store = std::env::var("PUNCTUAL_SOAK_STORE").unwrap_or_else(|_| "redb".into());
+    let store = std::env::var("PUNCTUAL_SOAK_STORE").unwrap_or_else(|_| "journal".into());
     kill_and_check(
         Until::Elapsed(Duration::from_secs(minutes * 60)),
         &["--store", &store],
