@@ -133,6 +133,10 @@ pub struct BenchOpts {
     /// Tasks per round trip (batch request or pipeline) when scheduling.
     #[arg(long, default_value_t = 100)]
     batch: usize,
+    /// Ingest only: every task due this long after it is sent (e.g. 30m, the unpaid-order timeout),
+    /// instead of spread over 30 days.
+    #[arg(long)]
+    due_in: Option<String>,
     /// Connections for ingest, comma-separated; the last one is also used to fill the other scenarios.
     #[arg(long, value_delimiter = ',', default_values = ["1", "4"])]
     connections: Vec<usize>,
@@ -164,6 +168,8 @@ pub struct Sizes {
     pub nodes: Vec<usize>,
     pub backends: Vec<distributed::Backend>,
     pub batch: usize,
+    /// Ingest with every task due this long after it is sent, instead of over 30 days.
+    pub due_in_ms: Option<u64>,
     pub connections: Vec<usize>,
     pub consumers: usize,
     pub reserve_max: usize,
@@ -192,6 +198,12 @@ impl Sizes {
             nodes: opts.nodes.clone(),
             backends: opts.backends.clone(),
             batch: opts.batch,
+            due_in_ms: opts
+                .due_in
+                .as_deref()
+                .map(parse_duration_ms)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
             connections: opts.connections.clone(),
             consumers: opts.consumers,
             reserve_max: opts.reserve_max,
@@ -400,7 +412,13 @@ async fn fill<S: Subject>(
 ) -> Result<f64> {
     let now = now_ms();
     let jobs = (first..first + count)
-        .map(|n| pending_job(n, now))
+        .map(|n| match ctx.sizes.due_in_ms {
+            Some(delay) => Job {
+                n,
+                due_ms: now + delay,
+            },
+            None => pending_job(n, now),
+        })
         .collect();
     let bar = Bar::new(
         format!("{}: ingest, {connections} conn.", S::SYSTEM.label()),
@@ -460,9 +478,21 @@ async fn drive<S: Subject>(ctx: &Ctx, scenarios: &[Scenario], res: &mut Results)
         let mut subject = S::start(ctx).await?;
         let outcome = async {
             let empty = subject.memory_bytes().await?;
+            let written_before = subject.disk_bytes_written();
             let rate = fill(ctx, &subject, 0, s.tasks, fill_with).await?;
             if wants(Scenario::Ingest) {
                 res.add_ingest(fill_with, system, rate);
+                if let (Some(before), Some(after)) = (written_before, subject.disk_bytes_written())
+                {
+                    res.add(
+                        Scenario::Ingest,
+                        "written_per_task",
+                        "bytes written to disk per task during the ingest (/proc/PID/io)",
+                        Unit::Bytes,
+                        system,
+                        after.saturating_sub(before) as f64 / s.tasks as f64,
+                    );
+                }
             }
             if wants(Scenario::Memory) {
                 let used = subject.memory_bytes().await?.saturating_sub(empty);

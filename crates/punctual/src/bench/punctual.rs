@@ -257,6 +257,10 @@ impl Subject for Punctual {
         Ok(rss_bytes(self.child.id()))
     }
 
+    fn disk_bytes_written(&self) -> Option<u64> {
+        super::subject::write_bytes(self.child.id())
+    }
+
     async fn pending(&self) -> Result<u64> {
         let stats: Value = self
             .http

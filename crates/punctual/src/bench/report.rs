@@ -209,8 +209,12 @@ fn scenario_intro(scenario: Scenario, s: &Sizes) -> String {
         .join(" and ");
     match scenario {
         Scenario::Ingest => format!(
-            "{} tasks due over 30 days, {} per round trip (a batch request or a pipeline), over {conns} connections, each on a fresh server; tasks/s until the last was acknowledged.",
+            "{} tasks due {}, {} per round trip (a batch request or a pipeline), over {conns} connections, each on a fresh server; tasks/s until the last was acknowledged.",
             m(s.tasks),
+            s.due_in_ms.map_or_else(
+                || "over 30 days".to_owned(),
+                |d| format!("{} s after each is sent", d / 1000)
+            ),
             s.batch
         ),
         Scenario::Burst => format!(

@@ -167,6 +167,11 @@ pub trait Subject: Sized {
     }
     /// RAM the system uses for its tasks: RSS of the server process, or Redis's `used_memory`.
     async fn memory_bytes(&self) -> Result<u64>;
+    /// Bytes the server process has written to storage so far (`write_bytes` of `/proc/PID/io`),
+    /// where that is its own disk traffic; `None` for the peers (Redis runs without persistence).
+    fn disk_bytes_written(&self) -> Option<u64> {
+        None
+    }
     /// Tasks the system holds (pending, ready or leased).
     async fn pending(&self) -> Result<u64>;
     /// Kills the server with SIGKILL and starts it again on the same data and port.
@@ -235,6 +240,15 @@ pub fn fresh_dir(ctx: &Ctx, tag: &str) -> Result<PathBuf> {
 }
 
 /// Resident set size of a process, from /proc.
+/// `write_bytes` of `/proc/PID/io`: what the process caused to be written to storage.
+pub fn write_bytes(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 pub fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
