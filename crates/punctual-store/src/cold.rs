@@ -387,10 +387,14 @@ impl Cold {
             poisoned: None,
             written: 0,
         };
-        if let Some(checkpoint) = checkpoint {
-            cold.restore(checkpoint)?;
+        match checkpoint {
+            // The checkpoint's boundaries stand until the first `advance`, which moves them to now
+            // and places again the slices they pass (moving them here would skip that).
+            Some(checkpoint) => cold.restore(checkpoint)?,
+            None => {
+                cold.set_boundaries(now_ms);
+            }
         }
-        cold.set_boundaries(now_ms);
         Ok(cold)
     }
 

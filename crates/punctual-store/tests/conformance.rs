@@ -242,13 +242,22 @@ fn journal_store_keeps_far_tasks_in_slice_files() {
         store.due_times(0, 230, 10).unwrap().times,
         [1, 200, 205, 210, 215, 220, 225, 230]
     );
+    // A clean shutdown checkpoints; the reopen starts from that checkpoint.
+    store.apply(0, &[Command::Sync]).unwrap();
     drop(store);
-    let store = JournalStore::open(&dir, &tiny_slices()).unwrap();
-    assert_eq!(store.stats().cold_tasks, 1_998);
+    // Reopened later, at 3 s: what came due while it was closed fires at once (t0000–t0560 less
+    // the cancelled t0007 and the moved t0008; t0009 now due at 1 ms).
+    let options = JournalStoreOptions {
+        now_ms: 3_000,
+        ..tiny_slices()
+    };
+    let store = JournalStore::open(&dir, &options).unwrap();
+    assert_eq!(store.stats().cold_tasks + store.stats().hot_tasks, 1_999);
     assert_eq!(store.get("q", "t0008").unwrap().unwrap().run_at_ms, 50_000);
+    let mut fired = tick(&store, 3_000).fired;
+    assert_eq!(fired, 559);
     // Fire everything: the slices empty into memory as time passes, and their files go.
-    let mut fired = 0;
-    let mut now = 0;
+    let mut now = 3_007;
     while now <= 60_000 {
         let report = tick(&store, now);
         fired += report.fired;
