@@ -464,19 +464,41 @@ impl Cold {
         let mut pos = 0u64;
         // By ordinal: `fingerprint << LOC_BITS | location`, or 0 once removed.
         let mut puts: Vec<u64> = Vec::new();
+        // The chunks, cut by the same rule as `place_record`, kept here instead of looked up.
+        let mut chunk_ids: Vec<u32> = Vec::new();
+        let mut open: Option<Chunk> = None;
+        let mut open_id = 0u32;
         for (n, entry) in keys.chunks_exact(8).enumerate() {
             let fp = u32::from_le_bytes(entry[..4].try_into().expect("4 bytes"));
             let word = u32::from_le_bytes(entry[4..].try_into().expect("4 bytes"));
             if word & REMOVED == 0 {
-                let (chunk_id, index) = self.place_record(key, pos)?;
-                let chunk = self.chunks[chunk_id as usize]
-                    .as_mut()
-                    .expect("just placed");
+                let full =
+                    open.is_none_or(|c| c.records >= CHUNK_RECORDS || pos - c.start >= CHUNK_BYTES);
+                if full {
+                    if let Some(done) = open.take() {
+                        self.chunks[open_id as usize] = Some(Chunk { end: pos, ..done });
+                    }
+                    if self.chunks.len() >= MAX_CHUNKS as usize {
+                        return Err(damaged(format!(
+                            "more than the {MAX_CHUNKS} chunks the cold tier can address"
+                        )));
+                    }
+                    open_id = self.chunks.len() as u32;
+                    self.chunks.push(None);
+                    chunk_ids.push(open_id);
+                    open = Some(Chunk {
+                        slice: key,
+                        start: pos,
+                        end: pos,
+                        records: 0,
+                        first: puts.len() as u32,
+                    });
+                }
+                let chunk = open.as_mut().expect("opened above");
+                let index = chunk.records;
+                chunk.records += 1;
                 pos += u64::from(word);
-                chunk.end = pos;
-                let slice = self.slices.get_mut(&key).expect("restored");
-                slice.records += 1;
-                puts.push((u64::from(fp) << LOC_BITS) | u64::from((chunk_id << 8) | index));
+                puts.push((u64::from(fp) << LOC_BITS) | u64::from((open_id << 8) | index));
             } else {
                 let ordinal = (word & !REMOVED) as usize;
                 match puts.get_mut(ordinal) {
@@ -486,6 +508,12 @@ impl Cold {
                 }
             }
         }
+        if let Some(done) = open {
+            self.chunks[open_id as usize] = Some(Chunk { end: pos, ..done });
+        }
+        let slice = self.slices.get_mut(&key).expect("restored");
+        slice.chunks = chunk_ids;
+        slice.records = puts.len() as u32;
         entries.extend(puts.into_iter().filter(|p| *p != 0));
         let data_len = self.slices[&key].data.len();
         if pos != data_len {

@@ -70,6 +70,31 @@ fn slot(fp: u32, loc: u32) -> Slot {
 
 const EMPTY: Slot = [0; 7];
 
+/// Sorts packed entries by fingerprint (their order within one fingerprint does not matter): an
+/// LSD radix sort in two passes of 14 bits, several times faster than a comparison sort at 10 M.
+fn sort_by_fingerprint(entries: &mut Vec<u64>) {
+    const BITS: u32 = FP_BITS / 2;
+    const BUCKETS: usize = 1 << BITS;
+    let mut scratch = vec![0u64; entries.len()];
+    for pass in 0..2 {
+        let shift = LOC_BITS + pass * BITS;
+        let digit = |e: u64| ((e >> shift) as usize) & (BUCKETS - 1);
+        let mut starts = vec![0usize; BUCKETS + 1];
+        for e in entries.iter() {
+            starts[digit(*e) + 1] += 1;
+        }
+        for b in 0..BUCKETS {
+            starts[b + 1] += starts[b];
+        }
+        for e in entries.iter() {
+            let d = digit(*e);
+            scratch[starts[d]] = *e;
+            starts[d] += 1;
+        }
+        std::mem::swap(entries, &mut scratch);
+    }
+}
+
 impl Default for IdTable {
     fn default() -> Self {
         IdTable::with_capacity(1024)
@@ -95,7 +120,7 @@ impl IdTable {
     /// A table of `entries` (`fingerprint << LOC_BITS | location` each), built in one pass after
     /// sorting them: far cheaper than inserting them one by one into a nearly full table.
     pub fn from_entries(mut entries: Vec<u64>) -> IdTable {
-        entries.sort_unstable();
+        sort_by_fingerprint(&mut entries);
         let mut table = IdTable::with_capacity(entries.len());
         let mut next = 0usize;
         for packed in entries {

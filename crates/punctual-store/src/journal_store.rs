@@ -456,19 +456,27 @@ pub(crate) fn split_key(bytes: &[u8]) -> Option<(String, String, &[u8])> {
 }
 
 /// Sets each task's final state (`None`: gone) across both tiers, keeping indexes and counts in step:
-/// replay and import.
+/// replay and import. `records[i]` is the journal record `finals[i]` came from (or went to), so a
+/// task that goes cold is copied into its slice from those bytes.
 fn set_final(
     mem: &mut Inner,
     cold: &mut Cold,
+    records: &[Record],
     finals: impl IntoIterator<Item = Result<(String, String, Option<Task>), StoreError>>,
 ) -> Result<(), StoreError> {
-    let mut logged = Logged::new(mem, cold, 0);
-    for item in finals {
+    let mut logged = Logged::new(mem, cold, records.len());
+    for (i, item) in finals.into_iter().enumerate() {
         let (queue, id, new) = item?;
         let old = logged.get(&queue, &id)?;
         engine::write(&mut logged, old.as_ref(), new.as_ref())?;
+        set_key(&mut logged.key, &queue, &id);
+        if let Some(edit) = logged.edits.get_mut(&logged.key)
+            && edit.dirty
+        {
+            edit.record = edit.now.as_ref().map(|_| i);
+        }
     }
-    logged.settle(&[]);
+    logged.settle(records);
     Ok(())
 }
 
@@ -729,6 +737,7 @@ impl JournalStore {
             set_final(
                 &mut mem,
                 &mut cold,
+                &batch,
                 batch.iter().map(|r| decode_record(r, &journal_dir)),
             )
         })?;
@@ -807,6 +816,7 @@ impl JournalStore {
                     set_final(
                         mem,
                         cold,
+                        &records,
                         page.tasks
                             .iter()
                             .map(|t| Ok((t.queue.clone(), t.id.clone(), Some(t.clone())))),
