@@ -58,7 +58,7 @@ impl Default for JournalStoreOptions {
     fn default() -> Self {
         JournalStoreOptions {
             journal: JournalOptions::default(),
-            checkpoint_bytes: 32 << 20,
+            checkpoint_bytes: 8 << 20,
             min_free_bytes: 64 << 20,
             slices: SliceGeometry::default(),
             now_ms: 0,
