@@ -727,6 +727,37 @@ async fn batch_and_listing(h: &Harness) {
     assert_eq!(statuses, [201, 422, 200, 409, 201, 413]);
     assert_eq!(answer["results"][0]["task"]["id"], "a");
     assert_eq!(answer["results"][1]["error"]["code"], "invalid_field");
+    // `Prefer: return=minimal`: ids instead of whole tasks, errors as before.
+    let request = Request::builder()
+        .method("POST")
+        .uri("/v1/queues/pages/batch")
+        .header("content-type", "application/json")
+        .header("prefer", "respond-async, return=minimal")
+        .body(Body::from(
+            json!({"tasks": [{"id": "m", "delay_ms": 60_000}, {"id": "a", "delay_ms": 60_000}, {"id": "n", "delay_ms": -1}]})
+                .to_string(),
+        ))
+        .unwrap();
+    let response = h.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response
+            .headers()
+            .get("preference-applied")
+            .map(|v| v.to_str().unwrap()),
+        Some("return=minimal")
+    );
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let minimal: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(
+        minimal,
+        json!({"results": [
+            {"status": 201, "id": "m"},
+            {"status": 200, "id": "a"},
+            {"status": 422, "error": minimal["results"][2]["error"].clone()},
+        ]})
+    );
+    assert_eq!(minimal["results"][2]["error"]["code"], "invalid_field");
     let too_many = json!({"tasks": vec![json!({}); 1001]});
     let (status, error) = h.json("POST", "/v1/queues/pages/batch", too_many).await;
     assert_eq!(
@@ -758,7 +789,10 @@ async fn batch_and_listing(h: &Harness) {
             None => break,
         }
     }
-    assert_eq!(ids, ["a", "c", "z0", "z1", "z2", "z3", "z4", "z5", "z6"]);
+    assert_eq!(
+        ids,
+        ["a", "c", "m", "z0", "z1", "z2", "z3", "z4", "z5", "z6"]
+    );
     let (_, ready) = h
         .call("GET", "/v1/queues/pages/tasks?state=ready", None)
         .await;
@@ -774,7 +808,7 @@ async fn batch_and_listing(h: &Harness) {
         "{text}"
     );
     assert!(
-        text.contains("punctual_tasks{queue=\"pages\",state=\"scheduled\"} 8"),
+        text.contains("punctual_tasks{queue=\"pages\",state=\"scheduled\"} 9"),
         "{text}"
     );
 }
