@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use punctual_core::{Task, TaskState};
 
 use crate::idtable::{IdTable, LOC_BITS, fingerprint};
+use crate::journal::io_error;
 use crate::{StoreError, codec};
 
 /// Most records in one chunk (the low 8 bits of a location).
@@ -97,14 +98,6 @@ fn align_up(ms: u64, width: u64) -> u64 {
 /// A slice: its start and level (0-based), in time order.
 type SliceKey = (u64, u8);
 
-fn file_error(path: &Path, what: &str, e: std::io::Error) -> StoreError {
-    if e.raw_os_error() == Some(28) || e.kind() == std::io::ErrorKind::StorageFull {
-        StoreError::NoSpace(format!("cannot {what} {}: {e}", path.display()))
-    } else {
-        StoreError::Storage(format!("cannot {what} {}: {e}", path.display()))
-    }
-}
-
 /// One append-only file with a write buffer.
 struct Stream {
     path: PathBuf,
@@ -141,7 +134,7 @@ impl Stream {
                 StoreError::Storage(format!("{} is not open", self.path.display()))
             })?;
             file.read_exact_at(&mut out, start)
-                .map_err(|e| file_error(&self.path, "read", e))?;
+                .map_err(|e| io_error(&self.path, "cannot read", e))?;
         }
         if end > self.flushed {
             let from = (start.max(self.flushed) - self.flushed) as usize;
@@ -165,13 +158,13 @@ impl Stream {
                 .read(true)
                 .write(true)
                 .open(&self.path)
-                .map_err(|e| file_error(&self.path, "create", e))?;
+                .map_err(|e| io_error(&self.path, "cannot create", e))?;
             self.file = Some(file);
             created = true;
         }
         let file = self.file.as_ref().expect("opened above");
         file.write_all_at(&self.buf, self.flushed)
-            .map_err(|e| file_error(&self.path, "write", e))?;
+            .map_err(|e| io_error(&self.path, "cannot write", e))?;
         self.flushed += self.buf.len() as u64;
         self.buf.clear();
         Ok(created)
@@ -240,6 +233,13 @@ struct Chunk {
     records: u32,
     /// Ordinal in its slice of the chunk's first record.
     first: u32,
+}
+
+impl Chunk {
+    /// Whether another record may join this chunk (the rule appends and recovery share).
+    fn has_room(&self) -> bool {
+        self.records < CHUNK_RECORDS && self.end - self.start < CHUNK_BYTES
+    }
 }
 
 /// Where a placed task goes.
@@ -431,10 +431,14 @@ impl Cold {
             );
         }
         // Whatever the checkpoint does not name came after it (or was doomed by it): remove it.
-        for entry in std::fs::read_dir(&self.dir).map_err(|e| file_error(&self.dir, "list", e))? {
-            let path = entry.map_err(|e| file_error(&self.dir, "list", e))?.path();
+        for entry in
+            std::fs::read_dir(&self.dir).map_err(|e| io_error(&self.dir, "cannot list", e))?
+        {
+            let path = entry
+                .map_err(|e| io_error(&self.dir, "cannot list", e))?
+                .path();
             if !named.contains(&path) {
-                std::fs::remove_file(&path).map_err(|e| file_error(&path, "remove", e))?;
+                std::fs::remove_file(&path).map_err(|e| io_error(&path, "cannot remove", e))?;
             }
         }
         let mut entries = Vec::new();
@@ -472,11 +476,9 @@ impl Cold {
             let fp = u32::from_le_bytes(entry[..4].try_into().expect("4 bytes"));
             let word = u32::from_le_bytes(entry[4..].try_into().expect("4 bytes"));
             if word & REMOVED == 0 {
-                let full =
-                    open.is_none_or(|c| c.records >= CHUNK_RECORDS || pos - c.start >= CHUNK_BYTES);
-                if full {
+                if !open.is_some_and(|c| c.has_room()) {
                     if let Some(done) = open.take() {
-                        self.chunks[open_id as usize] = Some(Chunk { end: pos, ..done });
+                        self.chunks[open_id as usize] = Some(done);
                     }
                     if self.chunks.len() >= MAX_CHUNKS as usize {
                         return Err(damaged(format!(
@@ -498,6 +500,7 @@ impl Cold {
                 let index = chunk.records;
                 chunk.records += 1;
                 pos += u64::from(word);
+                chunk.end = pos;
                 puts.push((u64::from(fp) << LOC_BITS) | u64::from((open_id << 8) | index));
             } else {
                 let ordinal = (word & !REMOVED) as usize;
@@ -509,7 +512,7 @@ impl Cold {
             }
         }
         if let Some(done) = open {
-            self.chunks[open_id as usize] = Some(Chunk { end: pos, ..done });
+            self.chunks[open_id as usize] = Some(done);
         }
         let slice = self.slices.get_mut(&key).expect("restored");
         slice.chunks = chunk_ids;
@@ -603,8 +606,9 @@ impl Cold {
     /// The chunk and index a new record at byte `pos` of slice `key` gets.
     fn place_record(&mut self, key: SliceKey, pos: u64) -> Result<(u32, u32), StoreError> {
         let open_chunk = self.slices[&key].chunks.last().copied().filter(|c| {
-            let chunk = self.chunks[*c as usize].expect("a slice's chunks are allocated");
-            chunk.records < CHUNK_RECORDS && chunk.end - chunk.start < CHUNK_BYTES
+            self.chunks[*c as usize]
+                .expect("a slice's chunks are allocated")
+                .has_room()
         });
         let chunk_id = match open_chunk {
             Some(c) => c,
@@ -940,10 +944,10 @@ pub(crate) fn read_all(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(mut file) => {
             let mut out = Vec::new();
             file.read_to_end(&mut out)
-                .map_err(|e| file_error(path, "read", e))?;
+                .map_err(|e| io_error(path, "cannot read", e))?;
             Ok(Some(out))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(file_error(path, "open", e)),
+        Err(e) => Err(io_error(path, "cannot open", e)),
     }
 }

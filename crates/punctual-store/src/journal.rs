@@ -88,7 +88,7 @@ fn segment_name(first_seq: u64) -> String {
     format!("{first_seq:016x}.log")
 }
 
-fn io_error(path: &Path, what: &str, error: std::io::Error) -> StoreError {
+pub(crate) fn io_error(path: &Path, what: &str, error: std::io::Error) -> StoreError {
     if error.raw_os_error() == Some(28) || error.kind() == std::io::ErrorKind::StorageFull {
         StoreError::NoSpace(format!("{what} {}: {error}", path.display()))
     } else {
@@ -174,7 +174,7 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
     Ok(out)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_error(dir, "cannot sync directory", e))

@@ -618,10 +618,6 @@ fn decode_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, StoreError
     parse().ok_or_else(|| damaged("a field is cut or malformed"))
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
 impl State {
     /// Writes a checkpoint (slice files synced, then the checkpoint file replaced atomically), then
     /// releases the journal segments and slice files it covers. A full disk leaves everything as it
@@ -643,13 +639,12 @@ impl State {
         if let Err(error) = written {
             // The old checkpoint still stands; nothing was released.
             let _ = std::fs::remove_file(&fresh);
-            return Err(if error.raw_os_error() == Some(28) {
-                StoreError::NoSpace(format!("cannot write {}: {error}", fresh.display()))
-            } else {
-                StoreError::Storage(format!("cannot write {}: {error}", fresh.display()))
-            });
+            return Err(crate::journal::io_error(&fresh, "cannot write", error));
         }
-        if let Err(error) = std::fs::rename(&fresh, &path).and_then(|()| sync_dir(dir)) {
+        let installed = std::fs::rename(&fresh, &path)
+            .map_err(|e| e.to_string())
+            .and_then(|()| crate::journal::sync_dir(dir).map_err(|e| e.to_string()));
+        if let Err(error) = installed {
             // Which checkpoint a restart finds is unknown now: release nothing, ever again.
             let why = format!("cannot install {}: {error}", path.display());
             self.poisoned = Some(why.clone());
