@@ -272,6 +272,14 @@ fn parse_records(data: &[u8], verify: bool) -> Result<Vec<(u32, &[u8])>, String>
     Ok(out)
 }
 
+/// The little-endian `u64` at `*at` of `bytes`, advancing `at`; `None` if it is cut (the checkpoint
+/// file's fields).
+pub(crate) fn read_u64(bytes: &[u8], at: &mut usize) -> Option<u64> {
+    let v = u64::from_le_bytes(bytes.get(*at..*at + 8)?.try_into().ok()?);
+    *at += 8;
+    Some(v)
+}
+
 /// What a checkpoint records of the cold tier: the boundaries and every slice's synced lengths.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ColdCheckpoint {
@@ -300,11 +308,7 @@ impl ColdCheckpoint {
 
     /// Decodes from `bytes` at `*at`, advancing it.
     pub(crate) fn decode(bytes: &[u8], at: &mut usize) -> Option<ColdCheckpoint> {
-        let u64_at = |at: &mut usize| -> Option<u64> {
-            let v = u64::from_le_bytes(bytes.get(*at..*at + 8)?.try_into().ok()?);
-            *at += 8;
-            Some(v)
-        };
+        let u64_at = |at: &mut usize| read_u64(bytes, at);
         let loaded = u64_at(at)?;
         let b1 = u64_at(at)?;
         let b2 = u64_at(at)?;

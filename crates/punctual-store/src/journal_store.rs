@@ -581,11 +581,7 @@ fn decode_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, StoreError
     }
     let parse = || -> Option<Checkpoint> {
         let mut at = 0usize;
-        let u64_at = |at: &mut usize| -> Option<u64> {
-            let v = u64::from_le_bytes(body.get(*at..*at + 8)?.try_into().ok()?);
-            *at += 8;
-            Some(v)
-        };
+        let u64_at = |at: &mut usize| crate::cold::read_u64(body, at);
         let next_seq = u64_at(&mut at)?;
         let mut counts = BTreeMap::new();
         for _ in 0..u64_at(&mut at)? {
