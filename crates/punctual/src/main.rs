@@ -19,6 +19,12 @@ use punctual_store::{
 use crate::client::{Client, ScheduleSpec};
 use crate::config::ServeOpts;
 
+/// mimalloc instead of glibc malloc: the server allocates and frees many small strings and tasks per
+/// request on several threads, and glibc's free-list consolidation was about a third of the CPU of a
+/// drain (perf, docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Punctual: a durable delayed-task server.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
