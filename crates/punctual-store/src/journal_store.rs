@@ -17,7 +17,7 @@
 //! every task in RAM and replays the whole live journal at open; open compacts the journal when it has
 //! grown to several times the live data.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -114,7 +114,10 @@ pub struct JournalStore {
 
 /// One change to undo if the journal refuses the batch.
 enum Undo {
-    Task((String, String), Option<Box<Task>>),
+    /// The task was not there: remove it.
+    Inserted((String, String)),
+    /// The task was this: put it back.
+    Replaced(Box<Task>),
     DueAdded((u64, String, String)),
     DueRemoved((u64, String, String)),
     ReadyAdded((String, u64, String)),
@@ -140,10 +143,12 @@ struct Logged<'a> {
     undo: Vec<Undo>,
     /// Each queue's counts before the batch first changed them.
     counts_before: Vec<(String, [i64; 5])>,
-    touched: BTreeSet<(String, String)>,
+    touched: HashSet<(String, String), foldhash::fast::RandomState>,
     edits: HashMap<(String, String), Edit, foldhash::fast::RandomState>,
-    /// A reusable key, so lookups do not allocate.
+    /// Reusable keys, so lookups and removals do not allocate.
     key: (String, String),
+    due_key: (u64, String, String),
+    ready_key: (String, u64, String),
 }
 
 /// Sets `key` to (queue, id) reusing its buffers.
@@ -154,6 +159,15 @@ fn set_key(key: &mut (String, String), queue: &str, id: &str) {
     key.1.push_str(id);
 }
 
+/// Sets a due-index key reusing its buffers.
+fn set_due_key(key: &mut (u64, String, String), due_ms: u64, queue: &str, id: &str) {
+    key.0 = due_ms;
+    key.1.clear();
+    key.1.push_str(queue);
+    key.2.clear();
+    key.2.push_str(id);
+}
+
 impl<'a> Logged<'a> {
     fn new(mem: &'a mut Inner, cold: &'a mut Cold, commands: usize) -> Logged<'a> {
         Logged {
@@ -161,22 +175,34 @@ impl<'a> Logged<'a> {
             cold,
             undo: Vec::new(),
             counts_before: Vec::new(),
-            touched: BTreeSet::new(),
+            touched: HashSet::with_capacity_and_hasher(commands, Default::default()),
             edits: HashMap::with_capacity_and_hasher(commands, Default::default()),
             key: (String::new(), String::new()),
+            due_key: (0, String::new(), String::new()),
+            ready_key: (String::new(), 0, String::new()),
         }
     }
 
-    fn set(&mut self, key: (String, String), task: Option<Task>) {
-        let previous = match task {
-            Some(task) => self.mem.tasks.insert(key.clone(), task),
-            None => self.mem.tasks.remove(&key),
+    /// Sets the hot record of the task named by `self.key` (`None`: removes it), logging the
+    /// change. A record that is replaced keeps its map key: no key is allocated on that path.
+    fn set(&mut self, task: Option<Task>) {
+        let key = &self.key;
+        let undo = match task {
+            Some(task) => match self.mem.tasks.get_mut(key) {
+                Some(slot) => Some(Undo::Replaced(Box::new(std::mem::replace(slot, task)))),
+                None => {
+                    self.mem.tasks.insert(key.clone(), task);
+                    Some(Undo::Inserted(key.clone()))
+                }
+            },
+            None => self
+                .mem
+                .tasks
+                .remove(key)
+                .map(|previous| Undo::Replaced(Box::new(previous))),
         };
-        self.touch(&key);
-        self.undo.push(Undo::Task(key, previous.map(Box::new)));
-    }
-
-    fn touch(&mut self, key: &(String, String)) {
+        self.undo.extend(undo);
+        // Journaled even when nothing was hot: the deletion may be of a cold task.
         if !self.touched.contains(key) {
             self.touched.insert(key.clone());
         }
@@ -244,10 +270,11 @@ impl<'a> Logged<'a> {
         }
         for undo in self.undo.into_iter().rev() {
             match undo {
-                Undo::Task(key, Some(task)) => {
-                    mem.tasks.insert(key, *task);
+                Undo::Replaced(task) => {
+                    mem.tasks
+                        .insert((task.queue.clone(), task.id.clone()), *task);
                 }
-                Undo::Task(key, None) => {
+                Undo::Inserted(key) => {
                     mem.tasks.remove(&key);
                 }
                 Undo::DueAdded(entry) => {
@@ -301,11 +328,11 @@ impl Txn for Logged<'_> {
         set_key(&mut self.key, &task.queue, &task.id);
         if self.cold.is_cold(task) {
             if self.mem.tasks.contains_key(&self.key) {
-                self.set(self.key.clone(), None);
+                self.set(None);
             }
             if !self.mem.due.is_empty() {
-                let entry = (task.run_at_ms, task.queue.clone(), task.id.clone());
-                if self.mem.due.remove(&entry) {
+                set_due_key(&mut self.due_key, task.run_at_ms, &task.queue, &task.id);
+                if let Some(entry) = self.mem.due.take(&self.due_key) {
                     self.undo.push(Undo::DueRemoved(entry));
                 }
             }
@@ -332,7 +359,7 @@ impl Txn for Logged<'_> {
                 edit.now = None;
                 edit.dirty = true;
             }
-            self.set(self.key.clone(), Some(task.clone()));
+            self.set(Some(task.clone()));
         }
         Ok(())
     }
@@ -344,12 +371,12 @@ impl Txn for Logged<'_> {
         Ok(None)
     }
     fn remove(&mut self, queue: &str, id: &str) -> Result<(), StoreError> {
-        let key = (queue.to_owned(), id.to_owned());
-        if let Some(edit) = self.edits.get_mut(&key) {
+        set_key(&mut self.key, queue, id);
+        if let Some(edit) = self.edits.get_mut(&self.key) {
             edit.now = None;
             edit.dirty = true;
         }
-        self.set(key, None);
+        self.set(None);
         Ok(())
     }
     fn due_add(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError> {
@@ -372,8 +399,8 @@ impl Txn for Logged<'_> {
         Ok(())
     }
     fn due_remove(&mut self, due_ms: u64, queue: &str, id: &str) -> Result<(), StoreError> {
-        let entry = (due_ms, queue.to_owned(), id.to_owned());
-        if self.mem.due.remove(&entry) {
+        set_due_key(&mut self.due_key, due_ms, queue, id);
+        if let Some(entry) = self.mem.due.take(&self.due_key) {
             self.undo.push(Undo::DueRemoved(entry));
         }
         Ok(())
@@ -393,8 +420,13 @@ impl Txn for Logged<'_> {
         Ok(())
     }
     fn ready_remove(&mut self, queue: &str, at_ms: u64, id: &str) -> Result<(), StoreError> {
-        let entry = (queue.to_owned(), at_ms, id.to_owned());
-        if self.mem.ready.remove(&entry) {
+        let key = &mut self.ready_key;
+        key.0.clear();
+        key.0.push_str(queue);
+        key.1 = at_ms;
+        key.2.clear();
+        key.2.push_str(id);
+        if let Some(entry) = self.mem.ready.take(key) {
             self.undo.push(Undo::ReadyRemoved(entry));
         }
         Ok(())

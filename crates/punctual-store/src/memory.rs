@@ -1,7 +1,8 @@
 //! The in-memory store: the same engine over `BTreeMap`s. It is the oracle of the conformance suite and
 //! the store of router tests; it keeps nothing across restarts.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use punctual_core::{Task, TaskState};
@@ -13,10 +14,88 @@ use crate::{Command, DueTimes, LIST_SCAN_BUDGET, Outcome, Page, QueueCounts, Sto
 /// in-memory store, and the working state of the journal store.
 #[derive(Debug, Default)]
 pub(crate) struct Inner {
-    pub(crate) tasks: BTreeMap<(String, String), Task>,
+    pub(crate) tasks: Tasks,
     pub(crate) due: BTreeSet<(u64, String, String)>,
     pub(crate) ready: BTreeSet<(String, u64, String)>,
     pub(crate) counts: BTreeMap<String, [i64; 5]>,
+}
+
+/// Tasks by `(queue, id)`: a hash map for the lookups and replacements of every transition, and
+/// each queue's ids in order for listing. (A single ordered map made every lookup ~20 string
+/// comparisons: a fifth of the writer's time in a drain.)
+#[derive(Debug, Default)]
+pub(crate) struct Tasks {
+    map: HashMap<(String, String), Task, foldhash::fast::RandomState>,
+    ids: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Tasks {
+    pub(crate) fn get(&self, key: &(String, String)) -> Option<&Task> {
+        self.map.get(key)
+    }
+
+    pub(crate) fn get_mut(&mut self, key: &(String, String)) -> Option<&mut Task> {
+        self.map.get_mut(key)
+    }
+
+    pub(crate) fn contains_key(&self, key: &(String, String)) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// Stores `task` under `key`, answering the task it replaced.
+    pub(crate) fn insert(&mut self, key: (String, String), task: Task) -> Option<Task> {
+        match self.map.entry(key) {
+            Entry::Occupied(mut slot) => Some(slot.insert(task)),
+            Entry::Vacant(slot) => {
+                let (queue, id) = slot.key();
+                match self.ids.get_mut(queue) {
+                    Some(ids) => ids.insert(id.clone()),
+                    None => self
+                        .ids
+                        .entry(queue.clone())
+                        .or_default()
+                        .insert(id.clone()),
+                };
+                slot.insert(task);
+                None
+            }
+        }
+    }
+
+    pub(crate) fn remove(&mut self, key: &(String, String)) -> Option<Task> {
+        let task = self.map.remove(key)?;
+        if let Some(ids) = self.ids.get_mut(&key.0) {
+            ids.remove(&key.1);
+            if ids.is_empty() {
+                self.ids.remove(&key.0);
+            }
+        }
+        Some(task)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Task> {
+        self.map.values()
+    }
+
+    /// A queue's tasks in id order, from `from` on (inclusive).
+    fn queue_from<'a>(
+        &'a self,
+        queue: &'a str,
+        from: &'a str,
+    ) -> impl Iterator<Item = &'a Task> + 'a {
+        let key = |id: &String| (queue.to_owned(), id.clone());
+        self.ids
+            .get(queue)
+            .into_iter()
+            .flat_map(move |ids| {
+                ids.range::<str, _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
+            })
+            .filter_map(move |id| self.map.get(&key(id)))
+    }
 }
 
 /// A store that lives in memory only.
@@ -132,13 +211,10 @@ impl Inner {
         after: Option<&str>,
         limit: usize,
     ) -> Page {
-        let start = (queue.to_owned(), after.unwrap_or("").to_owned());
         let mut page = Page::default();
         let mut scanned = 0;
-        for ((q, id), task) in self.tasks.range(start..) {
-            if q != queue {
-                return page;
-            }
+        for task in self.tasks.queue_from(queue, after.unwrap_or("")) {
+            let id = &task.id;
             if after == Some(id.as_str()) {
                 continue;
             }
