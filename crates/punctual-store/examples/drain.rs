@@ -1,9 +1,11 @@
 //! Times the store's part of a drain, without HTTP: N tasks all due at once, fired by ticks, leased
 //! 100 at a time by 4 reserves per commit, acked 100 per command batch.
-//! `cargo run --release -p punctual-store --example drain -- DIR N [redb]` (DIR must not exist).
+//! `cargo run --release -p punctual-store --example drain -- DIR N [redb]` (DIR must not exist; a number
+//! instead of `redb`: the journal store's checkpoint interval in MiB, default 8).
 //! Prints each phase's time per task, for profiling the writer's cost per delivered task.
 #![allow(clippy::disallowed_methods)] // A timing tool.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use punctual_core::Task;
@@ -19,17 +21,23 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let dir = std::path::PathBuf::from(args.next().expect("DIR"));
     let n: u64 = args.next().map_or(1_000_000, |a| a.parse().expect("N"));
-    let redb = args.next().as_deref() == Some("redb");
+    let third = args.next();
+    let redb = third.as_deref() == Some("redb");
+    let checkpoint_mb: u64 = third.and_then(|a| a.parse().ok()).unwrap_or(8);
     let now = 1_800_000_000_000u64;
-    let store: Box<dyn Store> = if redb {
+    let mut journal = None;
+    let store: Arc<dyn Store> = if redb {
         std::fs::create_dir_all(&dir).unwrap();
-        Box::new(RedbStore::open(&dir, &RedbOptions::default()).unwrap())
+        Arc::new(RedbStore::open(&dir, &RedbOptions::default()).unwrap())
     } else {
         let options = JournalStoreOptions {
             now_ms: now,
+            checkpoint_bytes: checkpoint_mb << 20,
             ..JournalStoreOptions::default()
         };
-        Box::new(JournalStore::open(&dir, &options).unwrap())
+        let store = Arc::new(JournalStore::open(&dir, &options).unwrap());
+        journal = Some(store.clone());
+        store
     };
     let started = Instant::now();
     for chunk in 0..n.div_ceil(1_000) {
@@ -121,6 +129,9 @@ fn main() {
     report("reserve", reserve, n);
     report("ack (one fsync per 400)", ack, n);
     report("deliver, all three", tick + reserve + ack, n);
+    if let Some(journal) = journal {
+        println!("{:?}", journal.stats());
+    }
 }
 
 fn report(what: &str, took: Duration, n: u64) {

@@ -58,7 +58,7 @@ impl Default for JournalStoreOptions {
     fn default() -> Self {
         JournalStoreOptions {
             journal: JournalOptions::default(),
-            checkpoint_bytes: 8 << 20,
+            checkpoint_bytes: 32 << 20,
             min_free_bytes: 64 << 20,
             slices: SliceGeometry::default(),
             now_ms: 0,
@@ -79,6 +79,9 @@ pub struct JournalStats {
     pub slice_bytes_written: u64,
     /// Journal records replayed at open (those after the checkpoint).
     pub replayed_at_open: u64,
+    /// Checkpoints written since open, and their bytes.
+    pub checkpoints: u64,
+    pub checkpoint_bytes_written: u64,
 }
 
 struct State {
@@ -88,6 +91,8 @@ struct State {
     /// Journal bytes appended since the last checkpoint, and the size that last checkpoint had.
     since_checkpoint: u64,
     checkpoint_size: u64,
+    checkpoints: u64,
+    checkpoint_bytes_written: u64,
     /// A checkpoint failed in a way that leaves the disk's state unknown.
     poisoned: Option<String>,
     /// The last free-space reading: (when, bytes free).
@@ -682,6 +687,8 @@ impl State {
         self.cold.checkpointed();
         self.since_checkpoint = 0;
         self.checkpoint_size = bytes.len() as u64;
+        self.checkpoints += 1;
+        self.checkpoint_bytes_written += bytes.len() as u64;
         Ok(())
     }
 
@@ -776,6 +783,8 @@ impl JournalStore {
                 journal,
                 since_checkpoint: bytes,
                 checkpoint_size: 0,
+                checkpoints: 0,
+                checkpoint_bytes_written: 0,
                 poisoned: None,
                 free: None,
             }),
@@ -808,6 +817,8 @@ impl JournalStore {
             cold_index_bytes: state.cold.index_bytes() as u64,
             slice_bytes_written: state.cold.bytes_written(),
             replayed_at_open: self.replayed,
+            checkpoints: state.checkpoints,
+            checkpoint_bytes_written: state.checkpoint_bytes_written,
         }
     }
 
