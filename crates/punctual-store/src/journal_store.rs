@@ -1,9 +1,11 @@
-//! `JournalStore`: the sequential-write store, first stage (docs/storage.md, "Storage v2").
+//! `JournalStore`: the sequential-write store, the default (docs/storage.md).
 //!
 //! Every durable change is appended to the [`Journal`] and made durable with one `fdatasync` per
-//! commit before the commit returns; nothing is ever rewritten in place. The working state (tasks,
-//! due and ready indexes, counts) is in memory, built by replaying the journal at open. Commands run
-//! through the same engine as every other store, so the conformance suite and the oracle apply.
+//! commit before the commit returns; nothing is ever rewritten in place. Tasks due soon, ready,
+//! leased, dead or kept after success are in memory (the hot tier, `memory::Inner`); scheduled tasks
+//! due past the load boundary are in time-sliced files with a compact id table (the cold tier,
+//! `cold.rs`). Commands run through the same engine as every other store, so the conformance suite
+//! and the oracle apply.
 //!
 //! What a commit journals: for a batch with any durable command, the final record (or its deletion)
 //! of every task the batch touched. A batch of only non-durable commands (reserve, tick, extend,
@@ -12,10 +14,9 @@
 //! batch is undone in memory, so nothing answered as failed is visible: a full disk answers
 //! `NoSpace` (507) and the store goes on; a failed `fdatasync` poisons it.
 //!
-//! Not yet here (the next stage, tracked in issue 8): far-future tasks in time-sliced files instead of
-//! memory, the compact id table, and checkpoints that bound the replay. Until then the store holds
-//! every task in RAM and replays the whole live journal at open; open compacts the journal when it has
-//! grown to several times the live data.
+//! A checkpoint (the hot tasks, counts and the cold tier's synced file lengths) is written every
+//! `checkpoint_bytes` of journal and at clean shutdown; open reads it and replays only the journal
+//! after it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -169,6 +170,15 @@ fn set_due_key(key: &mut (u64, String, String), due_ms: u64, queue: &str, id: &s
     key.0 = due_ms;
     key.1.clear();
     key.1.push_str(queue);
+    key.2.clear();
+    key.2.push_str(id);
+}
+
+/// Sets a ready-index key reusing its buffers.
+fn set_ready_key(key: &mut (String, u64, String), queue: &str, at_ms: u64, id: &str) {
+    key.0.clear();
+    key.0.push_str(queue);
+    key.1 = at_ms;
     key.2.clear();
     key.2.push_str(id);
 }
@@ -425,13 +435,8 @@ impl Txn for Logged<'_> {
         Ok(())
     }
     fn ready_remove(&mut self, queue: &str, at_ms: u64, id: &str) -> Result<(), StoreError> {
-        let key = &mut self.ready_key;
-        key.0.clear();
-        key.0.push_str(queue);
-        key.1 = at_ms;
-        key.2.clear();
-        key.2.push_str(id);
-        if let Some(entry) = self.mem.ready.take(key) {
+        set_ready_key(&mut self.ready_key, queue, at_ms, id);
+        if let Some(entry) = self.mem.ready.take(&self.ready_key) {
             self.undo.push(Undo::ReadyRemoved(entry));
         }
         Ok(())

@@ -1,5 +1,5 @@
-//! The in-memory store: the same engine over `BTreeMap`s. It is the oracle of the conformance suite and
-//! the store of router tests; it keeps nothing across restarts.
+//! The in-memory store: the same engine over a hash map of tasks and ordered index sets. It is the
+//! oracle of the conformance suite and the store of router tests; it keeps nothing across restarts.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
