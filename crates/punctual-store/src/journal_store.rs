@@ -901,7 +901,14 @@ impl Store for JournalStore {
         } = &mut *state;
         if self.min_free_bytes > 0 && commands.iter().any(|c| matches!(c, Command::Schedule(_))) {
             let reading = match *free {
-                Some((at, bytes)) if now_ms.saturating_sub(at) < FREE_SPACE_EVERY_MS => Some(bytes),
+                // Near the threshold every commit reads it again: a fast writer can fill what is
+                // left of a small disk within one interval.
+                Some((at, bytes))
+                    if now_ms.saturating_sub(at) < FREE_SPACE_EVERY_MS
+                        && bytes >= self.min_free_bytes.saturating_mul(2) =>
+                {
+                    Some(bytes)
+                }
                 _ => {
                     let bytes = free_bytes(&self.dir);
                     *free = bytes.map(|b| (now_ms, b));
