@@ -100,7 +100,8 @@ struct State {
     free: Option<(u64, u64)>,
 }
 
-/// How often the free space is read again, at most.
+/// How often the free space is read again, at most, while it is at least twice `min_free_bytes`
+/// (below that, every commit that schedules reads it).
 const FREE_SPACE_EVERY_MS: u64 = 100;
 
 /// Bytes free for unprivileged writes on the file system holding `path`.
