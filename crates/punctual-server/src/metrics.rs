@@ -17,6 +17,7 @@ pub const COMMIT_COMMANDS: &str = "punctual_store_commit_commands";
 pub const TASKS: &str = "punctual_tasks";
 pub const WEBHOOK_SECONDS: &str = "punctual_webhook_duration_seconds";
 pub const WEBHOOK_DELIVERIES: &str = "punctual_webhook_deliveries_total";
+pub const ORPHANED_LEASES: &str = "punctual_leases_orphaned_total";
 
 /// By default, a metric series not updated for this long is dropped from `/metrics`.
 pub const METRIC_IDLE_MS: u64 = 3_600_000;
@@ -71,6 +72,10 @@ fn describe() {
         "Tasks handed to a consumer (reserve or webhook), by queue."
     );
     describe_counter!(ACKED, "Tasks acknowledged as done, by queue.");
+    describe_counter!(
+        ORPHANED_LEASES,
+        "Tasks leased to a long-poll whose client had gone before the answer was ready, given back at once."
+    );
     describe_counter!(
         NACKED,
         "Failed attempts reported by a nack or a failed webhook, by queue."
