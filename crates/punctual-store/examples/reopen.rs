@@ -1,6 +1,7 @@
 //! Fills a journal store with N scheduled tasks due over 30 days, then times reopening it:
 //! `cargo run --release -p punctual-store --example reopen -- DIR N` (N in tasks; an existing DIR
-//! is only reopened). Prints the phases' times, for profiling recovery.
+//! is only reopened; with `REOPEN_FILL_ONLY` set it stops after the fill, leaving a crashed store
+//! to copy). Prints the phases' times, for profiling recovery.
 #![allow(clippy::disallowed_methods)] // A timing tool.
 
 use std::time::Instant;
@@ -44,6 +45,9 @@ fn main() {
         );
         // A crash, not a clean shutdown: no final checkpoint.
         std::mem::forget(store);
+        if std::env::var_os("REOPEN_FILL_ONLY").is_some() {
+            return;
+        }
     }
     let started = Instant::now();
     let store = JournalStore::open(&dir, &options).unwrap();

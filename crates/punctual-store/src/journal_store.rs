@@ -712,6 +712,9 @@ impl JournalStore {
     /// directory, or one written before checkpoints existed) the whole journal is replayed and a
     /// checkpoint written at once.
     pub fn open(dir: &Path, options: &JournalStoreOptions) -> Result<JournalStore, StoreError> {
+        // Only for the log line: how long each phase of recovery took.
+        #[allow(clippy::disallowed_methods)]
+        let started = std::time::Instant::now();
         let journal_dir = dir.join("journal");
         // Left by the stage-1 store's compaction at open, which no longer exists.
         let _ = std::fs::remove_dir_all(dir.join("journal.new"));
@@ -750,6 +753,7 @@ impl JournalStore {
                 1,
             ),
         };
+        let restored = started.elapsed();
         let mut records = 0u64;
         let mut bytes = 0u64;
         let mut journal_options = options.journal.clone();
@@ -780,6 +784,7 @@ impl JournalStore {
         if journal.next_seq() < first_seq {
             return Err(gap(format!("ends before batch {}", journal.next_seq())));
         }
+        let replayed = started.elapsed();
         cold.advance(options.now_ms, load_hot(&mut mem))?;
         mem.forget_empty_queues();
         let store = JournalStore {
@@ -806,6 +811,9 @@ impl JournalStore {
             replayed = records,
             hot = stats.hot_tasks,
             cold = stats.cold_tasks,
+            restore_ms = restored.as_millis() as u64,
+            replay_ms = (replayed - restored).as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
             "journal store opened"
         );
         if checkpoint.is_none() && records > 0 {
