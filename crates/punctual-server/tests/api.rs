@@ -1054,24 +1054,33 @@ async fn ack_in_batches(h: &Harness) {
 }
 each_store!(acks_can_be_sent_in_batches, ack_in_batches);
 
-/// A store two apps share without any notices between them, as two nodes would if every pub/sub message
-/// were lost: the periodic re-read of due times must still get a task to the other node's long-poll.
-struct SilentShared(MemoryStore);
+/// A memory store for tests that need to bend it: `shared` makes apps treat it as a store other
+/// nodes share (without any notices between them), and `before_apply` runs before each commit (to
+/// hold it at a gate).
+struct TestStore {
+    inner: MemoryStore,
+    shared: bool,
+    #[allow(clippy::type_complexity)]
+    before_apply: Option<Box<dyn Fn(&[punctual_store::Command]) + Send + Sync>>,
+}
 
-impl Store for SilentShared {
+impl Store for TestStore {
     fn apply(
         &self,
         now_ms: u64,
         commands: &[punctual_store::Command],
     ) -> Result<Vec<punctual_store::Outcome>, punctual_store::StoreError> {
-        self.0.apply(now_ms, commands)
+        if let Some(before) = &self.before_apply {
+            before(commands);
+        }
+        self.inner.apply(now_ms, commands)
     }
     fn get(
         &self,
         queue: &str,
         id: &str,
     ) -> Result<Option<punctual_core::Task>, punctual_store::StoreError> {
-        self.0.get(queue, id)
+        self.inner.get(queue, id)
     }
     fn list(
         &self,
@@ -1080,10 +1089,10 @@ impl Store for SilentShared {
         after: Option<&str>,
         limit: usize,
     ) -> Result<punctual_store::Page, punctual_store::StoreError> {
-        self.0.list(queue, state, after, limit)
+        self.inner.list(queue, state, after, limit)
     }
     fn queues(&self) -> Result<Vec<punctual_store::QueueCounts>, punctual_store::StoreError> {
-        self.0.queues()
+        self.inner.queues()
     }
     fn due_times(
         &self,
@@ -1091,19 +1100,26 @@ impl Store for SilentShared {
         to_ms: u64,
         limit: usize,
     ) -> Result<punctual_store::DueTimes, punctual_store::StoreError> {
-        self.0.due_times(from_ms, to_ms, limit)
+        self.inner.due_times(from_ms, to_ms, limit)
     }
     fn health(&self) -> Result<(), punctual_store::StoreError> {
-        self.0.health()
+        self.inner.health()
     }
     fn shared(&self) -> bool {
-        true
+        self.shared
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_hears_nothing_still_delivers_after_its_resync() {
-    let store: Arc<dyn Store> = Arc::new(SilentShared(MemoryStore::new()));
+    // Two apps on one store without any notices between them, as two nodes would be if every
+    // pub/sub message were lost: the periodic re-read of due times must still get a task to the
+    // other node's long-poll.
+    let store: Arc<dyn Store> = Arc::new(TestStore {
+        inner: MemoryStore::new(),
+        shared: true,
+        before_apply: None,
+    });
     let config = ServerConfig {
         resync_ms: 200,
         ..ServerConfig::default()
@@ -1398,76 +1414,34 @@ async fn lease_refusals_say_what_happened() {
     h.stop().await;
 }
 
-/// A memory store whose commits that lease (reserves) can be held at a gate, to stand for a commit
-/// that takes longer than a long-poll's grace (a checkpoint, a slow disk).
-struct GatedStore {
-    inner: MemoryStore,
-    armed: std::sync::atomic::AtomicBool,
-    entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
-    open: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
-}
-
-impl Store for GatedStore {
-    fn apply(
-        &self,
-        now_ms: u64,
-        commands: &[punctual_store::Command],
-    ) -> Result<Vec<punctual_store::Outcome>, punctual_store::StoreError> {
-        let leases = commands
-            .iter()
-            .any(|c| matches!(c, punctual_store::Command::Reserve { .. }));
-        if leases && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            let _ = self.entered.lock().unwrap().send(());
-            let _ = self.open.lock().unwrap().recv();
-        }
-        self.inner.apply(now_ms, commands)
-    }
-    fn get(
-        &self,
-        queue: &str,
-        id: &str,
-    ) -> Result<Option<punctual_core::Task>, punctual_store::StoreError> {
-        self.inner.get(queue, id)
-    }
-    fn list(
-        &self,
-        queue: &str,
-        state: Option<punctual_core::TaskState>,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<punctual_store::Page, punctual_store::StoreError> {
-        self.inner.list(queue, state, after, limit)
-    }
-    fn queues(&self) -> Result<Vec<punctual_store::QueueCounts>, punctual_store::StoreError> {
-        self.inner.queues()
-    }
-    fn due_times(
-        &self,
-        from_ms: u64,
-        to_ms: u64,
-        limit: usize,
-    ) -> Result<punctual_store::DueTimes, punctual_store::StoreError> {
-        self.inner.due_times(from_ms, to_ms, limit)
-    }
-    fn health(&self) -> Result<(), punctual_store::StoreError> {
-        self.inner.health()
-    }
-}
-
 /// A reserve whose commit outlasts its handler's patience (its deadline plus the grace) leases tasks
 /// nobody receives. They must be given back at once, not stay leased until the lease runs out: in the
 /// drain benchmark one slow checkpoint left 400 tasks stuck for 60 s that way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_leased_to_a_long_poll_that_gave_up_are_given_back_at_once() {
+    // Armed, the next commit that leases (a reserve) says so and waits for `open`.
     let (entered_tx, entered) = std::sync::mpsc::channel();
-    let (open, open_rx) = std::sync::mpsc::channel();
-    let store = Arc::new(GatedStore {
+    let (open, open_rx) = std::sync::mpsc::channel::<()>();
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (entered_tx, open_rx) = (
+        std::sync::Mutex::new(entered_tx),
+        std::sync::Mutex::new(open_rx),
+    );
+    let gate = armed.clone();
+    let store = Arc::new(TestStore {
         inner: MemoryStore::new(),
-        armed: false.into(),
-        entered: entered_tx.into(),
-        open: open_rx.into(),
+        shared: false,
+        before_apply: Some(Box::new(move |commands| {
+            let leases = commands
+                .iter()
+                .any(|c| matches!(c, punctual_store::Command::Reserve { .. }));
+            if leases && gate.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                let _ = entered_tx.lock().unwrap().send(());
+                let _ = open_rx.lock().unwrap().recv();
+            }
+        })),
     });
-    let h = Harness::new(store.clone());
+    let h = Harness::new(store);
     let (status, _) = h
         .json(
             "POST",
@@ -1486,7 +1460,7 @@ async fn tasks_leased_to_a_long_poll_that_gave_up_are_given_back_at_once() {
         assert!(Instant::now() < deadline, "never ready: {task}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
     let started = Instant::now();
     let held = tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(5)));
     // wait_ms 0: the handler answers empty 250 ms (its grace) after it asked, commit or no commit.
