@@ -413,7 +413,6 @@ impl Cold {
         self.b2 = checkpoint.b2;
         self.next_generation = checkpoint.next_generation;
         let mut named = BTreeSet::new();
-        let mut order = Vec::with_capacity(checkpoint.slices.len());
         for &(start, level, generation, data_len, keys_len) in &checkpoint.slices {
             let key = (start, level);
             let stem = self.stem(key, generation);
@@ -421,7 +420,6 @@ impl Cold {
             let keys = Stream::reopen(stem.with_extension("keys"), keys_len)?;
             named.insert(data.path.clone());
             named.insert(keys.path.clone());
-            order.push((key, keys_len));
             self.slices.insert(
                 key,
                 Slice {
@@ -446,9 +444,11 @@ impl Cold {
         }
         // Sized once and each `.keys` file read only while its slice is rebuilt: fresh memory is
         // what recovery at 10 M pending spent most of its time on (the kernel zeroing new pages).
-        let puts: u64 = order.iter().map(|(_, len)| len / 8).sum();
-        let mut entries = Vec::with_capacity(puts as usize);
-        for (key, keys_len) in order {
+        // Every 8-byte `.keys` entry is a put or a removal: their count bounds the live entries.
+        let at_most: u64 = checkpoint.slices.iter().map(|s| s.4 / 8).sum();
+        let mut entries = Vec::with_capacity(at_most as usize);
+        for &(start, level, _, _, keys_len) in &checkpoint.slices {
+            let key = (start, level);
             let bytes = self.slices[&key].keys.read(0, keys_len)?;
             self.rebuild_slice(key, &bytes, &mut entries)?;
         }
