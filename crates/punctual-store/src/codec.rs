@@ -33,12 +33,19 @@ fn state_byte(state: TaskState) -> u8 {
 }
 
 pub fn encode(task: &Task) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + task.payload.as_ref().map_or(0, String::len));
+    encode_into(task, &mut out);
+    out
+}
+
+/// [`encode`], appending to `out`.
+pub fn encode_into(task: &Task, out: &mut Vec<u8>) {
     let payload = task.payload.as_deref().map(str::as_bytes);
     let webhook = task
         .webhook
         .as_ref()
         .map(|w| serde_json::to_vec(w).unwrap_or_default());
-    let mut out = Vec::with_capacity(64 + payload.map_or(0, <[u8]>::len));
+    out.reserve(64 + payload.map_or(0, <[u8]>::len));
     let mut flags = 0;
     for (present, bit) in [
         (task.lease_ms.is_some(), HAS_LEASE_MS),
@@ -104,7 +111,6 @@ pub fn encode(task: &Task) -> Vec<u8> {
     if let Some(payload) = payload {
         out.extend_from_slice(payload);
     }
-    out
 }
 
 struct Reader<'a> {

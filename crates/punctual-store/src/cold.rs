@@ -23,14 +23,15 @@
 //! is rewritten. Opening from a checkpoint rebuilds the id table from the `.keys` files alone (8 bytes
 //! per change), never reading the records.
 //!
-//! Slice files are written without `fdatasync`; the journal covers them until a checkpoint
-//! ([`Cold::checkpoint`]) has synced them and recorded their lengths. Recovery cuts every file back
-//! to the length its checkpoint recorded and deletes files the checkpoint does not name, so what
-//! remains is exactly the state the checkpoint describes; the journal after it is replayed on top.
-//! A file the boundaries emptied is deleted only after the next checkpoint (the one before still
-//! names it), and generations keep a new file from ever taking an old one's name.
+//! Slice files are written without `fdatasync`; the journal covers them until a checkpoint has
+//! synced them (on its own thread, from a [`Cold::snapshot`]) and recorded their lengths. Recovery
+//! cuts every file back to the length its checkpoint recorded and deletes files the checkpoint does
+//! not name, so what remains is exactly the state the checkpoint describes; the journal after it is
+//! replayed on top. A file the boundaries emptied is deleted only once a checkpoint taken after it
+//! was emptied is installed (the ones before still name it), and generations keep a new file from
+//! ever taking an old one's name.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -168,18 +169,6 @@ impl Stream {
         self.flushed += self.buf.len() as u64;
         self.buf.clear();
         Ok(created)
-    }
-
-    /// Makes what was written durable. A failure is final (see `Cold::poisoned`).
-    fn sync(&mut self) -> Result<(), String> {
-        if self.flushed > self.synced
-            && let Some(file) = &self.file
-        {
-            file.sync_data()
-                .map_err(|e| format!("fdatasync {} failed: {e}", self.path.display()))?;
-        }
-        self.synced = self.flushed;
-        Ok(())
     }
 
     /// Opens an existing file at the length a checkpoint recorded, cutting off what came after.
@@ -331,6 +320,48 @@ impl ColdCheckpoint {
     }
 }
 
+/// What a checkpoint takes of the cold tier ([`Cold::snapshot`]).
+pub(crate) struct ColdSnapshot {
+    /// What the checkpoint records.
+    pub record: ColdCheckpoint,
+    /// Files with bytes written since the last checkpoint (handles of their own, so the writer may
+    /// go on appending or drop the slice meanwhile).
+    files: Vec<(PathBuf, File)>,
+    /// The directory, when a file was created in it since the last checkpoint.
+    sync_dir: Option<PathBuf>,
+    /// Files of slices dropped before the snapshot: deleted once the checkpoint is installed.
+    doomed: Vec<PathBuf>,
+    doomed_bytes: u64,
+}
+
+impl ColdSnapshot {
+    /// Removes the files doomed before the snapshot, once a checkpoint made from it is installed:
+    /// no checkpoint names them now. Runs on the checkpoint's thread (unlinking a large file can
+    /// take milliseconds).
+    pub(crate) fn remove_doomed(&self) {
+        for path in &self.doomed {
+            if let Err(error) = std::fs::remove_file(path) {
+                tracing::warn!(%error, path = %path.display(), "cannot remove a slice file");
+            }
+        }
+    }
+
+    /// Makes the recorded lengths durable; runs on the checkpoint's thread. A failure is final: the
+    /// caller poisons the tier.
+    pub(crate) fn sync(&self) -> Result<(), String> {
+        for (path, file) in &self.files {
+            file.sync_data()
+                .map_err(|e| format!("fdatasync {} failed: {e}", path.display()))?;
+        }
+        if let Some(dir) = &self.sync_dir {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
 /// The cold tier; see the module documentation.
 pub(crate) struct Cold {
     dir: PathBuf,
@@ -354,6 +385,12 @@ pub(crate) struct Cold {
     poisoned: Option<String>,
     /// Bytes written to slice files, in total.
     written: u64,
+    /// Cold tasks (all scheduled) by queue: a checkpoint records them, because the `.keys` files
+    /// it is rebuilt from name no queues.
+    queues: BTreeMap<String, i64>,
+    /// While a checkpoint is being encoded: the tasks that left this tier since its snapshot. The
+    /// snapshot's slices still hold them, so the checkpoint must not hold them as hot tasks too.
+    given: Option<HashSet<(String, String)>>,
 }
 
 impl Cold {
@@ -390,6 +427,8 @@ impl Cold {
             created: false,
             poisoned: None,
             written: 0,
+            queues: BTreeMap::new(),
+            given: None,
         };
         match checkpoint {
             // The checkpoint's boundaries stand until the first `advance`, which moves them to now
@@ -711,6 +750,12 @@ impl Cold {
             .expect("placed above");
         chunk.end = pos + record_len;
         self.ids.insert(fp, (chunk_id << 8) | index);
+        match self.queues.get_mut(&task.queue) {
+            Some(n) => *n += 1,
+            None => {
+                self.queues.insert(task.queue.clone(), 1);
+            }
+        }
         Ok(())
     }
 
@@ -720,6 +765,7 @@ impl Cold {
         if !self.ids.remove(fp, loc) {
             return Ok(());
         }
+        self.gave(queue, id);
         let chunk = self.chunks[(loc >> 8) as usize].expect("a live location's chunk");
         let ordinal = chunk.first + (loc & 0xff);
         let slice = self.slices.get_mut(&chunk.slice).expect("a chunk's slice");
@@ -826,7 +872,9 @@ impl Cold {
         for key in stale {
             let tasks = self.live_tasks(key)?;
             for (loc, task) in &tasks {
-                self.ids.remove(fingerprint(&task.queue, &task.id), *loc);
+                if self.ids.remove(fingerprint(&task.queue, &task.id), *loc) {
+                    self.gave(&task.queue, &task.id);
+                }
             }
             self.drop_slice(key);
             for (_, task) in tasks {
@@ -845,61 +893,118 @@ impl Cold {
         Ok(())
     }
 
-    /// Writes and syncs every slice file and answers what a checkpoint must record. A failed write
-    /// (a full disk) is an error to retry later; a failed `fdatasync` poisons the tier for good.
-    pub(crate) fn checkpoint(&mut self) -> Result<ColdCheckpoint, StoreError> {
+    /// Takes what a checkpoint needs of the cold tier, on the writer: every slice buffer is
+    /// written (not synced) and the files with unsynced bytes are listed, with the lengths to record
+    /// and the files doomed so far. The `fdatasync`s run on the checkpoint's own thread
+    /// ([`ColdSnapshot::sync`]); then [`Cold::installed`] or [`Cold::not_installed`] settles it. A
+    /// failed write (a full disk) is an error to retry later.
+    pub(crate) fn snapshot(&mut self) -> Result<ColdSnapshot, StoreError> {
         if let Some(why) = &self.poisoned {
             return Err(StoreError::Poisoned(why.clone()));
         }
-        let mut created = self.created;
         for slice in self.slices.values_mut() {
-            created |= slice.data.flush()?;
-            created |= slice.keys.flush()?;
+            self.created |= slice.data.flush()?;
+            self.created |= slice.keys.flush()?;
         }
-        let mut synced = Ok(());
-        for slice in self.slices.values_mut() {
-            synced = synced
-                .and_then(|()| slice.data.sync())
-                .and_then(|()| slice.keys.sync());
+        let mut files = Vec::new();
+        for slice in self.slices.values() {
+            for stream in [&slice.data, &slice.keys] {
+                if let Some(file) = &stream.file
+                    && stream.flushed > stream.synced
+                {
+                    let file = file
+                        .try_clone()
+                        .map_err(|e| io_error(&stream.path, "cannot open again", e))?;
+                    files.push((stream.path.clone(), file));
+                }
+            }
         }
-        if created && synced.is_ok() {
-            synced = File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| format!("cannot sync {}: {e}", self.dir.display()));
-        }
-        if let Err(why) = synced {
-            self.poisoned = Some(why.clone());
-            return Err(StoreError::Poisoned(why));
-        }
-        self.created = false;
-        Ok(ColdCheckpoint {
-            loaded: self.loaded,
-            b1: self.b1,
-            b2: self.b2,
-            next_generation: self.next_generation,
-            slices: self
-                .slices
-                .iter()
-                .map(|(&(start, level), s)| {
-                    (start, level, s.generation, s.data.synced, s.keys.synced)
-                })
-                .collect(),
+        let sync_dir = std::mem::take(&mut self.created).then(|| self.dir.clone());
+        Ok(ColdSnapshot {
+            record: ColdCheckpoint {
+                loaded: self.loaded,
+                b1: self.b1,
+                b2: self.b2,
+                next_generation: self.next_generation,
+                slices: self
+                    .slices
+                    .iter()
+                    .map(|(&(start, level), s)| {
+                        (start, level, s.generation, s.data.flushed, s.keys.flushed)
+                    })
+                    .collect(),
+            },
+            files,
+            sync_dir,
+            doomed: std::mem::take(&mut self.doomed),
+            doomed_bytes: std::mem::take(&mut self.doomed_bytes),
         })
     }
 
-    /// A checkpoint was written: the files it no longer names can go.
-    /// Bytes in files waiting for the next checkpoint to be deleted.
-    pub(crate) fn doomed_bytes(&self) -> u64 {
-        self.doomed_bytes
-    }
-
-    pub(crate) fn checkpointed(&mut self) {
-        self.doomed_bytes = 0;
-        for path in std::mem::take(&mut self.doomed) {
-            if let Err(error) = std::fs::remove_file(&path) {
-                tracing::warn!(%error, path = %path.display(), "cannot remove a slice file");
+    /// A checkpoint made from `snapshot` is installed: the lengths it records are durable (and its
+    /// thread has removed the files doomed before it, [`ColdSnapshot::remove_doomed`]).
+    pub(crate) fn installed(&mut self, snapshot: ColdSnapshot) {
+        for &(start, level, generation, data, keys) in &snapshot.record.slices {
+            if let Some(slice) = self.slices.get_mut(&(start, level))
+                && slice.generation == generation
+            {
+                slice.data.synced = slice.data.synced.max(data);
+                slice.keys.synced = slice.keys.synced.max(keys);
             }
         }
+    }
+
+    /// A checkpoint made from `snapshot` was not installed (and the one before still stands): its
+    /// doomed files wait for the next, which syncs the directory too if this one was to.
+    pub(crate) fn not_installed(&mut self, snapshot: ColdSnapshot) {
+        self.created |= snapshot.sync_dir.is_some();
+        self.doomed.extend(snapshot.doomed);
+        self.doomed_bytes += snapshot.doomed_bytes;
+    }
+
+    /// A slice file's `fdatasync` failed: no checkpoint may be written again.
+    pub(crate) fn poison(&mut self, why: String) {
+        self.poisoned = Some(why);
+    }
+
+    /// A task left the tier: counted, and remembered while a checkpoint is being encoded.
+    fn gave(&mut self, queue: &str, id: &str) {
+        if let Some(n) = self.queues.get_mut(queue) {
+            *n -= 1;
+            if *n == 0 {
+                self.queues.remove(queue);
+            }
+        }
+        if let Some(given) = &mut self.given {
+            given.insert((queue.to_owned(), id.to_owned()));
+        }
+    }
+
+    /// Cold tasks by queue.
+    pub(crate) fn queue_counts(&self) -> &BTreeMap<String, i64> {
+        &self.queues
+    }
+
+    /// Sets the counts by queue, at open (from the checkpoint).
+    pub(crate) fn set_queue_counts(&mut self, queues: BTreeMap<String, i64>) {
+        self.queues = queues;
+    }
+
+    /// Starts or stops remembering the tasks that leave the tier (see `given`).
+    pub(crate) fn remember_given(&mut self, on: bool) {
+        self.given = on.then(HashSet::new);
+    }
+
+    /// Whether `key` left the tier since [`Cold::remember_given`] was turned on.
+    pub(crate) fn was_given(&self, key: &(String, String)) -> bool {
+        self.given
+            .as_ref()
+            .is_some_and(|g| !g.is_empty() && g.contains(key))
+    }
+
+    /// Bytes in files waiting for a checkpoint to be deleted.
+    pub(crate) fn doomed_bytes(&self) -> u64 {
+        self.doomed_bytes
     }
 
     /// Every live cold task, slice by slice in time order.

@@ -461,21 +461,28 @@ impl Journal {
 
     /// Deletes whole segments whose batches all precede `seq` (they are covered by a checkpoint).
     pub fn release_before(&mut self, seq: u64) -> Result<usize, StoreError> {
-        let files = segments(&self.dir)?;
-        let mut removed = 0;
-        for window in files.windows(2) {
-            let (_, path) = &window[0];
-            let (next_first, _) = window[1];
-            if next_first <= seq && *path != self.path {
-                std::fs::remove_file(path).map_err(|e| io_error(path, "cannot remove", e))?;
-                removed += 1;
-            }
-        }
-        if removed > 0 {
-            sync_dir(&self.dir)?;
-        }
-        Ok(removed)
+        release_segments_before(&self.dir, seq)
     }
+}
+
+/// [`Journal::release_before`] for the journal in `dir`, from any thread: the segment being
+/// appended to is the last and is never removed, and a crash midway leaves the oldest removed
+/// first, which recovery skips over the same way.
+pub(crate) fn release_segments_before(dir: &Path, seq: u64) -> Result<usize, StoreError> {
+    let files = segments(dir)?;
+    let mut removed = 0;
+    for window in files.windows(2) {
+        let (_, path) = &window[0];
+        let (next_first, _) = window[1];
+        if next_first <= seq {
+            std::fs::remove_file(path).map_err(|e| io_error(path, "cannot remove", e))?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use punctual_core::{Task, TaskState};
 
-use crate::cold::{Cold, ColdCheckpoint, SliceGeometry};
+use crate::cold::{Cold, ColdCheckpoint, ColdSnapshot, SliceGeometry};
 use crate::engine::{self, Txn};
 use crate::journal::{Journal, JournalOptions, Record};
 use crate::memory::Inner;
@@ -35,7 +35,7 @@ const PUT: u8 = 1;
 const DELETE: u8 = 2;
 /// The checkpoint file's magic and format version.
 const CHECKPOINT_MAGIC: &[u8; 4] = b"PCKP";
-const CHECKPOINT_VERSION: u8 = 1;
+const CHECKPOINT_VERSION: u8 = 2;
 
 /// Settings of the journal store.
 #[derive(Debug, Clone)]
@@ -45,6 +45,8 @@ pub struct JournalStoreOptions {
     /// by twice the last checkpoint's size, if that is more), and at clean shutdown; recovery replays
     /// only the journal after it.
     pub checkpoint_bytes: u64,
+    /// Hot tasks each commit encodes into a checkpoint being built (see `Building`).
+    pub checkpoint_step_tasks: usize,
     /// New tasks are refused (`NoSpace`, 507) while the journal's file system has less free space
     /// than this; acks, nacks and cancels still go through, until the disk is really full.
     pub min_free_bytes: u64,
@@ -60,6 +62,7 @@ impl Default for JournalStoreOptions {
         JournalStoreOptions {
             journal: JournalOptions::default(),
             checkpoint_bytes: 32 << 20,
+            checkpoint_step_tasks: CHECKPOINT_STEP_TASKS,
             min_free_bytes: 64 << 20,
             slices: SliceGeometry::default(),
             now_ms: 0,
@@ -83,6 +86,8 @@ pub struct JournalStats {
     /// Checkpoints written since open, and their bytes.
     pub checkpoints: u64,
     pub checkpoint_bytes_written: u64,
+    /// A checkpoint is being encoded, a step per commit, or written on its thread.
+    pub checkpoint_under_way: bool,
 }
 
 struct State {
@@ -96,6 +101,13 @@ struct State {
     checkpoint_bytes_written: u64,
     /// A checkpoint failed in a way that leaves the disk's state unknown.
     poisoned: Option<String>,
+    /// The checkpoint being encoded, the one being written, and the buffer the last one was
+    /// encoded in.
+    building: Option<Building>,
+    writing: Option<Writing>,
+    /// What a hot task took in the last checkpoint, to size the next one's buffer.
+    bytes_per_hot_task: u64,
+    spare: Vec<u8>,
     /// The last free-space reading: (when, bytes free).
     free: Option<(u64, u64)>,
 }
@@ -116,6 +128,7 @@ pub struct JournalStore {
     dir: PathBuf,
     min_free_bytes: u64,
     checkpoint_bytes: u64,
+    checkpoint_step_tasks: usize,
     replayed: u64,
 }
 
@@ -466,10 +479,22 @@ pub(crate) fn key_bytes(queue: &str, id: &str, capacity: usize) -> Vec<u8> {
 
 /// The key, then the record in the stored format: a put in the journal and in slice files.
 pub(crate) fn put_bytes(task: &Task) -> Vec<u8> {
-    let value = codec::encode(task);
-    let mut bytes = key_bytes(&task.queue, &task.id, value.len());
-    bytes.extend_from_slice(&value);
+    let mut bytes = key_bytes(
+        &task.queue,
+        &task.id,
+        64 + task.payload.as_ref().map_or(0, String::len),
+    );
+    codec::encode_into(task, &mut bytes);
     bytes
+}
+
+/// [`put_bytes`], appending to `out`.
+fn put_bytes_into(task: &Task, out: &mut Vec<u8>) {
+    for text in [&task.queue, &task.id] {
+        out.extend_from_slice(&(text.len() as u16).to_le_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
+    codec::encode_into(task, out);
 }
 
 fn put_record(task: &Task) -> Record {
@@ -564,37 +589,54 @@ fn load_hot(mem: &mut Inner) -> impl FnMut(Task) + '_ {
 struct Checkpoint {
     /// The journal's batches from this sequence number on come after the checkpoint.
     next_seq: u64,
-    counts: BTreeMap<String, [i64; 5]>,
+    counts: Counts,
     cold: ColdCheckpoint,
     hot: Vec<Task>,
 }
 
-/// `"PCKP" | version u8 | 3 zero bytes | body length u64 | body | crc32c(body) u32`.
-fn encode_checkpoint(next_seq: u64, mem: &Inner, cold: &ColdCheckpoint) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&next_seq.to_le_bytes());
-    body.extend_from_slice(&(mem.counts.len() as u64).to_le_bytes());
-    for (queue, counts) in &mem.counts {
-        body.extend_from_slice(&(queue.len() as u16).to_le_bytes());
-        body.extend_from_slice(queue.as_bytes());
-        for c in counts {
-            body.extend_from_slice(&c.to_le_bytes());
-        }
-    }
-    cold.encode(&mut body);
-    body.extend_from_slice(&(mem.tasks.len() as u64).to_le_bytes());
-    for task in mem.tasks.values() {
-        let bytes = put_bytes(task);
-        body.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        body.extend_from_slice(&bytes);
-    }
-    let mut out = Vec::with_capacity(body.len() + 24);
-    out.extend_from_slice(CHECKPOINT_MAGIC);
-    out.extend_from_slice(&[CHECKPOINT_VERSION, 0, 0, 0]);
-    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&body);
-    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    out
+/// The counts a checkpoint holds.
+enum Counts {
+    /// Version 1: every queue's counts by state, as they were with the hot tasks it holds.
+    All(BTreeMap<String, [i64; 5]>),
+    /// Version 2: the cold tier's tasks by queue at the snapshot; the hot tasks count themselves.
+    Cold(BTreeMap<String, i64>),
+}
+
+/// Hot tasks a commit encodes into a checkpoint being built, by default: under a millisecond of the
+/// writer's time, so no commit waits long behind a checkpoint however many tasks are hot.
+pub const CHECKPOINT_STEP_TASKS: usize = 2_048;
+
+/// The checkpoint file is written and synced this much at a time. On ext4 (`data=ordered`) a
+/// journal commit's `fdatasync` waits for every data block allocated in the same file-system
+/// transaction, so one large write synced at the end stalls the commits running beside it for as
+/// long as the whole file takes to reach the disk; in steps, a commit waits for one step at most.
+const CHECKPOINT_STEP_BYTES: usize = 1 << 20;
+
+/// A checkpoint (format version 2):
+/// `"PCKP" | 2 u8 | 3 zero bytes | body length u64 | body | crc32c(body) u32`, where the body is
+/// `next_seq u64 | cold counts | cold tier | hot task count u64 | (length u32 | put record)*`.
+///
+/// It is fuzzy, the way ARIES checkpoints are: the cold tier and its counts are taken at one commit
+/// (the snapshot), and the hot tasks are encoded a step per commit after it, each as it is when its
+/// step comes. Recovery replays the journal from the snapshot on, and every durable change since
+/// the snapshot is in it as the task's final record, so what a task's encoded state adds beyond its
+/// last journal record is only non-durable (a lease, a promotion), which a crash may lose anyway.
+/// Tasks that left the cold tier after the snapshot are left out: the snapshot's slices have them.
+struct Building {
+    next_seq: u64,
+    cold: ColdSnapshot,
+    hot_at_snapshot: usize,
+    buffer: Vec<u8>,
+    /// Where the hot-task count goes, once known.
+    count_at: usize,
+    tasks: u64,
+    /// The last hot task a step reached.
+    cursor: Option<(String, String)>,
+    encode_ns: u64,
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
 }
 
 fn decode_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, StoreError> {
@@ -605,10 +647,11 @@ fn decode_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, StoreError
     if bytes.len() < 20 || &bytes[..4] != CHECKPOINT_MAGIC {
         return Err(damaged("not a checkpoint (bad magic or too short)"));
     }
-    if bytes[4] != CHECKPOINT_VERSION {
+    let version = bytes[4];
+    if version != 1 && version != CHECKPOINT_VERSION {
         return Err(StoreError::FormatVersion {
             path: path.display().to_string(),
-            found: u64::from(bytes[4]),
+            found: u64::from(version),
             expected: u64::from(CHECKPOINT_VERSION),
         });
     }
@@ -626,17 +669,21 @@ fn decode_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, StoreError
         let mut at = 0usize;
         let u64_at = |at: &mut usize| crate::cold::read_u64(body, at);
         let next_seq = u64_at(&mut at)?;
-        let mut counts = BTreeMap::new();
+        let mut all = BTreeMap::new();
+        let mut cold_counts = BTreeMap::new();
         for _ in 0..u64_at(&mut at)? {
             let n = u16::from_le_bytes(body.get(at..at + 2)?.try_into().ok()?) as usize;
             let queue = std::str::from_utf8(body.get(at + 2..at + 2 + n)?).ok()?;
             at += 2 + n;
-            let mut c = [0i64; 5];
-            for slot in &mut c {
-                *slot = i64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?);
-                at += 8;
+            if version == 1 {
+                let mut c = [0i64; 5];
+                for slot in &mut c {
+                    *slot = u64_at(&mut at)? as i64;
+                }
+                all.insert(queue.to_owned(), c);
+            } else {
+                cold_counts.insert(queue.to_owned(), u64_at(&mut at)? as i64);
             }
-            counts.insert(queue.to_owned(), c);
         }
         let cold = ColdCheckpoint::decode(body, &mut at)?;
         let mut hot = Vec::new();
@@ -649,7 +696,11 @@ fn decode_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, StoreError
         }
         Some(Checkpoint {
             next_seq,
-            counts,
+            counts: if version == 1 {
+                Counts::All(all)
+            } else {
+                Counts::Cold(cold_counts)
+            },
             cold,
             hot,
         })
@@ -657,45 +708,261 @@ fn decode_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, StoreError
     parse().ok_or_else(|| damaged("a field is cut or malformed"))
 }
 
-impl State {
-    /// Writes a checkpoint (slice files synced, then the checkpoint file replaced atomically), then
-    /// releases the journal segments and slice files it covers. A full disk leaves everything as it
-    /// was (the next checkpoint tries again); a failed `fdatasync` of slices or of the directory
-    /// poisons the store.
-    fn checkpoint(&mut self, dir: &Path) -> Result<(), StoreError> {
-        if let Some(why) = &self.poisoned {
-            return Err(StoreError::Poisoned(why.clone()));
-        }
-        let cold = self.cold.checkpoint()?;
-        let next_seq = self.journal.next_seq();
-        let bytes = encode_checkpoint(next_seq, &self.mem, &cold);
+/// Why a checkpoint was not installed.
+enum Failure {
+    /// Nothing changed on disk that matters (the old checkpoint stands): the next one tries again.
+    Retry(StoreError),
+    /// An `fdatasync` failed or which checkpoint a restart finds is unknown: poison the store.
+    Poison(String),
+}
+
+/// What a checkpoint's thread hands back.
+struct Written {
+    cold: ColdSnapshot,
+    slices_ms: u64,
+    file_ms: u64,
+    /// The checkpoint's buffer, for the next one.
+    buffer: Vec<u8>,
+    result: Result<(), Failure>,
+}
+
+/// A checkpoint being made durable on its own thread.
+struct Writing {
+    bytes: u64,
+    tasks: u64,
+    hot_at_snapshot: usize,
+    encode_ms: u64,
+    thread: std::thread::JoinHandle<Written>,
+}
+
+/// The checkpoint thread's part: the body's length and checksum filled in, the slice files synced,
+/// then the checkpoint file written and synced in steps and renamed over the old one, then the
+/// directory synced.
+fn write_checkpoint(dir: &Path, next_seq: u64, cold: ColdSnapshot, mut buffer: Vec<u8>) -> Written {
+    // Only for the log line.
+    #[allow(clippy::disallowed_methods)]
+    let started = std::time::Instant::now();
+    let body_len = (buffer.len() - 16) as u64;
+    buffer[8..16].copy_from_slice(&body_len.to_le_bytes());
+    let crc = crc32c::crc32c(&buffer[16..]);
+    buffer.extend_from_slice(&crc.to_le_bytes());
+    let mut slices_ms = 0;
+    let mut result = || -> Result<(), Failure> {
+        cold.sync().map_err(Failure::Poison)?;
+        slices_ms = started.elapsed().as_millis() as u64;
         let fresh = dir.join("checkpoint.new");
         let path = dir.join("checkpoint");
         let written = std::fs::File::create(&fresh).and_then(|mut f| {
-            std::io::Write::write_all(&mut f, &bytes)?;
-            f.sync_data()
+            for step in buffer.chunks(CHECKPOINT_STEP_BYTES) {
+                std::io::Write::write_all(&mut f, step)?;
+                f.sync_data()?;
+            }
+            Ok(())
         });
         if let Err(error) = written {
             // The old checkpoint still stands; nothing was released.
             let _ = std::fs::remove_file(&fresh);
-            return Err(crate::journal::io_error(&fresh, "cannot write", error));
+            return Err(Failure::Retry(crate::journal::io_error(
+                &fresh,
+                "cannot write",
+                error,
+            )));
         }
-        let installed = std::fs::rename(&fresh, &path)
+        std::fs::rename(&fresh, &path)
             .map_err(|e| e.to_string())
-            .and_then(|()| crate::journal::sync_dir(dir).map_err(|e| e.to_string()));
-        if let Err(error) = installed {
-            // Which checkpoint a restart finds is unknown now: release nothing, ever again.
-            let why = format!("cannot install {}: {error}", path.display());
+            .and_then(|()| crate::journal::sync_dir(dir).map_err(|e| e.to_string()))
+            .map_err(|error| {
+                Failure::Poison(format!("cannot install {}: {error}", path.display()))
+            })?;
+        // Installed: what it covers goes, here rather than on the writer (unlinking large files
+        // and syncing the directory can take milliseconds). A file left behind is only space; the
+        // next checkpoint (or open) tries again.
+        if let Err(error) = crate::journal::release_segments_before(&dir.join("journal"), next_seq)
+        {
+            tracing::warn!(%error, "cannot release journal segments");
+        }
+        cold.remove_doomed();
+        Ok(())
+    };
+    let result = result();
+    Written {
+        cold,
+        slices_ms,
+        file_ms: started.elapsed().as_millis() as u64 - slices_ms,
+        buffer,
+        result,
+    }
+}
+
+impl State {
+    /// Starts a checkpoint unless one is under way: the cold tier's snapshot and the counts here;
+    /// the hot tasks a step per commit after it ([`State::step_checkpoint`]); the writes and
+    /// `fdatasync`s on a thread of their own ([`State::finish_checkpoint`] installs the result).
+    fn start_checkpoint(&mut self) -> Result<(), StoreError> {
+        if let Some(why) = self.poisoned() {
+            return Err(StoreError::Poisoned(why.to_owned()));
+        }
+        if self.building.is_some() || self.writing.is_some() {
+            return Ok(());
+        }
+        let cold = self.cold.snapshot()?;
+        let next_seq = self.journal.next_seq();
+        let mut buffer = std::mem::take(&mut self.spare);
+        buffer.clear();
+        // Sized once, from the bytes per task the last checkpoint took: growing by doubling would
+        // copy the whole buffer each time (tens of milliseconds at 100 MB, inside one commit).
+        let want = (self.mem.tasks.len() as u64 * self.bytes_per_hot_task * 9 / 8) as usize + 4096;
+        if buffer.capacity() < want {
+            buffer = Vec::with_capacity(want);
+        }
+        buffer.extend_from_slice(CHECKPOINT_MAGIC);
+        buffer.extend_from_slice(&[CHECKPOINT_VERSION, 0, 0, 0]);
+        put_u64(&mut buffer, 0);
+        put_u64(&mut buffer, next_seq);
+        let counts = self.cold.queue_counts();
+        put_u64(&mut buffer, counts.len() as u64);
+        for (queue, n) in counts {
+            buffer.extend_from_slice(&(queue.len() as u16).to_le_bytes());
+            buffer.extend_from_slice(queue.as_bytes());
+            put_u64(&mut buffer, *n as u64);
+        }
+        cold.record.encode(&mut buffer);
+        let count_at = buffer.len();
+        put_u64(&mut buffer, 0);
+        self.cold.remember_given(true);
+        self.building = Some(Building {
+            next_seq,
+            cold,
+            hot_at_snapshot: self.mem.tasks.len(),
+            buffer,
+            count_at,
+            tasks: 0,
+            cursor: None,
+            encode_ns: 0,
+        });
+        self.since_checkpoint = 0;
+        Ok(())
+    }
+
+    /// Encodes up to `budget` more hot tasks into the checkpoint being built; once all are in, hands
+    /// it to a thread to write.
+    fn step_checkpoint(&mut self, dir: &Path, budget: usize) -> Result<(), StoreError> {
+        let State {
+            mem,
+            cold,
+            building,
+            ..
+        } = self;
+        let Some(b) = building else {
+            return Ok(());
+        };
+        // Only for the log line.
+        #[allow(clippy::disallowed_methods)]
+        let started = std::time::Instant::now();
+        let done = mem.tasks.walk(&mut b.cursor, budget, |key, task| {
+            if cold.was_given(key) {
+                return;
+            }
+            let at = b.buffer.len();
+            b.buffer.extend_from_slice(&[0; 4]);
+            put_bytes_into(task, &mut b.buffer);
+            let len = (b.buffer.len() - at - 4) as u32;
+            b.buffer[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            b.tasks += 1;
+        });
+        b.encode_ns += started.elapsed().as_nanos() as u64;
+        if !done {
+            return Ok(());
+        }
+        let b = building.take().expect("checked above");
+        cold.remember_given(false);
+        let mut buffer = b.buffer;
+        buffer[b.count_at..b.count_at + 8].copy_from_slice(&b.tasks.to_le_bytes());
+        let bytes = buffer.len() as u64 + 4;
+        self.checkpoint_size = bytes;
+        if let Some(per_task) = (bytes - b.count_at as u64).checked_div(b.tasks) {
+            self.bytes_per_hot_task = per_task + 1;
+        }
+        let thread_dir = dir.to_owned();
+        let snapshot = b.cold;
+        let spawned = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || write_checkpoint(&thread_dir, b.next_seq, snapshot, buffer));
+        match spawned {
+            Ok(thread) => {
+                self.writing = Some(Writing {
+                    bytes,
+                    tasks: b.tasks,
+                    hot_at_snapshot: b.hot_at_snapshot,
+                    encode_ms: b.encode_ns / 1_000_000,
+                    thread,
+                });
+                Ok(())
+            }
+            // The closure (and the snapshot in it) is gone: its doomed files are forgotten, which
+            // only leaves them on disk until the next open removes them.
+            Err(error) => Err(StoreError::Storage(format!(
+                "cannot start the checkpoint thread: {error}"
+            ))),
+        }
+    }
+
+    /// Installs the checkpoint being written, if it is done (or, with `wait`, once it is): the
+    /// journal before it and the slice files it no longer names are released.
+    fn finish_checkpoint(&mut self, wait: bool) -> Result<(), StoreError> {
+        if self
+            .writing
+            .as_ref()
+            .is_none_or(|w| !wait && !w.thread.is_finished())
+        {
+            return Ok(());
+        }
+        let writing = self.writing.take().expect("checked above");
+        let Ok(written) = writing.thread.join() else {
+            let why = "the checkpoint thread panicked: which checkpoint a restart finds is unknown"
+                .to_owned();
             self.poisoned = Some(why.clone());
             return Err(StoreError::Poisoned(why));
+        };
+        self.spare = written.buffer;
+        match written.result {
+            Ok(()) => {
+                tracing::info!(
+                    bytes = writing.bytes,
+                    hot = writing.tasks,
+                    hot_at_snapshot = writing.hot_at_snapshot,
+                    encode_ms = writing.encode_ms,
+                    slices_sync_ms = written.slices_ms,
+                    file_ms = written.file_ms,
+                    "checkpoint installed"
+                );
+                self.cold.installed(written.cold);
+                self.checkpoints += 1;
+                self.checkpoint_bytes_written += writing.bytes;
+                Ok(())
+            }
+            Err(Failure::Retry(error)) => {
+                self.cold.not_installed(written.cold);
+                Err(error)
+            }
+            Err(Failure::Poison(why)) => {
+                self.cold.poison(why.clone());
+                self.poisoned = Some(why.clone());
+                Err(StoreError::Poisoned(why))
+            }
         }
-        self.journal.release_before(next_seq)?;
-        self.cold.checkpointed();
-        self.since_checkpoint = 0;
-        self.checkpoint_size = bytes.len() as u64;
-        self.checkpoints += 1;
-        self.checkpoint_bytes_written += bytes.len() as u64;
-        Ok(())
+    }
+
+    /// Writes a checkpoint and waits for it (open, import, clean shutdown): one under way is
+    /// finished first, then a fresh one is made in one go.
+    fn checkpoint(&mut self, dir: &Path) -> Result<(), StoreError> {
+        self.step_checkpoint(dir, usize::MAX)?;
+        if let Err(error) = self.finish_checkpoint(true) {
+            tracing::error!(%error, "checkpoint failed");
+        }
+        self.start_checkpoint()?;
+        self.step_checkpoint(dir, usize::MAX)?;
+        self.finish_checkpoint(true)
     }
 
     fn poisoned(&self) -> Option<&str> {
@@ -734,13 +1001,34 @@ impl JournalStore {
                 for task in &cp.hot {
                     engine::write(&mut mem, None, Some(task))?;
                 }
-                mem.counts = cp.counts.clone();
-                let cold = Cold::open(
+                let mut cold = Cold::open(
                     &dir.join("slices"),
                     options.slices.clone(),
                     Some(&cp.cold),
                     options.now_ms,
                 )?;
+                let scheduled = TaskState::Scheduled.index();
+                match &cp.counts {
+                    Counts::Cold(by_queue) => {
+                        for (queue, n) in by_queue {
+                            mem.counts.entry(queue.clone()).or_default()[scheduled] += n;
+                        }
+                        cold.set_queue_counts(by_queue.clone());
+                    }
+                    // A consistent snapshot of both tiers: the cold ones are what the hot ones
+                    // do not account for.
+                    Counts::All(all) => {
+                        let mut by_queue = BTreeMap::new();
+                        for (queue, counts) in all {
+                            let hot = mem.counts.get(queue).map_or(0, |c| c[scheduled]);
+                            if counts[scheduled] > hot {
+                                by_queue.insert(queue.clone(), counts[scheduled] - hot);
+                            }
+                        }
+                        mem.counts = all.clone();
+                        cold.set_queue_counts(by_queue);
+                    }
+                }
                 (cold, cp.next_seq)
             }
             None => (
@@ -797,11 +1085,16 @@ impl JournalStore {
                 checkpoints: 0,
                 checkpoint_bytes_written: 0,
                 poisoned: None,
+                building: None,
+                writing: None,
+                bytes_per_hot_task: 160,
+                spare: Vec::new(),
                 free: None,
             }),
             dir: dir.to_owned(),
             min_free_bytes: options.min_free_bytes,
             checkpoint_bytes: options.checkpoint_bytes,
+            checkpoint_step_tasks: options.checkpoint_step_tasks.max(1),
             replayed: records,
         };
         let stats = store.stats();
@@ -833,6 +1126,7 @@ impl JournalStore {
             replayed_at_open: self.replayed,
             checkpoints: state.checkpoints,
             checkpoint_bytes_written: state.checkpoint_bytes_written,
+            checkpoint_under_way: state.building.is_some() || state.writing.is_some(),
         }
     }
 
@@ -888,15 +1182,35 @@ impl JournalStore {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Waits for a checkpoint being written in the background and installs it: for tests and tools
+    /// that copy the directory between commits.
+    pub fn wait_for_checkpoint(&self) -> Result<(), StoreError> {
+        self.lock().finish_checkpoint(true)
+    }
+
     /// Where the store keeps its files.
     pub fn path(&self) -> &Path {
         &self.dir
     }
 }
 
+impl Drop for JournalStore {
+    /// Waits for a checkpoint being written, so that nothing renames files in the directory after
+    /// the store is gone (a store opened on it next would not expect that).
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Err(error) = state.finish_checkpoint(true) {
+            tracing::error!(%error, "checkpoint failed");
+        }
+    }
+}
+
 impl Store for JournalStore {
     fn apply(&self, now_ms: u64, commands: &[Command]) -> Result<Vec<Outcome>, StoreError> {
         let mut state = self.lock();
+        if let Err(error) = state.finish_checkpoint(false) {
+            tracing::error!(%error, "checkpoint failed");
+        }
         if let Some(why) = state.poisoned() {
             return Err(StoreError::Poisoned(why.to_owned()));
         }
@@ -963,11 +1277,18 @@ impl Store for JournalStore {
         logged.settle(&records);
         let due = state.since_checkpoint >= self.checkpoint_bytes.max(2 * state.checkpoint_size)
             || state.cold.doomed_bytes() >= self.checkpoint_bytes;
-        // A clean shutdown checkpoints, so the next start replays nothing.
+        // A clean shutdown checkpoints and waits for it, so the next start replays nothing.
         let shutdown = commands.iter().any(|c| matches!(c, Command::Sync));
-        if (due || shutdown)
-            && let Err(error) = state.checkpoint(&self.dir)
-        {
+        let checkpointed = if shutdown {
+            state.checkpoint(&self.dir)
+        } else if due {
+            state
+                .start_checkpoint()
+                .and_then(|()| state.step_checkpoint(&self.dir, self.checkpoint_step_tasks))
+        } else {
+            state.step_checkpoint(&self.dir, self.checkpoint_step_tasks)
+        };
+        if let Err(error) = checkpointed {
             // The commit stands (the journal has it); the checkpoint is tried again later, unless
             // the store is now poisoned, which the next commit reports.
             tracing::error!(%error, "checkpoint failed");
@@ -1049,7 +1370,11 @@ impl Store for JournalStore {
     }
 
     fn health(&self) -> Result<(), StoreError> {
-        match self.lock().poisoned() {
+        let mut state = self.lock();
+        if let Err(error) = state.finish_checkpoint(false) {
+            tracing::error!(%error, "checkpoint failed");
+        }
+        match state.poisoned() {
             Some(why) => Err(StoreError::Poisoned(why.to_owned())),
             None => Ok(()),
         }

@@ -25,8 +25,71 @@ pub(crate) struct Inner {
 /// comparisons: a fifth of the writer's time in a drain.)
 #[derive(Debug, Default)]
 pub(crate) struct Tasks {
-    map: HashMap<(String, String), Task, foldhash::fast::RandomState>,
+    map: TaskMap,
     ids: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// Maps the task map is split into.
+const SHARDS: usize = 256;
+
+type Shard = HashMap<(String, String), Box<Task>, foldhash::fast::RandomState>;
+
+/// The task map, in [`SHARDS`] hash maps chosen by the key's hash. A hash map grows by moving every
+/// entry into a table twice the size, all in one call: with a million hot tasks in one map, that
+/// stalled a commit for 0.5–2.5 s on the 2-core VM, mostly the kernel zeroing the new table's pages
+/// (docs/benchmarks.md, session 10). Each shard grows on its own, a 256th of that at a time, and
+/// boxed tasks make a moved entry 56 bytes instead of the whole task.
+struct TaskMap {
+    shards: Vec<Shard>,
+    pick: foldhash::fast::FixedState,
+    len: usize,
+}
+
+impl Default for TaskMap {
+    fn default() -> Self {
+        TaskMap {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            pick: foldhash::fast::FixedState::with_seed(0x7075_6e63_7475_616c),
+            len: 0,
+        }
+    }
+}
+
+impl std::fmt::Debug for TaskMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskMap").field("len", &self.len).finish()
+    }
+}
+
+impl TaskMap {
+    fn shard(&self, key: &(String, String)) -> usize {
+        use std::hash::BuildHasher;
+        (self.pick.hash_one(key) >> 56) as usize % SHARDS
+    }
+
+    fn get(&self, key: &(String, String)) -> Option<&Task> {
+        self.shards[self.shard(key)].get(key).map(|t| &**t)
+    }
+
+    fn get_mut(&mut self, key: &(String, String)) -> Option<&mut Task> {
+        let shard = self.shard(key);
+        self.shards[shard].get_mut(key).map(|t| &mut **t)
+    }
+
+    fn contains_key(&self, key: &(String, String)) -> bool {
+        self.shards[self.shard(key)].contains_key(key)
+    }
+
+    fn remove(&mut self, key: &(String, String)) -> Option<Task> {
+        let shard = self.shard(key);
+        let task = self.shards[shard].remove(key)?;
+        self.len -= 1;
+        Some(*task)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
 }
 
 impl Tasks {
@@ -44,8 +107,9 @@ impl Tasks {
 
     /// Stores `task` under `key`, answering the task it replaced.
     pub(crate) fn insert(&mut self, key: (String, String), task: Task) -> Option<Task> {
-        match self.map.entry(key) {
-            Entry::Occupied(mut slot) => Some(slot.insert(task)),
+        let shard = self.map.shard(&key);
+        match self.map.shards[shard].entry(key) {
+            Entry::Occupied(mut slot) => Some(std::mem::replace(&mut **slot.get_mut(), task)),
             Entry::Vacant(slot) => {
                 let (queue, id) = slot.key();
                 match self.ids.get_mut(queue) {
@@ -56,7 +120,8 @@ impl Tasks {
                         .or_default()
                         .insert(id.clone()),
                 };
-                slot.insert(task);
+                slot.insert(Box::new(task));
+                self.map.len += 1;
                 None
             }
         }
@@ -77,8 +142,53 @@ impl Tasks {
         self.map.len()
     }
 
-    pub(crate) fn values(&self) -> impl Iterator<Item = &Task> {
-        self.map.values()
+    /// Calls `each` with up to `budget` tasks in `(queue, id)` order, from just after `cursor` (from
+    /// the start if it is `None`), and leaves `cursor` at the last one; answers whether that reached
+    /// the end. Tasks may come and go between calls: each call finds its place again by key.
+    pub(crate) fn walk(
+        &self,
+        cursor: &mut Option<(String, String)>,
+        budget: usize,
+        mut each: impl FnMut(&(String, String), &Task),
+    ) -> bool {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let from = cursor.clone();
+        let queues = match &from {
+            Some((queue, _)) => self
+                .ids
+                .range::<str, _>((Included(queue.as_str()), Unbounded)),
+            None => self.ids.range::<str, _>(..),
+        };
+        let mut left = budget;
+        // One key, refilled for each lookup: no allocation per task.
+        let mut key = (String::new(), String::new());
+        let mut moved = false;
+        for (queue, ids) in queues {
+            let range = match &from {
+                Some((q, id)) if q == queue => {
+                    ids.range::<str, _>((Excluded(id.as_str()), Unbounded))
+                }
+                _ => ids.range::<str, _>(..),
+            };
+            for id in range {
+                if left == 0 {
+                    if moved {
+                        *cursor = Some(key);
+                    }
+                    return false;
+                }
+                left -= 1;
+                key.0.clear();
+                key.0.push_str(queue);
+                key.1.clear();
+                key.1.push_str(id);
+                moved = true;
+                if let Some(task) = self.map.get(&key) {
+                    each(&key, task);
+                }
+            }
+        }
+        true
     }
 
     /// A queue's tasks in id order, from `from` on (inclusive).

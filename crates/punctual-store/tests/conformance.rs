@@ -4,6 +4,7 @@ mod common;
 
 use common::step;
 use proptest::prelude::*;
+use punctual_core::TaskState;
 use punctual_store::conformance;
 use punctual_store::{MemoryStore, RedbOptions, RedbStore, Store};
 
@@ -488,6 +489,8 @@ fn journal_store_releases_the_journal_behind_checkpoints() {
                 })
                 .collect();
             store.apply(round, &batch).unwrap();
+            // Segments are released by the checkpoint's thread once it is installed.
+            store.wait_for_checkpoint().unwrap();
             biggest = biggest.max(size(&dir));
         }
         assert!(dir.join("checkpoint").exists());
@@ -529,10 +532,27 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 /// recovery must cut off), and each with its journal's last batch torn (the state before it).
 #[test]
 fn journal_store_directory_crash_images_reopen_to_the_acknowledged_state() {
-    let dir = temp_dir("jdircrash");
-    let images = temp_dir("jdircrash-images");
+    crash_images(
+        "jdircrash",
+        JournalStoreOptions::default().checkpoint_step_tasks,
+        5,
+    );
+}
+
+/// The same, with checkpoints encoded 2 hot tasks per commit: most images are taken while one is
+/// being built, with tasks firing, moving between the tiers and changing under it.
+#[test]
+fn journal_store_crash_images_reopen_while_checkpoints_are_built_across_commits() {
+    crash_images("jdircrash-fuzzy", 2, 2);
+}
+
+fn crash_images(name: &str, step: usize, at_least_checkpoints: usize) {
+    let dir = temp_dir(name);
+    let images = temp_dir(&format!("{name}-images"));
+    let mut building = 0;
     let options = JournalStoreOptions {
         checkpoint_bytes: 6 << 10,
+        checkpoint_step_tasks: step,
         journal: JournalOptions {
             segment_bytes: 8 << 10,
             ..JournalOptions::default()
@@ -574,8 +594,13 @@ fn journal_store_directory_crash_images_reopen_to_the_acknowledged_state() {
         let got = store.apply(now, &batch).unwrap();
         let want = oracle.apply(now, &batch).unwrap();
         assert_eq!(got.len(), want.len());
+        // A checkpoint this commit started is written by a thread of its own: copying the
+        // directory meanwhile would race its rename. Recovery from a crash during one is what the
+        // kill -9 test (`crates/punctual/tests/crash.rs`) covers.
+        store.wait_for_checkpoint().unwrap();
+        building += usize::from(store.stats().checkpoint_under_way);
         copy_dir(&dir, &images.join(n.to_string()));
-        states.push((now, snapshot(&oracle)));
+        states.push((now, with_counts(&oracle)));
         now += 23;
     }
     drop(store);
@@ -590,7 +615,7 @@ fn journal_store_directory_crash_images_reopen_to_the_acknowledged_state() {
                 now_ms: *now,
                 ..options.clone()
             };
-            snapshot(&JournalStore::open(path, &options).unwrap())
+            with_counts(&JournalStore::open(path, &options).unwrap())
         };
         let plain = images.join(format!("{n}-plain"));
         copy_dir(&image, &plain);
@@ -632,8 +657,64 @@ fn journal_store_directory_crash_images_reopen_to_the_acknowledged_state() {
         }
     }
     assert!(
-        checkpoints.len() > 5,
+        checkpoints.len() > at_least_checkpoints,
         "only {} distinct checkpoints",
         checkpoints.len()
     );
+    if step < 100 {
+        assert!(building > 30, "only {building} images while one was built");
+    }
+}
+
+/// Every task and every queue's counts.
+fn with_counts(store: &dyn Store) -> (Vec<punctual_core::Task>, Vec<punctual_store::QueueCounts>) {
+    (snapshot(store), store.queues().unwrap())
+}
+
+/// A data directory written by the release before checkpoint format 2 (`tests/fixtures/
+/// checkpoint-v1`, made by `punctual serve` at 501ab5e: five mail tasks and one billing task due in
+/// 2027, two mail tasks ready, one leased, one billing task acked, then SIGTERM) opens with every
+/// task and count, and the next checkpoint, in format 2, reopens the same.
+#[test]
+fn journal_store_opens_a_version_1_checkpoint() {
+    let dir = temp_dir("jcheckpoint-v1");
+    copy_dir(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint-v1"),
+        &dir,
+    );
+    // Minutes after the fixture was written, so nothing in it has come due since.
+    let options = JournalStoreOptions {
+        now_ms: 1_796_236_600_000,
+        ..JournalStoreOptions::default()
+    };
+    let counts = |store: &JournalStore| -> Vec<(String, [u64; 5])> {
+        store
+            .queues()
+            .unwrap()
+            .into_iter()
+            .map(|q| (q.queue, q.counts))
+            .collect()
+    };
+    let state = |s: TaskState| s.index();
+    let mut billing = [0u64; 5];
+    billing[state(TaskState::Scheduled)] = 1;
+    billing[state(TaskState::Succeeded)] = 1;
+    let mut mail = [0u64; 5];
+    mail[state(TaskState::Scheduled)] = 5;
+    mail[state(TaskState::Ready)] = 2;
+    mail[state(TaskState::Leased)] = 1;
+    let want = vec![("billing".to_owned(), billing), ("mail".to_owned(), mail)];
+    let store = JournalStore::open(&dir, &options).unwrap();
+    assert_eq!(counts(&store), want);
+    assert_eq!(store.stats().cold_tasks, 6);
+    let far = store.get("mail", "far-3").unwrap().unwrap();
+    assert_eq!(far.payload.as_deref(), Some(r#"{"n":3}"#));
+    let tasks = snapshot(&store);
+    assert_eq!(tasks.len(), 10);
+    store.apply(options.now_ms, &[Command::Sync]).unwrap();
+    drop(store);
+    assert_eq!(std::fs::read(dir.join("checkpoint")).unwrap()[4], 2);
+    let store = JournalStore::open(&dir, &options).unwrap();
+    assert_eq!(counts(&store), want);
+    assert_eq!(snapshot(&store), tasks);
 }
