@@ -2,7 +2,8 @@
 //! 100 at a time by 4 reserves per commit, acked 100 per command batch.
 //! `cargo run --release -p punctual-store --example drain -- DIR N [redb]` (DIR must not exist; a number
 //! instead of `redb`: the journal store's checkpoint interval in MiB, default 8).
-//! Prints each phase's time per task, for profiling the writer's cost per delivered task.
+//! Prints each phase's time per task, for profiling the writer's cost per delivered task, and the
+//! slowest commits of the drain (what a checkpoint costs the commit it runs in).
 #![allow(clippy::disallowed_methods)] // A timing tool.
 
 use std::sync::Arc;
@@ -40,6 +41,7 @@ fn main() {
         store
     };
     let started = Instant::now();
+    let mut scheduling = Vec::new();
     for chunk in 0..n.div_ceil(1_000) {
         let batch: Vec<Command> = (chunk * 1_000..((chunk + 1) * 1_000).min(n))
             .map(|i| {
@@ -53,27 +55,36 @@ fn main() {
                 Command::Schedule(Box::new(task))
             })
             .collect();
+        let commit = Instant::now();
         store.apply(now, &batch).unwrap();
+        scheduling.push(commit.elapsed());
     }
     report("schedule", started.elapsed(), n);
+    summary("schedule commits", &mut scheduling);
     let now = now + 2_000;
 
     let (mut tick, mut reserve, mut ack) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    // Every commit's time in the drain.
+    let mut commits: Vec<Duration> = Vec::new();
+    let mut timed = |store: &dyn Store, commands: &[Command]| {
+        let started = Instant::now();
+        let outcomes = store.apply(now, commands).unwrap();
+        commits.push(started.elapsed());
+        outcomes
+    };
     let mut delivered = 0u64;
     let mut round = 0u64;
     loop {
         let started = Instant::now();
         let mut fired = 0;
         loop {
-            let outcome = store
-                .apply(
-                    now,
-                    &[Command::Tick {
-                        limit: 2_000,
-                        takers: Vec::new(),
-                    }],
-                )
-                .unwrap();
+            let outcome = timed(
+                store.as_ref(),
+                &[Command::Tick {
+                    limit: 2_000,
+                    takers: Vec::new(),
+                }],
+            );
             let Some(Outcome::Ticked(report)) = outcome.into_iter().next() else {
                 panic!("tick outcome")
             };
@@ -95,7 +106,7 @@ fn main() {
             })
             .collect();
         round += 1;
-        let outcomes = store.apply(now, &reserves).unwrap();
+        let outcomes = timed(store.as_ref(), &reserves);
         reserve += started.elapsed();
         let leased: Vec<Task> = outcomes
             .into_iter()
@@ -119,7 +130,7 @@ fn main() {
                 retention_ms: 86_400_000,
             })
             .collect();
-        for outcome in store.apply(now, &acks).unwrap() {
+        for outcome in timed(store.as_ref(), &acks) {
             assert!(matches!(outcome, Outcome::Acked(_)), "{outcome:?}");
         }
         ack += started.elapsed();
@@ -129,9 +140,28 @@ fn main() {
     report("reserve", reserve, n);
     report("ack (one fsync per 400)", ack, n);
     report("deliver, all three", tick + reserve + ack, n);
+    summary("drain commits", &mut commits);
     if let Some(journal) = journal {
         println!("{:?}", journal.stats());
     }
+}
+
+/// The distribution of commit times.
+fn summary(what: &str, commits: &mut [Duration]) {
+    commits.sort_unstable();
+    let at = |q: f64| commits[((commits.len() - 1) as f64 * q) as usize];
+    println!(
+        "{what} {}: p50 {:.2?}  p99 {:.2?}  p99.9 {:.2?}  slowest {:.2?}  over 5 ms: {}",
+        commits.len(),
+        at(0.5),
+        at(0.99),
+        at(0.999),
+        commits.last().copied().unwrap_or_default(),
+        commits
+            .iter()
+            .filter(|c| **c > Duration::from_millis(5))
+            .count()
+    );
 }
 
 fn report(what: &str, took: Duration, n: u64) {

@@ -42,7 +42,10 @@ fn spawn_serve(dir: &Path, addr: &str, extra: &[String]) -> Result<Child> {
         .arg("--http")
         .arg(addr)
         .args(extra)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("PUNCTUAL_BENCH_SERVE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
