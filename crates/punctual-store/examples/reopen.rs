@@ -43,7 +43,9 @@ fn main() {
             started.elapsed(),
             store.stats()
         );
-        // A crash, not a clean shutdown: no final checkpoint.
+        // A crash, not a clean shutdown: no final checkpoint. A checkpoint still being written on
+        // its thread is finished first, so nothing renames files under the reopen below.
+        store.wait_for_checkpoint().unwrap();
         std::mem::forget(store);
         if std::env::var_os("REOPEN_FILL_ONLY").is_some() {
             return;

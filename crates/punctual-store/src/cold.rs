@@ -962,6 +962,12 @@ impl Cold {
         self.doomed_bytes += snapshot.doomed_bytes;
     }
 
+    /// A snapshot was lost before its checkpoint's thread ran: the next syncs the directory, in
+    /// case files were created since the last installed one.
+    pub(crate) fn snapshot_lost(&mut self) {
+        self.created = true;
+    }
+
     /// A slice file's `fdatasync` failed: no checkpoint may be written again.
     pub(crate) fn poison(&mut self, why: String) {
         self.poisoned = Some(why);

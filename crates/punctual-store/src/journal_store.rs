@@ -900,10 +900,14 @@ impl State {
                 Ok(())
             }
             // The closure (and the snapshot in it) is gone: its doomed files are forgotten, which
-            // only leaves them on disk until the next open removes them.
-            Err(error) => Err(StoreError::Storage(format!(
-                "cannot start the checkpoint thread: {error}"
-            ))),
+            // only leaves them on disk until the next open removes them; the next checkpoint
+            // syncs the directory in its place.
+            Err(error) => {
+                self.cold.snapshot_lost();
+                Err(StoreError::Storage(format!(
+                    "cannot start the checkpoint thread: {error}"
+                )))
+            }
         }
     }
 
