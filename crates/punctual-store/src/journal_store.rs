@@ -102,13 +102,11 @@ struct State {
     checkpoint_bytes_written: u64,
     /// A checkpoint failed in a way that leaves the disk's state unknown.
     poisoned: Option<String>,
-    /// The checkpoint being encoded, the one being written, and the buffer the last one was
+    /// The checkpoint being encoded, the one being written, and the chunks the last one was
     /// encoded in.
     building: Option<Building>,
     writing: Option<Writing>,
-    /// What a hot task took in the last checkpoint, to size the next one's buffer.
-    bytes_per_hot_task: u64,
-    spare: Vec<u8>,
+    spare: Vec<Vec<u8>>,
     /// The last free-space reading: (when, bytes free).
     free: Option<(u64, u64)>,
 }
@@ -614,6 +612,9 @@ pub const CHECKPOINT_STEP_TASKS: usize = 2_048;
 /// long as the whole file takes to reach the disk; in steps, a commit waits for one step at most.
 const CHECKPOINT_STEP_BYTES: usize = 1 << 20;
 
+/// The size of the pieces a checkpoint's hot tasks are encoded into.
+const CHECKPOINT_CHUNK_BYTES: usize = 4 << 20;
+
 /// A checkpoint (format version 2):
 /// `"PCKP" | 2 u8 | 3 zero bytes | body length u64 | body | crc32c(body) u32`, where the body is
 /// `next_seq u64 | cold counts | cold tier | hot task count u64 | (length u32 | put record)*`.
@@ -628,8 +629,11 @@ struct Building {
     next_seq: u64,
     cold: ColdSnapshot,
     hot_at_snapshot: usize,
-    buffer: Vec<u8>,
-    /// Where the hot-task count goes, once known.
+    /// The file in pieces: the header, counts and cold tier, then chunks of about
+    /// [`CHECKPOINT_CHUNK_BYTES`] of hot tasks. (One growing buffer was copied whole each time it
+    /// doubled: 200 ms in one commit at 55 MB, most of it the kernel zeroing the new pages.)
+    pieces: Vec<Vec<u8>>,
+    /// Where the hot-task count goes in the first piece, once known.
     count_at: usize,
     tasks: u64,
     /// The last hot task a step reached.
@@ -723,8 +727,8 @@ struct Written {
     cold: ColdSnapshot,
     slices_ms: u64,
     file_ms: u64,
-    /// The checkpoint's buffer, for the next one.
-    buffer: Vec<u8>,
+    /// The checkpoint's pieces, for the next one to reuse.
+    pieces: Vec<Vec<u8>>,
     result: Result<(), Failure>,
 }
 
@@ -740,14 +744,22 @@ struct Writing {
 /// The checkpoint thread's part: the body's length and checksum filled in, the slice files synced,
 /// then the checkpoint file written and synced in steps and renamed over the old one, then the
 /// directory synced.
-fn write_checkpoint(dir: &Path, next_seq: u64, cold: ColdSnapshot, mut buffer: Vec<u8>) -> Written {
+fn write_checkpoint(
+    dir: &Path,
+    next_seq: u64,
+    cold: ColdSnapshot,
+    mut pieces: Vec<Vec<u8>>,
+) -> Written {
     // Only for the log line.
     #[allow(clippy::disallowed_methods)]
     let started = std::time::Instant::now();
-    let body_len = (buffer.len() - 16) as u64;
-    buffer[8..16].copy_from_slice(&body_len.to_le_bytes());
-    let crc = crc32c::crc32c(&buffer[16..]);
-    buffer.extend_from_slice(&crc.to_le_bytes());
+    let body_len = (pieces.iter().map(Vec::len).sum::<usize>() - 16) as u64;
+    pieces[0][8..16].copy_from_slice(&body_len.to_le_bytes());
+    let mut crc = crc32c::crc32c(&pieces[0][16..]);
+    for piece in &pieces[1..] {
+        crc = crc32c::crc32c_append(crc, piece);
+    }
+    pieces.push(crc.to_le_bytes().to_vec());
     let mut slices_ms = 0;
     let mut result = || -> Result<(), Failure> {
         cold.sync().map_err(Failure::Poison)?;
@@ -755,7 +767,7 @@ fn write_checkpoint(dir: &Path, next_seq: u64, cold: ColdSnapshot, mut buffer: V
         let fresh = dir.join("checkpoint.new");
         let path = dir.join("checkpoint");
         let written = std::fs::File::create(&fresh).and_then(|mut f| {
-            for step in buffer.chunks(CHECKPOINT_STEP_BYTES) {
+            for step in pieces.iter().flat_map(|p| p.chunks(CHECKPOINT_STEP_BYTES)) {
                 std::io::Write::write_all(&mut f, step)?;
                 f.sync_data()?;
             }
@@ -791,7 +803,7 @@ fn write_checkpoint(dir: &Path, next_seq: u64, cold: ColdSnapshot, mut buffer: V
         cold,
         slices_ms,
         file_ms: started.elapsed().as_millis() as u64 - slices_ms,
-        buffer,
+        pieces,
         result,
     }
 }
@@ -809,14 +821,7 @@ impl State {
         }
         let cold = self.cold.snapshot()?;
         let next_seq = self.journal.next_seq();
-        let mut buffer = std::mem::take(&mut self.spare);
-        buffer.clear();
-        // Sized once, from the bytes per task the last checkpoint took: growing by doubling would
-        // copy the whole buffer each time (tens of milliseconds at 100 MB, inside one commit).
-        let want = (self.mem.tasks.len() as u64 * self.bytes_per_hot_task * 9 / 8) as usize + 4096;
-        if buffer.capacity() < want {
-            buffer = Vec::with_capacity(want);
-        }
+        let mut buffer = Vec::new();
         buffer.extend_from_slice(CHECKPOINT_MAGIC);
         buffer.extend_from_slice(&[CHECKPOINT_VERSION, 0, 0, 0]);
         put_u64(&mut buffer, 0);
@@ -836,7 +841,7 @@ impl State {
             next_seq,
             cold,
             hot_at_snapshot: self.mem.tasks.len(),
-            buffer,
+            pieces: vec![buffer],
             count_at,
             tasks: 0,
             cursor: None,
@@ -853,6 +858,7 @@ impl State {
             mem,
             cold,
             building,
+            spare,
             ..
         } = self;
         let Some(b) = building else {
@@ -865,11 +871,23 @@ impl State {
             if cold.was_given(key) {
                 return;
             }
-            let at = b.buffer.len();
-            b.buffer.extend_from_slice(&[0; 4]);
-            put_bytes_into(task, &mut b.buffer);
-            let len = (b.buffer.len() - at - 4) as u32;
-            b.buffer[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            if b.pieces.len() == 1
+                || b.pieces
+                    .last()
+                    .is_some_and(|p| p.len() >= CHECKPOINT_CHUNK_BYTES)
+            {
+                let mut chunk = spare
+                    .pop()
+                    .unwrap_or_else(|| Vec::with_capacity(CHECKPOINT_CHUNK_BYTES + (64 << 10)));
+                chunk.clear();
+                b.pieces.push(chunk);
+            }
+            let chunk = b.pieces.last_mut().expect("pushed above");
+            let at = chunk.len();
+            chunk.extend_from_slice(&[0; 4]);
+            put_bytes_into(task, chunk);
+            let len = (chunk.len() - at - 4) as u32;
+            chunk[at..at + 4].copy_from_slice(&len.to_le_bytes());
             b.tasks += 1;
         });
         b.encode_ns += started.elapsed().as_nanos() as u64;
@@ -878,18 +896,15 @@ impl State {
         }
         let b = building.take().expect("checked above");
         cold.remember_given(false);
-        let mut buffer = b.buffer;
-        buffer[b.count_at..b.count_at + 8].copy_from_slice(&b.tasks.to_le_bytes());
-        let bytes = buffer.len() as u64 + 4;
+        let mut pieces = b.pieces;
+        pieces[0][b.count_at..b.count_at + 8].copy_from_slice(&b.tasks.to_le_bytes());
+        let bytes = pieces.iter().map(Vec::len).sum::<usize>() as u64 + 4;
         self.checkpoint_size = bytes;
-        if let Some(per_task) = (bytes - b.count_at as u64).checked_div(b.tasks) {
-            self.bytes_per_hot_task = per_task + 1;
-        }
         let thread_dir = dir.to_owned();
         let snapshot = b.cold;
         let spawned = std::thread::Builder::new()
             .name("checkpoint".into())
-            .spawn(move || write_checkpoint(&thread_dir, b.next_seq, snapshot, buffer));
+            .spawn(move || write_checkpoint(&thread_dir, b.next_seq, snapshot, pieces));
         match spawned {
             Ok(thread) => {
                 self.writing = Some(Writing {
@@ -930,7 +945,12 @@ impl State {
             self.poisoned = Some(why.clone());
             return Err(StoreError::Poisoned(why));
         };
-        self.spare = written.buffer;
+        // The chunks are kept for the next checkpoint: fresh pages cost the kernel's zeroing.
+        self.spare = written
+            .pieces
+            .into_iter()
+            .filter(|p| p.capacity() >= CHECKPOINT_CHUNK_BYTES)
+            .collect();
         match written.result {
             Ok(()) => {
                 tracing::info!(
@@ -1093,7 +1113,6 @@ impl JournalStore {
                 poisoned: None,
                 building: None,
                 writing: None,
-                bytes_per_hot_task: 160,
                 spare: Vec::new(),
                 free: None,
             }),
