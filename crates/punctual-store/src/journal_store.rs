@@ -469,11 +469,16 @@ impl Txn for Logged<'_> {
 /// `queue_len u16 | queue | id_len u16 | id`, with room for `capacity` more bytes.
 pub(crate) fn key_bytes(queue: &str, id: &str, capacity: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + queue.len() + id.len() + capacity);
-    out.extend_from_slice(&(queue.len() as u16).to_le_bytes());
-    out.extend_from_slice(queue.as_bytes());
-    out.extend_from_slice(&(id.len() as u16).to_le_bytes());
-    out.extend_from_slice(id.as_bytes());
+    push_key(queue, id, &mut out);
     out
+}
+
+/// Appends a record's key: `queue length u16 | queue | id length u16 | id`.
+fn push_key(queue: &str, id: &str, out: &mut Vec<u8>) {
+    for text in [queue, id] {
+        out.extend_from_slice(&(text.len() as u16).to_le_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
 }
 
 /// The key, then the record in the stored format: a put in the journal and in slice files.
@@ -489,10 +494,7 @@ pub(crate) fn put_bytes(task: &Task) -> Vec<u8> {
 
 /// [`put_bytes`], appending to `out`.
 fn put_bytes_into(task: &Task, out: &mut Vec<u8>) {
-    for text in [&task.queue, &task.id] {
-        out.extend_from_slice(&(text.len() as u16).to_le_bytes());
-        out.extend_from_slice(text.as_bytes());
-    }
+    push_key(&task.queue, &task.id, out);
     codec::encode_into(task, out);
 }
 
