@@ -347,7 +347,7 @@ impl ColdSnapshot {
     }
 
     /// Makes the recorded lengths durable; runs on the checkpoint's thread. A failure is final: the
-    /// caller poisons the tier.
+    /// caller poisons the store.
     pub(crate) fn sync(&self) -> Result<(), String> {
         for (path, file) in &self.files {
             file.sync_data()
@@ -381,8 +381,6 @@ pub(crate) struct Cold {
     doomed_bytes: u64,
     /// A file was created since the last checkpoint: the directory needs a sync.
     created: bool,
-    /// A failed `fdatasync`: no checkpoint may be written again.
-    poisoned: Option<String>,
     /// Bytes written to slice files, in total.
     written: u64,
     /// Cold tasks (all scheduled) by queue: a checkpoint records them, because the `.keys` files
@@ -425,7 +423,6 @@ impl Cold {
             doomed: Vec::new(),
             doomed_bytes: 0,
             created: false,
-            poisoned: None,
             written: 0,
             queues: BTreeMap::new(),
             given: None,
@@ -622,11 +619,6 @@ impl Cold {
 
     pub(crate) fn bytes_written(&self) -> u64 {
         self.written
-    }
-
-    /// Why no checkpoint can be written any more, if so.
-    pub(crate) fn poisoned(&self) -> Option<&str> {
-        self.poisoned.as_deref()
     }
 
     /// The slice `key`, created if needed.
@@ -899,9 +891,6 @@ impl Cold {
     /// ([`ColdSnapshot::sync`]); then [`Cold::installed`] or [`Cold::not_installed`] settles it. A
     /// failed write (a full disk) is an error to retry later.
     pub(crate) fn snapshot(&mut self) -> Result<ColdSnapshot, StoreError> {
-        if let Some(why) = &self.poisoned {
-            return Err(StoreError::Poisoned(why.clone()));
-        }
         for slice in self.slices.values_mut() {
             self.created |= slice.data.flush()?;
             self.created |= slice.keys.flush()?;
@@ -966,11 +955,6 @@ impl Cold {
     /// case files were created since the last installed one.
     pub(crate) fn snapshot_lost(&mut self) {
         self.created = true;
-    }
-
-    /// A slice file's `fdatasync` failed: no checkpoint may be written again.
-    pub(crate) fn poison(&mut self, why: String) {
-        self.poisoned = Some(why);
     }
 
     /// A task left the tier: counted, and remembered while a checkpoint is being encoded.

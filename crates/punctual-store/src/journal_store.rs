@@ -483,12 +483,10 @@ fn push_key(queue: &str, id: &str, out: &mut Vec<u8>) {
 
 /// The key, then the record in the stored format: a put in the journal and in slice files.
 pub(crate) fn put_bytes(task: &Task) -> Vec<u8> {
-    let mut bytes = key_bytes(
-        &task.queue,
-        &task.id,
-        64 + task.payload.as_ref().map_or(0, String::len),
+    let mut bytes = Vec::with_capacity(
+        68 + task.queue.len() + task.id.len() + task.payload.as_ref().map_or(0, String::len),
     );
-    codec::encode_into(task, &mut bytes);
+    put_bytes_into(task, &mut bytes);
     bytes
 }
 
@@ -974,7 +972,6 @@ impl State {
                 Err(error)
             }
             Err(Failure::Poison(why)) => {
-                self.cold.poison(why.clone());
                 self.poisoned = Some(why.clone());
                 Err(StoreError::Poisoned(why))
             }
@@ -994,10 +991,7 @@ impl State {
     }
 
     fn poisoned(&self) -> Option<&str> {
-        self.journal
-            .poisoned()
-            .or(self.poisoned.as_deref())
-            .or(self.cold.poisoned())
+        self.journal.poisoned().or(self.poisoned.as_deref())
     }
 }
 
