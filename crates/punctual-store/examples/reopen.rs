@@ -1,7 +1,8 @@
 //! Fills a journal store with N scheduled tasks due over 30 days, then times reopening it:
 //! `cargo run --release -p punctual-store --example reopen -- DIR N` (N in tasks; an existing DIR
 //! is only reopened; with `REOPEN_FILL_ONLY` set it stops after the fill, leaving a crashed store
-//! to copy). Prints the phases' times, for profiling recovery.
+//! to copy; `REOPEN_CHECKPOINT_MB` sets the checkpoint interval, default the store's). Prints the
+//! phases' times, for profiling recovery.
 #![allow(clippy::disallowed_methods)] // A timing tool.
 
 use std::time::Instant;
@@ -14,10 +15,13 @@ fn main() {
     let dir = std::path::PathBuf::from(args.next().expect("DIR"));
     let n: u64 = args.next().map_or(1_000_000, |a| a.parse().expect("N"));
     let now = 1_800_000_000_000u64;
-    let options = JournalStoreOptions {
+    let mut options = JournalStoreOptions {
         now_ms: now,
         ..JournalStoreOptions::default()
     };
+    if let Ok(mb) = std::env::var("REOPEN_CHECKPOINT_MB") {
+        options.checkpoint_bytes = mb.parse::<u64>().expect("REOPEN_CHECKPOINT_MB") << 20;
+    }
     if !dir.join("checkpoint").exists() {
         let store = JournalStore::open(&dir, &options).unwrap();
         let started = Instant::now();

@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 
 use punctual_core::{Task, TaskState};
 
-use crate::idtable::{IdTable, LOC_BITS, fingerprint};
+use crate::idtable::{Entries, IdTable, LOC_BITS, fingerprint};
 use crate::journal::io_error;
 use crate::{StoreError, codec};
 
@@ -482,7 +482,7 @@ impl Cold {
         // what recovery at 10 M pending spent most of its time on (the kernel zeroing new pages).
         // Every 8-byte `.keys` entry is a put or a removal: their count bounds the live entries.
         let at_most: u64 = checkpoint.slices.iter().map(|s| s.4 / 8).sum();
-        let mut entries = Vec::with_capacity(at_most as usize);
+        let mut entries = Entries::with_capacity(at_most as usize);
         for &(start, level, _, _, keys_len) in &checkpoint.slices {
             let key = (start, level);
             let bytes = self.slices[&key].keys.read(0, keys_len)?;
@@ -498,7 +498,7 @@ impl Cold {
         &mut self,
         key: SliceKey,
         keys: &[u8],
-        entries: &mut Vec<u64>,
+        entries: &mut Entries,
     ) -> Result<(), StoreError> {
         let path = self.slices[&key].keys.path.clone();
         let damaged = |why: String| StoreError::Open {
@@ -560,7 +560,9 @@ impl Cold {
         let slice = self.slices.get_mut(&key).expect("restored");
         slice.chunks = chunk_ids;
         slice.records = puts.len() as u32;
-        entries.extend(puts.into_iter().filter(|p| *p != 0));
+        for put in puts.into_iter().filter(|p| *p != 0) {
+            entries.push(put);
+        }
         let data_len = self.slices[&key].data.len();
         if pos != data_len {
             return Err(damaged(format!(

@@ -70,28 +70,68 @@ fn slot(fp: u32, loc: u32) -> Slot {
 
 const EMPTY: Slot = [0; 7];
 
-/// Sorts packed entries by fingerprint (their order within one fingerprint does not matter): an
-/// LSD radix sort in two passes of 14 bits, several times faster than a comparison sort at 10 M.
-fn sort_by_fingerprint(entries: &mut Vec<u64>) {
-    const BITS: u32 = FP_BITS / 2;
+/// Bits of the fingerprint (its top ones) that choose an entry's part in [`Entries`].
+const PART_BITS: u32 = 8;
+const PARTS: usize = 1 << PART_BITS;
+
+/// Packed entries (`fingerprint << LOC_BITS | location`) gathered for [`IdTable::from_entries`],
+/// already split by the top bits of their fingerprint. Each part is then sorted while it is in
+/// cache, with scratch the size of one part: sorting all of them at once needed a second array as
+/// large as the entries (80 MB at 10 M pending), and fresh memory is most of what a restart costs.
+pub struct Entries {
+    parts: Vec<Vec<u64>>,
+    len: usize,
+}
+
+impl Entries {
+    /// Room for about `entries` before any part grows (fingerprints spread evenly over the parts).
+    pub fn with_capacity(entries: usize) -> Entries {
+        let each = entries / PARTS + entries / PARTS / 16 + 64;
+        Entries {
+            parts: (0..PARTS).map(|_| Vec::with_capacity(each)).collect(),
+            len: 0,
+        }
+    }
+
+    pub fn push(&mut self, packed: u64) {
+        let part = (packed >> (LOC_BITS + FP_BITS - PART_BITS)) as usize & (PARTS - 1);
+        self.parts[part].push(packed);
+        self.len += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Sorts one part of [`Entries`] by fingerprint (the order within one fingerprint does not matter):
+/// an LSD radix sort of the bits below the part's, in two passes, through `scratch`.
+fn sort_part(part: &mut Vec<u64>, scratch: &mut Vec<u64>) {
+    const BITS: u32 = (FP_BITS - PART_BITS) / 2;
     const BUCKETS: usize = 1 << BITS;
-    let mut scratch = vec![0u64; entries.len()];
+    scratch.clear();
+    scratch.resize(part.len(), 0);
+    let mut starts = vec![0usize; BUCKETS + 1];
     for pass in 0..2 {
         let shift = LOC_BITS + pass * BITS;
         let digit = |e: u64| ((e >> shift) as usize) & (BUCKETS - 1);
-        let mut starts = vec![0usize; BUCKETS + 1];
-        for e in entries.iter() {
+        starts.iter_mut().for_each(|s| *s = 0);
+        for e in part.iter() {
             starts[digit(*e) + 1] += 1;
         }
         for b in 0..BUCKETS {
             starts[b + 1] += starts[b];
         }
-        for e in entries.iter() {
+        for e in part.iter() {
             let d = digit(*e);
             scratch[starts[d]] = *e;
             starts[d] += 1;
         }
-        std::mem::swap(entries, &mut scratch);
+        std::mem::swap(part, scratch);
     }
 }
 
@@ -117,22 +157,28 @@ impl IdTable {
         }
     }
 
-    /// A table of `entries` (`fingerprint << LOC_BITS | location` each), built in one pass after
-    /// sorting them: far cheaper than inserting them one by one into a nearly full table. It has
-    /// room for an eighth more before it grows, so the journal replayed after it (and the first
-    /// tasks scheduled) do not make a table just built at full load grow at once.
-    pub fn from_entries(mut entries: Vec<u64>) -> IdTable {
-        sort_by_fingerprint(&mut entries);
-        let mut table = IdTable::with_capacity(entries.len() + entries.len() / 8);
-        table.place_sorted(entries.into_iter());
+    /// A table of `entries`, built in one pass after sorting them: far cheaper than inserting them
+    /// one by one into a nearly full table. It has room for an eighth more before it grows, so the
+    /// journal replayed after it (and the first tasks scheduled) do not make a table just built at
+    /// full load grow at once.
+    pub fn from_entries(entries: Entries) -> IdTable {
+        let n = entries.len();
+        let mut table = IdTable::with_capacity(n + n / 8);
+        let mut scratch = Vec::new();
+        let mut next = 0;
+        // The parts are in fingerprint order, so placing each once sorted places them all in order.
+        for mut part in entries.parts {
+            sort_part(&mut part, &mut scratch);
+            next = table.place_sorted(part.into_iter(), next);
+        }
         table
     }
 
-    /// Places `entries` (packed, in fingerprint order) into this empty table in one pass: each goes
-    /// to its home or, if that is taken, right after the previous one, which keeps every run in
-    /// order without scanning it.
-    fn place_sorted(&mut self, entries: impl Iterator<Item = u64>) {
-        let mut next = 0usize;
+    /// Places `entries` (packed, in fingerprint order, none smaller than those placed before) into
+    /// this table, whose slots from `next` on are empty, in one pass: each goes to its home or, if
+    /// that is taken, right after the previous one, which keeps every run in order without scanning
+    /// it. Answers the new `next`.
+    fn place_sorted(&mut self, entries: impl Iterator<Item = u64>, mut next: usize) -> usize {
         for packed in entries {
             let fp = (packed >> LOC_BITS) as u32;
             let at = self.home(fp).max(next);
@@ -143,6 +189,7 @@ impl IdTable {
             next = at + 1;
             self.len += 1;
         }
+        next
     }
 
     pub fn len(&self) -> usize {
@@ -258,7 +305,7 @@ impl IdTable {
         // run (homes grow with fingerprints, and no entry sits before its home), so they can be
         // placed in one pass. Re-inserting them one by one cost a restart at 10 M pending a third
         // of a second, once replay's first insert made the freshly built table grow.
-        self.place_sorted(old.iter().filter(|s| fp_of(s) != 0).map(packed));
+        self.place_sorted(old.iter().filter(|s| fp_of(s) != 0).map(packed), 0);
     }
 }
 
@@ -311,12 +358,12 @@ mod tests {
             .map(|i| (fingerprint("q", &i.to_string()), i * 3))
             .chain((0..100).map(|i| (1, i)))
             .collect();
-        let mut built = IdTable::from_entries(
-            entries
-                .iter()
-                .map(|(f, l)| (u64::from(*f) << LOC_BITS) | u64::from(*l))
-                .collect(),
-        );
+        // Less room than entries, so parts grow while they are gathered.
+        let mut gathered = Entries::with_capacity(1_000);
+        for (f, l) in &entries {
+            gathered.push((u64::from(*f) << LOC_BITS) | u64::from(*l));
+        }
+        let mut built = IdTable::from_entries(gathered);
         let mut inserted = IdTable::default();
         for (f, l) in &entries {
             inserted.insert(*f, *l);

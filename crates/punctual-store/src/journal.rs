@@ -1,5 +1,5 @@
 //! The journal of the sequential-write store (docs/storage.md, "Storage v2"): an append-only,
-//! CRC32C-checked log of batches in 64 MiB segment files, one `fdatasync` per appended batch.
+//! CRC32C-checked log of batches in 16 MiB segment files, one `fdatasync` per appended batch.
 //!
 //! Layout of `DIR/<16 hex digits>.log` (the digits: the sequence number of the segment's first batch):
 //!
@@ -45,6 +45,9 @@ pub struct JournalOptions {
     /// The sequence number of the first batch when the journal has no segment at all (everything
     /// before it was released behind a checkpoint).
     pub first_seq: u64,
+    /// Batches before this one are checked (CRC, order) at open but not handed to `replay`, nor
+    /// split into records: a checkpoint already covers them.
+    pub replay_from: u64,
     /// Test hooks: make the n-th `fdatasync` (0-based) or `write` fail.
     #[doc(hidden)]
     pub fail_sync_at: Option<u64>,
@@ -55,8 +58,12 @@ pub struct JournalOptions {
 impl Default for JournalOptions {
     fn default() -> Self {
         JournalOptions {
-            segment_bytes: 64 << 20,
+            // Whole segments are released behind a checkpoint, so the part of the journal that an
+            // open reads and skips is under one segment: 16 MiB against the default checkpoint
+            // interval of 32 MiB of journal.
+            segment_bytes: 16 << 20,
             first_seq: 1,
+            replay_from: 0,
             fail_sync_at: None,
             fail_write_at: None,
         }
@@ -122,7 +129,13 @@ fn frame(seq: u64, records: &[Record]) -> Vec<u8> {
 }
 
 /// Parses the frame at `at` of `data`: `Some((seq, records, end))` if it is whole and its CRC holds.
-fn parse_frame(data: &[u8], at: usize) -> Option<(u64, Vec<Record>, usize)> {
+/// Its records are split out only if `split` says so for its sequence number (else `records` is
+/// empty).
+fn parse_frame(
+    data: &[u8],
+    at: usize,
+    split: impl Fn(u64) -> bool,
+) -> Option<(u64, Vec<Record>, usize)> {
     let head = data.get(at..at + FRAME_HEAD)?;
     let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
     if !(8..=MAX_BATCH_BYTES).contains(&len) {
@@ -136,7 +149,7 @@ fn parse_frame(data: &[u8], at: usize) -> Option<(u64, Vec<Record>, usize)> {
     }
     let seq = u64::from_le_bytes(rest[..8].try_into().ok()?);
     let mut records = Vec::new();
-    let mut pos = 8;
+    let mut pos = if split(seq) { 8 } else { rest.len() };
     while pos < rest.len() {
         let kind = *rest.get(pos)?;
         let n = u32::from_le_bytes(rest.get(pos + 1..pos + 5)?.try_into().ok()?) as usize;
@@ -151,7 +164,7 @@ fn parse_frame(data: &[u8], at: usize) -> Option<(u64, Vec<Record>, usize)> {
 /// difference between a torn tail (nothing valid follows) and damage in the middle.
 fn valid_frame_after(data: &[u8], from: usize, after: u64) -> Option<usize> {
     (from..data.len().saturating_sub(FRAME_HEAD - 1))
-        .find(|at| parse_frame(data, *at).is_some_and(|(seq, _, _)| seq > after))
+        .find(|at| parse_frame(data, *at, |_| false).is_some_and(|(seq, _, _)| seq > after))
 }
 
 /// The journal's segment files, oldest first.
@@ -238,9 +251,11 @@ impl Journal {
             }
             let mut at = HEADER_BYTES as usize;
             while at < data.len() {
-                match parse_frame(&data, at) {
+                match parse_frame(&data, at, |seq| seq >= options.replay_from) {
                     Some((seq, records, end)) if seq == next_seq => {
-                        replay(seq, records)?;
+                        if seq >= options.replay_from {
+                            replay(seq, records)?;
+                        }
                         next_seq += 1;
                         at = end;
                     }
@@ -663,6 +678,41 @@ mod tests {
         assert!(read_all(&dir2).is_err());
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&dir2);
+    }
+
+    /// Batches before `replay_from` (those a checkpoint covers) are not handed to `replay`, but they
+    /// are still checked: damage among them is an error, as anywhere else.
+    #[test]
+    fn batches_before_replay_from_are_checked_but_not_replayed() {
+        let dir = temp_dir("from");
+        let (path, boundaries) = workload(&dir, 12);
+        let options = JournalOptions {
+            replay_from: 8,
+            ..JournalOptions::default()
+        };
+        let open = |dir: &Path| {
+            let mut seen = Vec::new();
+            let journal = Journal::open(dir, options.clone(), |seq, records| {
+                seen.push((seq, records));
+                Ok(())
+            })?;
+            Ok::<_, StoreError>((seen, journal.next_seq()))
+        };
+        let (seen, next) = open(&dir).unwrap();
+        assert_eq!(next, 13);
+        assert_eq!(seen, (8..=12).map(|n| (n, batch(n))).collect::<Vec<_>>());
+        // A flipped byte in batch 3 (skipped) with valid batches after it.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[boundaries[2] as usize + 20] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let error = open(&dir)
+            .expect_err("damage in a skipped batch")
+            .to_string();
+        assert!(
+            error.contains(&format!("byte {}", boundaries[2])),
+            "{error}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1068,6 +1068,7 @@ impl JournalStore {
         let mut bytes = 0u64;
         let mut journal_options = options.journal.clone();
         journal_options.first_seq = first_seq;
+        journal_options.replay_from = first_seq;
         let gap = |found: String| StoreError::Open {
             path: journal_dir.display().to_string(),
             reason: format!(
@@ -1075,10 +1076,8 @@ impl JournalStore {
                  batches in between are missing"
             ),
         };
+        // Batches before `first_seq` are not handed here (`replay_from`).
         let journal = Journal::open(&journal_dir, journal_options, |seq, batch| {
-            if seq < first_seq {
-                return Ok(());
-            }
             if records == 0 && seq > first_seq {
                 return Err(gap(format!("starts at batch {seq}")));
             }
