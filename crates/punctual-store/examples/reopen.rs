@@ -1,8 +1,10 @@
 //! Fills a journal store with N scheduled tasks due over 30 days, then times reopening it:
 //! `cargo run --release -p punctual-store --example reopen -- DIR N` (N in tasks; an existing DIR
 //! is only reopened; with `REOPEN_FILL_ONLY` set it stops after the fill, leaving a crashed store
-//! to copy; `REOPEN_CHECKPOINT_MB` sets the checkpoint interval, default the store's). Prints the
-//! phases' times, for profiling recovery.
+//! to copy; `REOPEN_CHECKPOINT_MB` sets the checkpoint interval, default the store's; with
+//! `REOPEN_WORST` set the fill goes on past N until one batch before the next checkpoint would
+//! start, the most journal a restart can have to replay). Prints the phases' times, for profiling
+//! recovery.
 #![allow(clippy::disallowed_methods)] // A timing tool.
 
 use std::time::Instant;
@@ -26,8 +28,23 @@ fn main() {
         let store = JournalStore::open(&dir, &options).unwrap();
         let started = Instant::now();
         let month = 30 * 86_400_000u64;
-        for chunk in 0..n.div_ceil(1_000) {
-            let batch: Vec<Command> = (chunk * 1_000..((chunk + 1) * 1_000).min(n))
+        let worst = std::env::var_os("REOPEN_WORST").is_some();
+        // Batches at which a checkpoint started, to find where the next one would.
+        let mut starts: Vec<u64> = Vec::new();
+        let mut chunk = 0u64;
+        loop {
+            let last = match (starts.len(), worst) {
+                (_, false) | (0 | 1, true) => n.div_ceil(1_000),
+                (k, true) => {
+                    let every = (starts[k - 1] - starts[0]) / (k as u64 - 1);
+                    n.div_ceil(1_000).max(starts[k - 1] + every - 1)
+                }
+            };
+            if chunk >= last {
+                break;
+            }
+            let batch: Vec<Command> = (chunk * 1_000
+                ..((chunk + 1) * 1_000).min(n.max(last * 1_000)))
                 .map(|i| {
                     let due = now + 60_000 + (i.wrapping_mul(2_654_435_761) % month);
                     let task: Task = punctual_store::conformance::task(
@@ -40,8 +57,18 @@ fn main() {
                     Command::Schedule(Box::new(task))
                 })
                 .collect();
+            let before = store.stats();
             store.apply(now, &batch).unwrap();
+            let after = store.stats();
+            // A checkpoint starts inside the commit whose journal growth crosses the interval.
+            if after.checkpoint_under_way && !before.checkpoint_under_way
+                || after.checkpoints > before.checkpoints + u64::from(before.checkpoint_under_way)
+            {
+                starts.push(chunk);
+            }
+            chunk += 1;
         }
+        let n = if worst { chunk * 1_000 } else { n };
         println!(
             "filled {n} in {:.2?}: {:?}",
             started.elapsed(),

@@ -62,7 +62,7 @@ impl Default for JournalStoreOptions {
     fn default() -> Self {
         JournalStoreOptions {
             journal: JournalOptions::default(),
-            checkpoint_bytes: 32 << 20,
+            checkpoint_bytes: 16 << 20,
             checkpoint_step_tasks: CHECKPOINT_STEP_TASKS,
             min_free_bytes: 64 << 20,
             slices: SliceGeometry::default(),

@@ -33,7 +33,7 @@ pub struct ServeOpts {
     #[arg(long, env = "PUNCTUAL_MIN_FREE_DISK_MB")]
     pub min_free_disk_mb: Option<u64>,
     /// Journal store: write a checkpoint each time the journal has grown by this many MiB, so a
-    /// restart replays at most about this much [default: 32].
+    /// restart replays at most about this much [default: 16].
     #[arg(long, env = "PUNCTUAL_CHECKPOINT_MB")]
     pub checkpoint_mb: Option<u64>,
     /// Address to serve HTTP on [default: 127.0.0.1:7070].
@@ -388,7 +388,7 @@ impl ServeOpts {
                 .min_free_disk_mb
                 .or(file.min_free_disk_mb)
                 .unwrap_or(64),
-            checkpoint_mb: self.checkpoint_mb.or(file.checkpoint_mb).unwrap_or(32),
+            checkpoint_mb: self.checkpoint_mb.or(file.checkpoint_mb).unwrap_or(16),
         };
         let settings = Settings {
             webhook_signing: settings.webhook_secret.is_some(),
