@@ -59,8 +59,8 @@ impl Default for JournalOptions {
     fn default() -> Self {
         JournalOptions {
             // Whole segments are released behind a checkpoint, so the part of the journal that an
-            // open reads and skips is under one segment: 16 MiB against the default checkpoint
-            // interval of 32 MiB of journal.
+            // open reads and skips is under one segment (the default checkpoint interval is 16 MiB
+            // of journal too).
             segment_bytes: 16 << 20,
             first_seq: 1,
             replay_from: 0,
@@ -129,13 +129,9 @@ fn frame(seq: u64, records: &[Record]) -> Vec<u8> {
 }
 
 /// Parses the frame at `at` of `data`: `Some((seq, records, end))` if it is whole and its CRC holds.
-/// Its records are split out only if `split` says so for its sequence number (else `records` is
-/// empty).
-fn parse_frame(
-    data: &[u8],
-    at: usize,
-    split: impl Fn(u64) -> bool,
-) -> Option<(u64, Vec<Record>, usize)> {
+/// Its records are split out only if its sequence number is at least `split_from` (else `records`
+/// is empty).
+fn parse_frame(data: &[u8], at: usize, split_from: u64) -> Option<(u64, Vec<Record>, usize)> {
     let head = data.get(at..at + FRAME_HEAD)?;
     let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
     if !(8..=MAX_BATCH_BYTES).contains(&len) {
@@ -149,7 +145,7 @@ fn parse_frame(
     }
     let seq = u64::from_le_bytes(rest[..8].try_into().ok()?);
     let mut records = Vec::new();
-    let mut pos = if split(seq) { 8 } else { rest.len() };
+    let mut pos = if seq >= split_from { 8 } else { rest.len() };
     while pos < rest.len() {
         let kind = *rest.get(pos)?;
         let n = u32::from_le_bytes(rest.get(pos + 1..pos + 5)?.try_into().ok()?) as usize;
@@ -164,7 +160,7 @@ fn parse_frame(
 /// difference between a torn tail (nothing valid follows) and damage in the middle.
 fn valid_frame_after(data: &[u8], from: usize, after: u64) -> Option<usize> {
     (from..data.len().saturating_sub(FRAME_HEAD - 1))
-        .find(|at| parse_frame(data, *at, |_| false).is_some_and(|(seq, _, _)| seq > after))
+        .find(|at| parse_frame(data, *at, u64::MAX).is_some_and(|(seq, _, _)| seq > after))
 }
 
 /// The journal's segment files, oldest first.
@@ -251,7 +247,7 @@ impl Journal {
             }
             let mut at = HEADER_BYTES as usize;
             while at < data.len() {
-                match parse_frame(&data, at, |seq| seq >= options.replay_from) {
+                match parse_frame(&data, at, options.replay_from) {
                     Some((seq, records, end)) if seq == next_seq => {
                         if seq >= options.replay_from {
                             replay(seq, records)?;

@@ -388,7 +388,10 @@ impl ServeOpts {
                 .min_free_disk_mb
                 .or(file.min_free_disk_mb)
                 .unwrap_or(64),
-            checkpoint_mb: self.checkpoint_mb.or(file.checkpoint_mb).unwrap_or(16),
+            checkpoint_mb: self
+                .checkpoint_mb
+                .or(file.checkpoint_mb)
+                .unwrap_or(punctual_store::JournalStoreOptions::default().checkpoint_bytes >> 20),
         };
         let settings = Settings {
             webhook_signing: settings.webhook_secret.is_some(),
