@@ -15,6 +15,11 @@ pub use retry::Backoff;
 pub use task::{FailOutcome, LeaseCheck, Task, TaskState, Webhook};
 pub use window::DueWindow;
 
+/// The due time of a task that never fires: 9999-12-31T23:59:59.999Z. The Redis front end keeps a
+/// key without a TTL as a task due then (`SET k v`); past every `max_delay_ms`, so no client can ask
+/// for it by accident.
+pub const NEVER_MS: u64 = 253_402_300_799_999;
+
 /// A 64-bit FNV-1a hash: stable across Rust versions and platforms, so it can be persisted.
 ///
 /// Used for request fingerprints (idempotency) and for deterministic jitter; not for security.

@@ -6,7 +6,7 @@
 
 use punctual_core::{Backoff, LeaseCheck, Task, TaskState};
 
-use crate::{Command, MemoryStore, Outcome, Store, Taker};
+use crate::{Command, MemoryStore, Outcome, PutWhen, Store, Taker};
 
 /// Builds a task as the server would before scheduling it.
 pub fn task(queue: &str, id: &str, run_at_ms: u64, max_attempts: u32, steps_ms: &[u64]) -> Task {
@@ -537,11 +537,224 @@ pub fn webhook_tasks_go_only_to_the_push_sender(store: &dyn Store) {
 }
 
 /// A named conformance check.
+/// A key-value task as the Redis front end writes it: the value is a JSON string.
+fn key(id: &str, value: &str, run_at_ms: u64) -> Task {
+    Task {
+        payload: Some(format!("\"{value}\"")),
+        ..Task::new("db0", id, run_at_ms, 1, Backoff::default())
+    }
+}
+
+fn put(store: &dyn Store, now_ms: u64, task: Task, when: PutWhen, keep_due: bool) -> Outcome {
+    let command = Command::Put {
+        task: Box::new(task),
+        when,
+        keep_due,
+    };
+    one(store, now_ms, command)
+}
+
+fn written(outcome: Outcome) -> (Option<Task>, Option<Task>) {
+    match outcome {
+        Outcome::Put { previous, written } => (previous, written),
+        other => panic!("put answered {other:?}"),
+    }
+}
+
+/// `Put`, `Delete`, `SetDue` and `Incr`: the Redis front end's keys, on every backend.
+pub fn keys_put_delete_set_due_and_incr(store: &dyn Store) {
+    let never = punctual_core::NEVER_MS;
+    // A key without a TTL never fires, and a far due time is stored like any other.
+    let (previous, task) = written(put(
+        store,
+        1_000,
+        key("plain", "v1", never),
+        PutWhen::Always,
+        false,
+    ));
+    assert!(previous.is_none());
+    assert_eq!(task.unwrap().state, TaskState::Scheduled);
+    assert!(tick(store, 10_000_000).fired == 0);
+    // NX on a live key writes nothing and shows what is there; XX on a missing one neither.
+    let (previous, task) = written(put(
+        store,
+        1_001,
+        key("plain", "v2", never),
+        PutWhen::Absent,
+        false,
+    ));
+    assert_eq!(previous.unwrap().payload.as_deref(), Some("\"v1\""));
+    assert!(task.is_none());
+    let (previous, task) = written(put(
+        store,
+        1_002,
+        key("nokey", "v", never),
+        PutWhen::Present,
+        false,
+    ));
+    assert!(previous.is_none() && task.is_none());
+    assert_eq!(state(store, "db0", "nokey"), None);
+    // A plain overwrite replaces value and due time; KEEPTTL keeps a live key's due time.
+    written(put(
+        store,
+        1_003,
+        key("ttl", "a", 5_000),
+        PutWhen::Always,
+        false,
+    ));
+    let (_, task) = written(put(
+        store,
+        1_004,
+        key("ttl", "b", never),
+        PutWhen::Always,
+        true,
+    ));
+    let task = task.unwrap();
+    assert_eq!(
+        (task.run_at_ms, task.payload.as_deref()),
+        (5_000, Some("\"b\""))
+    );
+    // SetDue moves it; a due time in the past fires it at once.
+    match one(
+        store,
+        1_005,
+        Command::SetDue {
+            queue: "db0".into(),
+            id: "ttl".into(),
+            run_at_ms: 7_000,
+        },
+    ) {
+        Outcome::Updated(t) => assert_eq!((t.run_at_ms, t.state), (7_000, TaskState::Scheduled)),
+        other => panic!("set_due answered {other:?}"),
+    }
+    let report = tick(store, 7_000);
+    assert_eq!(report.fired, 1);
+    // Fired (ready): Put, Delete, SetDue and Incr leave it alone for its delivery.
+    assert_eq!(
+        put(store, 7_001, key("ttl", "c", never), PutWhen::Always, false),
+        Outcome::WrongState(TaskState::Ready)
+    );
+    assert_eq!(
+        one(
+            store,
+            7_001,
+            Command::Delete {
+                queue: "db0".into(),
+                id: "ttl".into()
+            }
+        ),
+        Outcome::WrongState(TaskState::Ready)
+    );
+    assert_eq!(
+        one(
+            store,
+            7_001,
+            Command::SetDue {
+                queue: "db0".into(),
+                id: "ttl".into(),
+                run_at_ms: 9_000
+            }
+        ),
+        Outcome::WrongState(TaskState::Ready)
+    );
+    // Delivered and acked: the key reads as gone, and a Put writes a new one over the kept value.
+    let leased = reserve(store, 7_002, "db0", 10);
+    assert_eq!(leased.len(), 1);
+    assert!(matches!(ack(store, 7_003, &leased[0]), Outcome::Acked(_)));
+    let (previous, task) = written(put(
+        store,
+        7_004,
+        key("ttl", "d", 9_000),
+        PutWhen::Absent,
+        false,
+    ));
+    assert_eq!(previous.unwrap().state, TaskState::Succeeded);
+    assert_eq!(task.unwrap().state, TaskState::Scheduled);
+    // Delete removes only a live key.
+    assert!(matches!(
+        one(
+            store,
+            7_005,
+            Command::Delete {
+                queue: "db0".into(),
+                id: "ttl".into()
+            }
+        ),
+        Outcome::Cancelled(_)
+    ));
+    assert_eq!(
+        one(
+            store,
+            7_005,
+            Command::Delete {
+                queue: "db0".into(),
+                id: "ttl".into()
+            }
+        ),
+        Outcome::NotFound
+    );
+    // Incr creates, adds, keeps the due time, and refuses what is not an integer.
+    let incr = |now, id: &str, by| {
+        one(
+            store,
+            now,
+            Command::Incr {
+                template: Box::new(key(id, "", never)),
+                by,
+            },
+        )
+    };
+    assert!(
+        matches!(incr(8_000, "n", 5), Outcome::Created(t) if t.payload.as_deref() == Some("\"5\""))
+    );
+    assert!(
+        matches!(incr(8_001, "n", -7), Outcome::Updated(t) if t.payload.as_deref() == Some("\"-2\""))
+    );
+    written(put(
+        store,
+        8_002,
+        key("n", "41", 20_000),
+        PutWhen::Always,
+        false,
+    ));
+    assert!(
+        matches!(incr(8_003, "n", 1), Outcome::Updated(t) if t.payload.as_deref() == Some("\"42\"") && t.run_at_ms == 20_000)
+    );
+    assert_eq!(incr(8_004, "plain", 1), Outcome::NotInteger);
+    written(put(
+        store,
+        8_005,
+        key("big", "9223372036854775807", never),
+        PutWhen::Always,
+        false,
+    ));
+    assert_eq!(incr(8_006, "big", 1), Outcome::NotInteger);
+    assert_eq!(
+        store
+            .get("db0", "plain")
+            .unwrap()
+            .unwrap()
+            .payload
+            .as_deref(),
+        Some("\"v1\"")
+    );
+    let counts = store.queues().unwrap();
+    let db0 = counts
+        .iter()
+        .find(|c| c.queue == "db0")
+        .expect("db0 counted");
+    assert_eq!(db0.get(TaskState::Scheduled), 3, "{counts:?}");
+}
+
 type Check = (&'static str, fn(&dyn Store));
 
 /// Every check, each on a fresh store.
 pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
-    let checks: [Check; 12] = [
+    let checks: [Check; 13] = [
+        (
+            "keys_put_delete_set_due_and_incr",
+            keys_put_delete_set_due_and_incr,
+        ),
         (
             "webhook_tasks_go_only_to_the_push_sender",
             webhook_tasks_go_only_to_the_push_sender,

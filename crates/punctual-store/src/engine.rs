@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use punctual_core::{FailOutcome, LeaseCheck, Task, TaskState};
 
-use crate::{Command, Outcome, PUSH_INDEX, StoreError, Taker, TickReport};
+use crate::{Command, Outcome, PUSH_INDEX, PutWhen, StoreError, Taker, TickReport};
 
 /// Where a ready task sits in the ready index: its own queue for pull delivery, or the push index
 /// (keyed by `queue 0x00 id`, so the sender can find the task) when it has a webhook.
@@ -260,9 +260,129 @@ pub fn apply_one<T: Txn + ?Sized>(
             write(txn, Some(&old), Some(&new))?;
             Ok(Outcome::Updated(new))
         }
+        Command::Put {
+            task,
+            when,
+            keep_due,
+        } => {
+            let old = txn.get(&task.queue, &task.id)?;
+            if let Some(firing) = old
+                .as_ref()
+                .filter(|o| matches!(o.state, TaskState::Ready | TaskState::Leased))
+            {
+                return Ok(Outcome::WrongState(firing.state));
+            }
+            let live = old.as_ref().filter(|o| o.state == TaskState::Scheduled);
+            let go = match when {
+                PutWhen::Always => true,
+                PutWhen::Absent => live.is_none(),
+                PutWhen::Present => live.is_some(),
+            };
+            if !go {
+                return Ok(Outcome::Put {
+                    previous: old,
+                    written: None,
+                });
+            }
+            let mut new = (**task).clone();
+            if let Some(live) = live.filter(|_| *keep_due) {
+                new.run_at_ms = live.run_at_ms;
+            }
+            new.start(now_ms);
+            replace(txn, old.as_ref(), &new)?;
+            Ok(Outcome::Put {
+                previous: old,
+                written: Some(new),
+            })
+        }
+        Command::Delete { queue, id } => {
+            let Some(old) = txn.get(queue, id)? else {
+                return Ok(Outcome::NotFound);
+            };
+            if old.state != TaskState::Scheduled {
+                return Ok(Outcome::WrongState(old.state));
+            }
+            write(txn, Some(&old), None)?;
+            Ok(Outcome::Cancelled(old))
+        }
+        Command::SetDue {
+            queue,
+            id,
+            run_at_ms,
+        } => {
+            let Some(old) = txn.get(queue, id)? else {
+                return Ok(Outcome::NotFound);
+            };
+            if old.state != TaskState::Scheduled {
+                return Ok(Outcome::WrongState(old.state));
+            }
+            let mut new = old.clone();
+            new.reschedule(now_ms, Some(*run_at_ms), None);
+            write(txn, Some(&old), Some(&new))?;
+            Ok(Outcome::Updated(new))
+        }
+        Command::Incr { template, by } => {
+            let old = txn.get(&template.queue, &template.id)?;
+            match old.as_ref().map(|o| o.state) {
+                Some(state @ (TaskState::Ready | TaskState::Leased)) => {
+                    Ok(Outcome::WrongState(state))
+                }
+                Some(TaskState::Scheduled) => {
+                    let old = old.as_ref().expect("matched Some");
+                    let Some(sum) = old
+                        .payload
+                        .as_deref()
+                        .and_then(payload_integer)
+                        .and_then(|n| n.checked_add(*by))
+                    else {
+                        return Ok(Outcome::NotInteger);
+                    };
+                    let mut new = old.clone();
+                    new.reschedule(now_ms, None, Some(Some(format!("\"{sum}\""))));
+                    write(txn, Some(old), Some(&new))?;
+                    Ok(Outcome::Updated(new))
+                }
+                _ => {
+                    let mut new = (**template).clone();
+                    new.payload = Some(format!("\"{by}\""));
+                    new.start(now_ms);
+                    replace(txn, old.as_ref(), &new)?;
+                    Ok(Outcome::Created(new))
+                }
+            }
+        }
         Command::Tick { limit, takers } => tick(txn, now_ms, *limit, takers).map(Outcome::Ticked),
         Command::Sync => Ok(Outcome::Synced),
     }
+}
+
+/// Writes `new` in place of `old` (which may be absent: then it is created).
+fn replace<T: Txn + ?Sized>(txn: &mut T, old: Option<&Task>, new: &Task) -> Result<(), StoreError> {
+    match old {
+        Some(old) => write(txn, Some(old), Some(new)),
+        None => {
+            if txn.create(new)?.is_some() {
+                return Err(StoreError::Storage(format!(
+                    "task {}/{} appeared while it was being written",
+                    new.queue, new.id
+                )));
+            }
+            write_indexes(txn, None, Some(new))
+        }
+    }
+}
+
+/// The integer a payload holds, as a JSON integer (`12`) or a JSON string of one (`"12"`), the
+/// form the Redis front end stores values in.
+fn payload_integer(payload: &str) -> Option<i64> {
+    let text = payload
+        .strip_prefix('"')
+        .and_then(|p| p.strip_suffix('"'))
+        .unwrap_or(payload);
+    if text.is_empty() || text.len() > 20 || text.starts_with('+') {
+        return None;
+    }
+    text.parse().ok()
 }
 
 fn with_lease<T: Txn + ?Sized>(

@@ -1242,7 +1242,14 @@ impl Store for JournalStore {
             since_checkpoint,
             ..
         } = &mut *state;
-        if self.min_free_bytes > 0 && commands.iter().any(|c| matches!(c, Command::Schedule(_))) {
+        if self.min_free_bytes > 0
+            && commands.iter().any(|c| {
+                matches!(
+                    c,
+                    Command::Schedule(_) | Command::Put { .. } | Command::Incr { .. }
+                )
+            })
+        {
             let reading = match *free {
                 // Near the threshold every commit reads it again: a fast writer can fill what is
                 // left of a small disk within one interval.

@@ -134,10 +134,43 @@ pub enum Command {
     },
     /// A dead task back to ready.
     Retry { queue: String, id: String },
+    /// Writes a task over whatever has its id, as Redis's `SET` writes a key: a scheduled task (a
+    /// live key) or a finished one (an expired key, kept for its value) is replaced, subject to
+    /// `when`. A task that is firing right now (`ready` or `leased`) is not touched: `WrongState`.
+    /// With `keep_due`, a live task's due time is kept (`SET … KEEPTTL`). Answers `Outcome::Put`.
+    Put {
+        task: Box<Task>,
+        when: PutWhen,
+        keep_due: bool,
+    },
+    /// Deletes a task only while it is `scheduled` (a live key): `Cancelled`, else `NotFound` or
+    /// `WrongState`. Unlike `Cancel`, it never removes a fired task whose delivery is pending.
+    Delete { queue: String, id: String },
+    /// Moves a `scheduled` task's due time (`EXPIRE`, `PERSIST`): `Updated`, else `NotFound` or
+    /// `WrongState`. A due time at or before now makes it ready: it fires.
+    SetDue {
+        queue: String,
+        id: String,
+        run_at_ms: u64,
+    },
+    /// Adds `by` to the integer a task's payload holds (a JSON integer, or a JSON string of one), as
+    /// Redis's `INCRBY`; a task that is not live is replaced by `template` holding `by`. The due
+    /// time is kept. `Updated`/`Created`, `NotInteger`, or `WrongState` while firing.
+    Incr { template: Box<Task>, by: i64 },
     /// Process due-index entries at or before now: fire, expire leases, purge. At most `limit`.
     /// Tasks that become ready go straight to `takers` (waiting consumers) while they have room,
     /// after each taker first got its queue's older ready tasks: one commit fires and leases them.
     Tick { limit: usize, takers: Vec<Taker> },
+}
+
+/// When a [`Command::Put`] writes, judged on the live (`scheduled`) task with its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutWhen {
+    Always,
+    /// Only if there is no live task (`SET … NX`).
+    Absent,
+    /// Only if there is one (`SET … XX`).
+    Present,
 }
 
 /// A waiting consumer to whom a tick hands tasks directly, like a [`Command::Reserve`].
@@ -227,6 +260,14 @@ pub enum Outcome {
     Ticked(TickReport),
     /// A `Sync` was committed durably.
     Synced,
+    /// What a [`Command::Put`] found (`previous`, in whatever state) and wrote (`None`: its `when`
+    /// was not met, nothing changed).
+    Put {
+        previous: Option<Task>,
+        written: Option<Task>,
+    },
+    /// [`Command::Incr`] on a payload that is not an integer, or a sum out of range.
+    NotInteger,
 }
 
 /// Task counts of one queue, indexed by [`TaskState::index`].

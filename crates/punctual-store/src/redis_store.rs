@@ -1168,8 +1168,11 @@ impl Txn for Tx<'_> {
 /// The one task a command is about, for commands about one task.
 fn single_key(command: &Command) -> Option<(&str, &str)> {
     match command {
-        Command::Schedule(task) => Some((&task.queue, &task.id)),
+        Command::Schedule(task) | Command::Put { task, .. } => Some((&task.queue, &task.id)),
+        Command::Incr { template, .. } => Some((&template.queue, &template.id)),
         Command::Reschedule { queue, id, .. }
+        | Command::Delete { queue, id }
+        | Command::SetDue { queue, id, .. }
         | Command::Cancel { queue, id }
         | Command::Ack { queue, id, .. }
         | Command::Nack { queue, id, .. }
@@ -1209,7 +1212,8 @@ impl Store for RedisStore {
             let created: BTreeSet<&str> = commands
                 .iter()
                 .filter_map(|c| match c {
-                    Command::Schedule(task) => Some(task.queue.as_str()),
+                    Command::Schedule(task) | Command::Put { task, .. } => Some(task.queue.as_str()),
+                    Command::Incr { template, .. } => Some(template.queue.as_str()),
                     _ => None,
                 })
                 .collect();
