@@ -14,48 +14,36 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use punctual_core::time::{format_rfc3339_ms, parse_rfc3339_ms};
-use punctual_core::{Backoff, LeaseCheck, Task, TaskState, Webhook, fnv1a64};
-use punctual_store::{Command, Outcome, QueueCounts, Store, StoreError};
-use serde::{Deserialize, Deserializer, Serialize};
+use punctual_core::time::format_rfc3339_ms;
+use punctual_core::{Backoff, Task, TaskState, Webhook};
+use punctual_store::QueueCounts;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::sync::watch;
 
-use crate::clock::Clock;
-use crate::config::ServerConfig;
 use crate::error::ApiError;
-pub use crate::ids::IdGen;
-use crate::writer::{Park, Writer};
+use crate::service::{
+    AckItem, NackRequest, PatchRequest, ReserveRequest, ScheduleRequest, Service, Settled,
+    human_bytes,
+};
 
-/// Everything a handler needs.
-pub struct Shared {
-    pub store: Arc<dyn Store>,
-    pub writer: Writer,
-    pub config: ServerConfig,
-    pub clock: Clock,
-    pub shutdown: watch::Receiver<bool>,
-    pub ids: IdGen,
+/// What HTTP keeps beside the service: its body-memory budget and its metric bookkeeping.
+pub struct Http {
+    pub service: Arc<Service>,
     /// Memory for request bodies being read at once, in KiB permits (`max_body_memory_bytes`).
     pub body_budget: Arc<tokio::sync::Semaphore>,
     /// Queues whose per-state gauges `/metrics` has set, so an emptied queue can be zeroed.
     pub reported_queues: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
-pub type AppState = Arc<Shared>;
-
-impl Shared {
-    /// Runs a store read on a blocking thread: a read may wait on the network (the Redis store), and
-    /// must never hold up the async workers that serve every other request.
-    pub async fn read<T: Send + 'static>(
-        &self,
-        read: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || read(store.as_ref()))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Storage(format!("store read failed: {e}"))))
+impl std::ops::Deref for Http {
+    type Target = Service;
+    fn deref(&self) -> &Service {
+        &self.service
     }
 }
+
+pub type AppState = Arc<Http>;
+type Shared = Http;
 
 /// The API router. Tests drive it with `tower::ServiceExt::oneshot`, without a socket.
 pub fn router(state: AppState) -> Router {
@@ -132,11 +120,6 @@ fn panic_answer(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 // ---------------------------------------------------------------------------------------------
 // Authorization
 
-/// Compares in time that depends only on the lengths, so a token cannot be guessed byte by byte.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// With tokens configured, every `/v1` route (and `/metrics` if protected) needs
 /// `Authorization: Bearer <token>`; `/healthz` is always open.
 async fn authorize(
@@ -144,12 +127,11 @@ async fn authorize(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let tokens = &state.config.auth_tokens;
     let path = request.uri().path();
     let guarded = path.starts_with("/v1/")
         || path == "/v1"
         || (path == "/metrics" && state.config.protect_metrics);
-    if tokens.is_empty() || !guarded {
+    if !state.auth_required() || !guarded {
         return next.run(request).await;
     }
     let presented = request
@@ -159,13 +141,7 @@ async fn authorize(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(token)
-            if tokens
-                .iter()
-                .any(|t| same_secret(t.as_bytes(), token.as_bytes())) =>
-        {
-            next.run(request).await
-        }
+        Some(token) if state.token_accepted(token) => next.run(request).await,
         _ => {
             let mut response = ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -328,14 +304,6 @@ fn batch_body_limit(state: &Shared) -> String {
     )
 }
 
-fn human_bytes(bytes: usize) -> String {
-    match bytes {
-        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
-        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
-        b => format!("{b} bytes"),
-    }
-}
-
 /// Reads and decodes a body no larger than a single-task request may be.
 async fn read_json<T: for<'de> Deserialize<'de>>(
     state: &Shared,
@@ -360,13 +328,6 @@ fn decode_or_default<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Re
     }
 }
 
-/// Keeps the payload as the exact JSON text that was sent (an explicit `null` is `Some("null")`, so
-/// "absent" and "null" differ). It is stored and delivered byte for byte: key order, spacing and
-/// numbers of any size are the client's.
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
-    Box::<RawValue>::deserialize(d).map(Some)
-}
-
 fn path<T>(result: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
     result
         .map(|Path(p)| p)
@@ -376,7 +337,7 @@ fn path<T>(result: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
 /// Extracts `{queue}` and checks its name.
 fn queue_path(state: &Shared, p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let queue = path(p)?;
-    check_queue(state, &queue)?;
+    crate::service::check_queue(state, &queue)?;
     Ok(queue)
 }
 
@@ -386,265 +347,8 @@ fn task_path(
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<(String, String), ApiError> {
     let (queue, id) = path(p)?;
-    check_queue(state, &queue)?;
+    crate::service::check_queue(state, &queue)?;
     Ok((queue, id))
-}
-
-fn check_queue(state: &Shared, queue: &str) -> Result<(), ApiError> {
-    state
-        .config
-        .limits
-        .check_queue(queue)
-        .map_err(|m| ApiError::bad_request("invalid_queue", m))
-}
-
-/// The body of a schedule request (and of each batch item).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleRequest {
-    id: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    payload: Option<Box<RawValue>>,
-    delay_ms: Option<u64>,
-    run_at: Option<String>,
-    max_attempts: Option<u32>,
-    backoff_ms: Option<Vec<u64>>,
-    backoff: Option<ExponentialSpec>,
-    webhook: Option<Webhook>,
-    lease_ms: Option<u64>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct ExponentialSpec {
-    initial_ms: Option<u64>,
-    factor: Option<f64>,
-    max_ms: Option<u64>,
-    jitter: Option<bool>,
-}
-
-/// What the idempotency fingerprint covers: the request as sent, minus the id (the key itself).
-#[derive(Serialize)]
-struct Fingerprint<'a> {
-    payload: Option<&'a str>,
-    delay_ms: Option<u64>,
-    run_at: Option<&'a str>,
-    max_attempts: Option<u32>,
-    backoff_ms: Option<&'a [u64]>,
-    backoff: Option<&'a ExponentialSpec>,
-    webhook: Option<&'a Webhook>,
-    lease_ms: Option<u64>,
-}
-
-fn check_lease_ms(state: &Shared, lease_ms: u64, field: &str) -> Result<(), ApiError> {
-    let limits = &state.config.limits;
-    if lease_ms < limits.min_lease_ms || lease_ms > limits.max_lease_ms {
-        return Err(ApiError::invalid(format!(
-            "{field} must be between {} and {} ms",
-            limits.min_lease_ms, limits.max_lease_ms
-        )));
-    }
-    Ok(())
-}
-
-fn payload_text(
-    state: &Shared,
-    payload: Option<Box<RawValue>>,
-) -> Result<Option<String>, ApiError> {
-    let Some(raw) = payload else {
-        return Ok(None);
-    };
-    let text = String::from(Box::<str>::from(raw));
-    let max = state.config.limits.max_payload_bytes;
-    if text.len() > max {
-        return Err(ApiError::too_large(format!(
-            "payload is {} bytes; the limit is {max} ({}), set by --max-payload-bytes",
-            text.len(),
-            human_bytes(max)
-        )));
-    }
-    Ok(Some(text))
-}
-
-/// Resolves `delay_ms` / `run_at` to a due time; neither means now.
-fn due_time(
-    state: &Shared,
-    now_ms: u64,
-    delay_ms: Option<u64>,
-    run_at: Option<&str>,
-) -> Result<u64, ApiError> {
-    let max_delay_ms = state.config.limits.max_delay_ms;
-    let run_at_ms = match (delay_ms, run_at) {
-        (Some(_), Some(_)) => return Err(ApiError::invalid("give delay_ms or run_at, not both")),
-        (Some(delay), None) => {
-            if delay > max_delay_ms {
-                return Err(ApiError::invalid(format!(
-                    "delay_ms exceeds the maximum of {max_delay_ms} ms"
-                )));
-            }
-            now_ms + delay
-        }
-        (None, Some(text)) => {
-            let at =
-                parse_rfc3339_ms(text).map_err(|e| ApiError::invalid(format!("run_at: {e}")))?;
-            if at > now_ms.saturating_add(max_delay_ms) {
-                return Err(ApiError::invalid(format!(
-                    "run_at is more than {max_delay_ms} ms ({} days) in the future",
-                    max_delay_ms / 86_400_000
-                )));
-            }
-            at
-        }
-        (None, None) => now_ms,
-    };
-    Ok(run_at_ms)
-}
-
-fn check_webhook(state: &Shared, webhook: &Webhook) -> Result<(), ApiError> {
-    let url = webhook.url.as_str();
-    if url.len() > state.config.limits.max_url_bytes {
-        return Err(ApiError::invalid(format!(
-            "webhook.url is longer than {} bytes",
-            state.config.limits.max_url_bytes
-        )));
-    }
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| ApiError::invalid("webhook.url must start with http:// or https://"))?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = authority.rsplit('@').next().unwrap_or("");
-    if host.is_empty() || host.starts_with(':') {
-        return Err(ApiError::invalid("webhook.url has no host"));
-    }
-    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(ApiError::invalid(
-            "webhook.url must not contain spaces or control characters",
-        ));
-    }
-    state
-        .config
-        .webhook
-        .policy()
-        .check_url(url)
-        .map_err(ApiError::invalid)?;
-    for (name, value) in &webhook.headers {
-        if crate::address::refused_header(name) {
-            return Err(ApiError::invalid(format!(
-                "webhook header {name:?} may not be set by a task: it frames the request or is \
-                 Punctual's own (host, content-length, transfer-encoding, connection and other \
-                 hop-by-hop headers, punctual-*)"
-            )));
-        }
-        let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
-        if name.is_empty() || !name.chars().all(token) {
-            return Err(ApiError::invalid(format!(
-                "webhook header name {name:?} is not a valid HTTP token"
-            )));
-        }
-        if value.chars().any(|c| c.is_control() && c != '\t') {
-            return Err(ApiError::invalid(format!(
-                "webhook header {name:?} has control characters"
-            )));
-        }
-    }
-    if let Some(timeout_ms) = webhook.timeout_ms
-        && !(1..=300_000).contains(&timeout_ms)
-    {
-        return Err(ApiError::invalid(
-            "webhook.timeout_ms must be between 1 and 300000",
-        ));
-    }
-    Ok(())
-}
-
-/// Validates a schedule request and builds the task it asks for.
-pub fn build_task(
-    state: &Shared,
-    queue: &str,
-    request: ScheduleRequest,
-    now_ms: u64,
-) -> Result<Task, ApiError> {
-    let limits = &state.config.limits;
-    let id = match request.id {
-        Some(id) => {
-            limits
-                .check_id(&id)
-                .map_err(|m| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_id", m))?;
-            id
-        }
-        None => state.ids.next(),
-    };
-    let payload = payload_text(state, request.payload)?;
-    let run_at_ms = due_time(state, now_ms, request.delay_ms, request.run_at.as_deref())?;
-    let max_attempts = request
-        .max_attempts
-        .unwrap_or(state.config.default_max_attempts);
-    if max_attempts == 0 || max_attempts > limits.max_attempts {
-        return Err(ApiError::invalid(format!(
-            "max_attempts must be between 1 and {}",
-            limits.max_attempts
-        )));
-    }
-    let backoff = match (&request.backoff_ms, &request.backoff) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::invalid("give backoff_ms or backoff, not both"));
-        }
-        (Some(steps), None) => Backoff::Ladder {
-            steps_ms: steps.clone(),
-        },
-        (None, Some(spec)) => {
-            let Backoff::Exponential {
-                initial_ms,
-                factor,
-                max_ms,
-                jitter,
-            } = Backoff::default()
-            else {
-                unreachable!("the default backoff is exponential")
-            };
-            Backoff::Exponential {
-                initial_ms: spec.initial_ms.unwrap_or(initial_ms),
-                factor: spec.factor.unwrap_or(factor),
-                max_ms: spec
-                    .max_ms
-                    .unwrap_or(max_ms.max(spec.initial_ms.unwrap_or(0))),
-                jitter: spec.jitter.unwrap_or(jitter),
-            }
-        }
-        (None, None) => Backoff::default(),
-    };
-    backoff
-        .validate(limits.max_delay_ms)
-        .map_err(ApiError::invalid)?;
-    if let Some(webhook) = &request.webhook {
-        check_webhook(state, webhook)?;
-    }
-    if let Some(lease_ms) = request.lease_ms {
-        check_lease_ms(state, lease_ms, "lease_ms")?;
-    }
-    let fingerprint = fnv1a64(
-        &serde_json::to_vec(&Fingerprint {
-            payload: payload.as_deref(),
-            delay_ms: request.delay_ms,
-            run_at: request.run_at.as_deref(),
-            max_attempts: request.max_attempts,
-            backoff_ms: request.backoff_ms.as_deref(),
-            backoff: request.backoff.as_ref(),
-            webhook: request.webhook.as_ref(),
-            lease_ms: request.lease_ms,
-        })
-        .unwrap_or_default(),
-    );
-    Ok(Task {
-        payload,
-        webhook: request.webhook,
-        lease_ms: request.lease_ms,
-        created_at_ms: now_ms,
-        updated_at_ms: now_ms,
-        fingerprint,
-        ..Task::new(queue, id, run_at_ms, max_attempts, backoff)
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -752,69 +456,11 @@ fn counts_json(counts: &QueueCounts) -> serde_json::Value {
     serde_json::Value::Object(map)
 }
 
-fn wrong_state(queue: &str, id: &str, state: TaskState, action: &str) -> ApiError {
-    ApiError::conflict(
-        "wrong_state",
-        format!(
-            "cannot {action} task {id:?} in queue {queue:?}: it is {}",
-            state.as_str()
-        ),
-    )
-}
-
-/// Why a lease token did not settle task `id`, in words that are true for the case.
-fn lease_refused(queue: &str, id: &str, check: LeaseCheck) -> ApiError {
-    match check {
-        LeaseCheck::Mismatch => ApiError::conflict(
-            "lease_mismatch",
-            format!(
-                "the lease_token is not a lease of task {id:?} in queue {queue:?}; give the \
-                 lease_token from the reserve answer that handed this task out"
-            ),
-        ),
-        LeaseCheck::HandedOutAgain => ApiError::conflict(
-            "lease_lost",
-            format!(
-                "your lease of task {id:?} in queue {queue:?} expired and the task was handed out \
-                 again; its new holder settles it (lease longer, or extend the lease while working)"
-            ),
-        ),
-        LeaseCheck::Expired(state) => ApiError::conflict(
-            "lease_expired",
-            format!(
-                "your lease of task {id:?} in queue {queue:?} expired; the task is {} and will be \
-                 handed out again for its next attempt",
-                state.as_str()
-            ),
-        ),
-        LeaseCheck::Finished(state) => ApiError::conflict(
-            "task_finished",
-            format!(
-                "task {id:?} in queue {queue:?} is already finished: it is {}",
-                state.as_str()
-            ),
-        ),
-        LeaseCheck::Held => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "a held lease was refused",
-        ),
-    }
-}
-
-fn unexpected(outcome: &Outcome) -> ApiError {
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        format!("unexpected store outcome {outcome:?}"),
-    )
-}
-
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
 async fn healthz(State(state): State<AppState>) -> Response {
-    match state.read(|s| s.health()).await {
+    match state.health().await {
         Ok(()) => (
             StatusCode::OK,
             axum::Json(serde_json::json!({"status": "ok"})),
@@ -867,12 +513,7 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
 }
 
 async fn list_queues(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let queues: Vec<serde_json::Value> = state
-        .read(|s| s.queues())
-        .await?
-        .iter()
-        .map(counts_json)
-        .collect();
+    let queues: Vec<serde_json::Value> = state.queues().await?.iter().map(counts_json).collect();
     Ok(axum::Json(serde_json::json!({ "queues": queues })).into_response())
 }
 
@@ -881,21 +522,20 @@ async fn queue_stats(
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let queue = queue_path(&state, p)?;
-    let counts = state
-        .read(|s| s.queues())
-        .await?
-        .into_iter()
-        .find(|c| c.queue == queue)
-        .unwrap_or(QueueCounts {
-            queue,
-            counts: [0; 5],
-        });
-    Ok(axum::Json(counts_json(&counts)).into_response())
+    Ok(axum::Json(counts_json(&state.queue(queue).await?)).into_response())
 }
 
 /// What the body of a schedule request must be.
 const TASK_BODY: &str = "a JSON object with the task's fields, such as {\"id\": \"m1\", \"delay_ms\": 2000}; \
     to schedule many tasks in one request, POST {\"tasks\": [...]} to /v1/queues/{queue}/batch";
+
+fn created_status(created: bool) -> StatusCode {
+    if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
+}
 
 async fn schedule(
     State(state): State<AppState>,
@@ -905,27 +545,8 @@ async fn schedule(
     let queue = queue_path(&state, p)?;
     let bytes = read_single(&state, body).await?;
     let request: ScheduleRequest = crate::decode::decode_at(&bytes, "", TASK_BODY)?;
-    let task = build_task(&state, &queue, request, state.clock.now_ms())?;
-    let outcome = state
-        .writer
-        .submit_one(Command::Schedule(Box::new(task)))
-        .await?;
-    schedule_answer(outcome).map(|(status, task)| task_response(status, &task))
-}
-
-fn schedule_answer(outcome: Outcome) -> Result<(StatusCode, Task), ApiError> {
-    match outcome {
-        Outcome::Created(task) => Ok((StatusCode::CREATED, task)),
-        Outcome::Existing(task) => Ok((StatusCode::OK, task)),
-        Outcome::Conflict(task) => Err(ApiError::conflict(
-            "id_conflict",
-            format!(
-                "task {:?} already exists in queue {:?} with a different spec",
-                task.id, task.queue
-            ),
-        )),
-        other => Err(unexpected(&other)),
-    }
+    let (created, task) = state.schedule(&queue, request).await?;
+    Ok(task_response(created_status(created), &task))
 }
 
 #[derive(Deserialize)]
@@ -954,66 +575,31 @@ async fn batch(
     let bytes = read_batch(&state, body).await?;
     let request: BatchRequest =
         crate::decode::decode_at(&bytes, "", "a JSON object {\"tasks\": [...]}")?;
-    let max = state.config.limits.max_batch;
-    if request.tasks.len() > max {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "batch_too_large",
-            format!(
-                "a batch holds at most {max} tasks; this one has {}",
-                request.tasks.len()
-            ),
-        ));
-    }
-    let now_ms = state.clock.now_ms();
-    // Validate every item first; only the valid ones go to the store, in one commit.
-    let mut results: Vec<Result<usize, ApiError>> = Vec::with_capacity(request.tasks.len());
-    let mut commands = Vec::new();
-    for (i, raw) in request.tasks.iter().enumerate() {
-        let built = crate::decode::decode_at::<ScheduleRequest>(
-            raw.get().as_bytes(),
-            &format!("tasks[{i}]"),
-            "a task object",
-        )
-        .and_then(|r| build_task(&state, &queue, r, now_ms));
-        results.push(built.map(|task| {
-            commands.push(Command::Schedule(Box::new(task)));
-            commands.len() - 1
-        }));
-    }
-    let outcomes = if commands.is_empty() {
-        Vec::new()
-    } else {
-        state.writer.submit(commands).await?
-    };
-    let mut outcomes: Vec<Option<Outcome>> = outcomes.into_iter().map(Some).collect();
-    let answers: Vec<Result<(StatusCode, Task), ApiError>> = results
-        .into_iter()
-        .map(|result| {
-            result.and_then(|n| {
-                let outcome = outcomes.get_mut(n).and_then(Option::take).ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
-                        "missing outcome",
-                    )
-                })?;
-                schedule_answer(outcome)
-            })
+    let items = request
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            crate::decode::decode_at::<ScheduleRequest>(
+                raw.get().as_bytes(),
+                &format!("tasks[{i}]"),
+                "a task object",
+            )
         })
         .collect();
+    let answers = state.schedule_batch(&queue, items).await?;
     let minimal = prefers_minimal(&headers);
     let items: Vec<BatchItem<'_>> = answers
         .iter()
         .map(|answer| match answer {
-            Ok((status, task)) if minimal => BatchItem {
-                status: status.as_u16(),
+            Ok((created, task)) if minimal => BatchItem {
+                status: created_status(*created).as_u16(),
                 id: Some(&task.id),
                 task: None,
                 error: None,
             },
-            Ok((status, task)) => BatchItem {
-                status: status.as_u16(),
+            Ok((created, task)) => BatchItem {
+                status: created_status(*created).as_u16(),
                 id: None,
                 task: Some(view(task, false)),
                 error: None,
@@ -1074,25 +660,23 @@ struct TasksAnswer<'a> {
     tasks: Vec<TaskView<'a>>,
 }
 
+/// A by-id operation's answer: the task as it is now, or 204.
+fn settled_response(settled: Settled) -> Response {
+    match settled {
+        Settled::Updated(task) => task_response(StatusCode::OK, &task),
+        Settled::Done => StatusCode::NO_CONTENT.into_response(),
+    }
+}
+
 async fn get_task(
     State(state): State<AppState>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let (queue, id) = task_path(&state, p)?;
-    let (q, i) = (queue.clone(), id.clone());
-    match state.read(move |s| s.get(&q, &i)).await? {
-        Some(task) => Ok(task_response(StatusCode::OK, &task)),
-        None => Err(ApiError::not_found(&queue, &id)),
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PatchRequest {
-    delay_ms: Option<u64>,
-    run_at: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    payload: Option<Box<RawValue>>,
+    Ok(task_response(
+        StatusCode::OK,
+        &state.get(&queue, &id).await?,
+    ))
 }
 
 async fn reschedule(
@@ -1102,31 +686,10 @@ async fn reschedule(
 ) -> Result<Response, ApiError> {
     let (queue, id) = task_path(&state, p)?;
     let request: PatchRequest = read_json(&state, body).await?;
-    if request.delay_ms.is_none() && request.run_at.is_none() && request.payload.is_none() {
-        return Err(ApiError::invalid("give delay_ms or run_at, and/or payload"));
-    }
-    let now_ms = state.clock.now_ms();
-    let run_at_ms = if request.delay_ms.is_some() || request.run_at.is_some() {
-        Some(due_time(
-            &state,
-            now_ms,
-            request.delay_ms,
-            request.run_at.as_deref(),
-        )?)
-    } else {
-        None
-    };
-    let payload = match request.payload {
-        Some(value) => Some(payload_text(&state, Some(value))?),
-        None => None,
-    };
-    let command = Command::Reschedule {
-        queue: queue.clone(),
-        id: id.clone(),
-        run_at_ms,
-        payload,
-    };
-    by_id(&state, &queue, &id, "reschedule", command).await
+    state
+        .reschedule(&queue, &id, request)
+        .await
+        .map(settled_response)
 }
 
 async fn cancel(
@@ -1134,19 +697,7 @@ async fn cancel(
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let (queue, id) = task_path(&state, p)?;
-    let command = Command::Cancel {
-        queue: queue.clone(),
-        id: id.clone(),
-    };
-    by_id(&state, &queue, &id, "cancel", command).await
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReserveRequest {
-    max: Option<usize>,
-    wait_ms: Option<u64>,
-    lease_ms: Option<u64>,
+    state.cancel(&queue, &id).await.map(settled_response)
 }
 
 async fn reserve(
@@ -1157,55 +708,9 @@ async fn reserve(
     let queue = queue_path(&state, p)?;
     let bytes = read_single(&state, body).await?;
     let request: ReserveRequest = decode_or_default(&bytes)?;
-    let limits = &state.config.limits;
-    let max = request.max.unwrap_or(1);
-    if max == 0 || max > limits.max_reserve {
-        return Err(ApiError::invalid(format!(
-            "max must be between 1 and {}",
-            limits.max_reserve
-        )));
-    }
-    let wait_ms = request.wait_ms.unwrap_or(0);
-    if wait_ms > limits.max_wait_ms {
-        return Err(ApiError::invalid(format!(
-            "wait_ms must be at most {}",
-            limits.max_wait_ms
-        )));
-    }
-    if let Some(lease_ms) = request.lease_ms {
-        check_lease_ms(&state, lease_ms, "lease_ms")?;
-    }
-    // The writer leases what is ready at once; with `wait_ms`, it keeps the request until tasks of
-    // the queue become ready or the deadline passes.
-    let wait_ms = if *state.shutdown.borrow() { 0 } else { wait_ms };
-    let deadline_ms = state.clock.now_ms() + wait_ms;
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    state.writer.park(Park {
-        queue,
-        max,
-        lease_ms: request.lease_ms,
-        default_lease_ms: state.config.default_lease_ms,
-        token_prefix: format!("{}.", state.ids.next()),
-        deadline_ms,
-        reply,
-    })?;
-    let mut shutdown = state.shutdown.clone();
-    // The writer stops serving the park at its deadline; waiting a little longer here means a lease
-    // made just before the deadline still reaches this client.
-    let give_up = state.clock.instant_at(deadline_ms + PARK_GRACE_MS);
-    tokio::select! {
-        answer = answer => match answer {
-            Ok(Ok(tasks)) => Ok(reserve_answer(&tasks)),
-            Ok(Err(error)) => Err(error.into()),
-            Err(_) => Ok(reserve_answer(&[])),
-        },
-        _ = tokio::time::sleep_until(give_up) => Ok(reserve_answer(&[])),
-        _ = shutdown.changed() => Ok(reserve_answer(&[])),
-    }
+    let tasks = state.service.reserve(&queue, request).await?;
+    Ok(reserve_answer(&tasks))
 }
-
-/// How long after a long-poll's deadline the handler still waits for the writer's answer.
-const PARK_GRACE_MS: u64 = 250;
 
 fn reserve_answer(tasks: &[Task]) -> Response {
     let views: Vec<TaskView<'_>> = tasks.iter().map(|t| view(t, true)).collect();
@@ -1225,20 +730,10 @@ async fn ack(
 ) -> Result<Response, ApiError> {
     let (queue, id) = task_path(&state, p)?;
     let request: AckRequest = read_json(&state, body).await?;
-    let command = Command::Ack {
-        queue: queue.clone(),
-        id: id.clone(),
-        token: request.lease_token,
-        retention_ms: state.config.retention_ms,
-    };
-    by_id(&state, &queue, &id, "ack", command).await
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AckItem {
-    id: String,
-    lease_token: String,
+    state
+        .ack(&queue, &id, request.lease_token)
+        .await
+        .map(settled_response)
 }
 
 #[derive(Deserialize)]
@@ -1263,34 +758,7 @@ async fn ack_many(
 ) -> Result<Response, ApiError> {
     let queue = queue_path(&state, p)?;
     let request: AckManyRequest = decode(&read_batch(&state, body).await?)?;
-    let max = state.config.limits.max_batch;
-    if request.tasks.is_empty() || request.tasks.len() > max {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "batch_too_large",
-            format!(
-                "give 1 to {max} acks; this request has {}",
-                request.tasks.len()
-            ),
-        ));
-    }
-    let commands: Vec<Command> = request
-        .tasks
-        .iter()
-        .map(|item| Command::Ack {
-            queue: queue.clone(),
-            id: item.id.clone(),
-            token: item.lease_token.clone(),
-            retention_ms: state.config.retention_ms,
-        })
-        .collect();
-    let outcomes = state.writer.submit(commands).await?;
-    let errors: Vec<Option<ApiError>> = request
-        .tasks
-        .iter()
-        .zip(outcomes)
-        .map(|(item, outcome)| answer(&queue, &item.id, "ack", outcome).err())
-        .collect();
+    let errors = state.ack_many(&queue, &request.tasks).await?;
     let results: Vec<AckResult<'_>> = request
         .tasks
         .iter()
@@ -1304,14 +772,6 @@ async fn ack_many(
     Ok(axum::Json(Results { results }).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NackRequest {
-    lease_token: String,
-    error: Option<String>,
-    delay_ms: Option<u64>,
-}
-
 async fn nack(
     State(state): State<AppState>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -1319,20 +779,7 @@ async fn nack(
 ) -> Result<Response, ApiError> {
     let (queue, id) = task_path(&state, p)?;
     let request: NackRequest = read_json(&state, body).await?;
-    if let Some(delay) = request.delay_ms
-        && delay > state.config.limits.max_delay_ms
-    {
-        return Err(ApiError::invalid("delay_ms exceeds the maximum delay"));
-    }
-    let command = Command::Nack {
-        queue: queue.clone(),
-        id: id.clone(),
-        token: request.lease_token,
-        error: request.error,
-        delay_ms: request.delay_ms,
-        min_delay_ms: None,
-    };
-    by_id(&state, &queue, &id, "settle", command).await
+    state.nack(&queue, &id, request).await.map(settled_response)
 }
 
 #[derive(Deserialize)]
@@ -1349,37 +796,10 @@ async fn extend(
 ) -> Result<Response, ApiError> {
     let (queue, id) = task_path(&state, p)?;
     let request: ExtendRequest = read_json(&state, body).await?;
-    check_lease_ms(&state, request.lease_ms, "lease_ms")?;
-    let command = Command::Extend {
-        queue: queue.clone(),
-        id: id.clone(),
-        token: request.lease_token,
-        lease_ms: request.lease_ms,
-    };
-    by_id(&state, &queue, &id, "settle", command).await
-}
-
-/// Commits one command on task `id` and answers with its outcome.
-async fn by_id(
-    state: &Shared,
-    queue: &str,
-    id: &str,
-    action: &str,
-    command: Command,
-) -> Result<Response, ApiError> {
-    answer(queue, id, action, state.writer.submit_one(command).await?)
-}
-
-/// The one mapping from a by-id command's outcome to an answer; `action` names it in 409 messages.
-fn answer(queue: &str, id: &str, action: &str, outcome: Outcome) -> Result<Response, ApiError> {
-    match outcome {
-        Outcome::Updated(task) => Ok(task_response(StatusCode::OK, &task)),
-        Outcome::Cancelled(_) | Outcome::Acked(_) => Ok(StatusCode::NO_CONTENT.into_response()),
-        Outcome::NotFound => Err(ApiError::not_found(queue, id)),
-        Outcome::WrongState(s) => Err(wrong_state(queue, id, s, action)),
-        Outcome::LeaseLost(check) => Err(lease_refused(queue, id, check)),
-        other => Err(unexpected(&other)),
-    }
+    state
+        .extend(&queue, &id, request.lease_token, request.lease_ms)
+        .await
+        .map(settled_response)
 }
 
 async fn retry(
@@ -1387,22 +807,15 @@ async fn retry(
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let (queue, id) = task_path(&state, p)?;
-    let command = Command::Retry {
-        queue: queue.clone(),
-        id: id.clone(),
-    };
-    by_id(&state, &queue, &id, "retry", command).await
+    state.retry(&queue, &id).await.map(settled_response)
 }
-
-/// Default and largest page of a listing.
-pub const LIST_DEFAULT_LIMIT: usize = 100;
-pub const LIST_MAX_LIMIT: usize = 1000;
 
 async fn list_tasks(
     State(state): State<AppState>,
     p: Result<Path<String>, PathRejection>,
     q: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    use crate::service::LIST_MAX_LIMIT;
     let queue = queue_path(&state, p)?;
     let Query(params) = q.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     if let Some(unknown) = params
@@ -1422,24 +835,48 @@ async fn list_tasks(
         None => None,
     };
     let limit = match params.get("limit") {
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=LIST_MAX_LIMIT).contains(l))
-            .ok_or_else(|| {
-                ApiError::invalid(format!("limit must be between 1 and {LIST_MAX_LIMIT}"))
-            })?,
-        None => LIST_DEFAULT_LIMIT,
+        Some(l) => Some(l.parse::<usize>().map_err(|_| {
+            ApiError::invalid(format!("limit must be between 1 and {LIST_MAX_LIMIT}"))
+        })?),
+        None => None,
     };
-    let (q, cursor) = (queue.clone(), params.get("cursor").cloned());
     let page = state
-        .read(move |s| s.list(&q, filter, cursor.as_deref(), limit))
+        .list(&queue, filter, params.get("cursor").cloned(), limit)
         .await?;
     let tasks: Vec<TaskView<'_>> = page.tasks.iter().map(|t| view(t, false)).collect();
     Ok(
         axum::Json(serde_json::json!({ "tasks": tasks, "next_cursor": page.next_cursor }))
             .into_response(),
     )
+}
+
+/// The one mapping of an error to an HTTP answer.
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.is_overload() {
+            // An overload answer the client is told to retry, not a fault of the server.
+            tracing::warn!(code = self.code, message = %self.message, "request refused");
+        } else if self.status.is_server_error() {
+            tracing::error!(code = self.code, message = %self.message, "request failed");
+        } else {
+            tracing::debug!(code = self.code, message = %self.message, "request refused");
+        }
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        let headers = response.headers_mut();
+        if self.close {
+            headers.insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        if self.is_overload() {
+            headers.insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
+    }
 }
 
 #[cfg(test)]

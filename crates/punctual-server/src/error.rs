@@ -1,7 +1,7 @@
-//! The API's error type and its one mapping to HTTP.
+//! The service's error type: a code and a message every front end shows, with the HTTP status
+//! that classifies it (HTTP answers with it; the Redis protocol maps it to an error prefix).
 
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use punctual_store::StoreError;
 
 /// An error answer: `{"error": {"code", "message"}}` with `status`.
@@ -30,7 +30,7 @@ impl ApiError {
     }
     /// A refusal for want of room (memory for bodies, disk), not a fault: logged as a warning and
     /// answered with `Retry-After: 1`.
-    fn is_overload(&self) -> bool {
+    pub fn is_overload(&self) -> bool {
         matches!(self.code, "server_busy" | "insufficient_storage")
     }
     /// A passing overload: `503 server_busy` with `Retry-After: 1`.
@@ -103,33 +103,5 @@ impl From<StoreError> for ApiError {
                 error.to_string(),
             ),
         }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        if self.is_overload() {
-            // An overload answer the client is told to retry, not a fault of the server.
-            tracing::warn!(code = self.code, message = %self.message, "request refused");
-        } else if self.status.is_server_error() {
-            tracing::error!(code = self.code, message = %self.message, "request failed");
-        } else {
-            tracing::debug!(code = self.code, message = %self.message, "request refused");
-        }
-        let mut response = (self.status, axum::Json(self.body())).into_response();
-        let headers = response.headers_mut();
-        if self.close {
-            headers.insert(
-                axum::http::header::CONNECTION,
-                axum::http::HeaderValue::from_static("close"),
-            );
-        }
-        if self.is_overload() {
-            headers.insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
-            );
-        }
-        response
     }
 }

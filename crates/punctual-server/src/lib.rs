@@ -11,6 +11,7 @@ pub mod ids;
 pub mod listen;
 pub mod metrics;
 pub mod resp;
+pub mod service;
 pub mod targets;
 pub mod timer;
 pub mod webhook;
@@ -26,8 +27,8 @@ pub use api::router;
 pub use clock::Clock;
 pub use config::ServerConfig;
 
-use crate::api::Shared;
-use crate::ids::IdGen;
+use crate::api::Http;
+use crate::service::Service;
 use crate::timer::Timer;
 use crate::writer::{Effects, Writer};
 
@@ -99,13 +100,9 @@ impl App {
         let body_budget = Arc::new(tokio::sync::Semaphore::new(
             body_budget_kib(&config) as usize
         ));
-        let state = Arc::new(Shared {
-            store,
-            writer,
-            config,
-            clock,
-            shutdown: shutdown_rx,
-            ids: IdGen::default(),
+        let service = Arc::new(Service::new(store, writer, config, clock, shutdown_rx));
+        let state = Arc::new(Http {
+            service,
             body_budget,
             reported_queues: Default::default(),
         });

@@ -543,6 +543,21 @@ fn after_commit<'a>(
                     count(m::DELIVERED, &first.queue, tasks.len() as u64);
                 }
             }
+            Outcome::Put {
+                written: Some(task),
+                previous,
+            } => {
+                note(task, &mut due_times);
+                if task.state == TaskState::Ready {
+                    wake_queues.push(punctual_store::ready_target(task));
+                }
+                if previous
+                    .as_ref()
+                    .is_none_or(|p| p.state != TaskState::Scheduled)
+                {
+                    count(m::SCHEDULED, &task.queue, 1);
+                }
+            }
             Outcome::Cancelled(task) => count(m::CANCELLED, &task.queue, 1),
             Outcome::Ticked(report) => {
                 due_times.extend(&report.due_times);

@@ -556,7 +556,7 @@ fn put(store: &dyn Store, now_ms: u64, task: Task, when: PutWhen, keep_due: bool
 
 fn written(outcome: Outcome) -> (Option<Task>, Option<Task>) {
     match outcome {
-        Outcome::Put { previous, written } => (previous, written),
+        Outcome::Put { previous, written } => (previous.map(|t| *t), written.map(|t| *t)),
         other => panic!("put answered {other:?}"),
     }
 }

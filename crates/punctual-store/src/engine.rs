@@ -280,7 +280,7 @@ pub fn apply_one<T: Txn + ?Sized>(
             };
             if !go {
                 return Ok(Outcome::Put {
-                    previous: old,
+                    previous: old.map(Box::new),
                     written: None,
                 });
             }
@@ -291,8 +291,8 @@ pub fn apply_one<T: Txn + ?Sized>(
             new.start(now_ms);
             replace(txn, old.as_ref(), &new)?;
             Ok(Outcome::Put {
-                previous: old,
-                written: Some(new),
+                previous: old.map(Box::new),
+                written: Some(Box::new(new)),
             })
         }
         Command::Delete { queue, id } => {

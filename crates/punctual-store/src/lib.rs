@@ -263,8 +263,8 @@ pub enum Outcome {
     /// What a [`Command::Put`] found (`previous`, in whatever state) and wrote (`None`: its `when`
     /// was not met, nothing changed).
     Put {
-        previous: Option<Task>,
-        written: Option<Task>,
+        previous: Option<Box<Task>>,
+        written: Option<Box<Task>>,
     },
     /// [`Command::Incr`] on a payload that is not an integer, or a sum out of range.
     NotInteger,
