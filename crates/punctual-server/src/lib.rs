@@ -35,6 +35,8 @@ use crate::writer::{Effects, Writer};
 /// A running server core: writer thread and timer driver, ready to serve its router.
 pub struct App {
     state: api::AppState,
+    /// The Redis front end's hubs, when it was started.
+    resp_tasks: Vec<tokio::task::JoinHandle<()>>,
     poisoned: watch::Receiver<bool>,
     shutdown: watch::Sender<bool>,
     timer: Arc<Timer>,
@@ -108,6 +110,7 @@ impl App {
         });
         App {
             state,
+            resp_tasks: Vec::new(),
             poisoned: poisoned_rx,
             shutdown,
             timer,
@@ -130,11 +133,30 @@ impl App {
         router(self.state.clone())
     }
 
+    /// The service both front ends call.
+    pub fn service(&self) -> Arc<Service> {
+        self.state.service.clone()
+    }
+
+    /// Starts the Redis front end on `listener`: its hubs, and the accept loop.
+    pub fn start_resp(&mut self, listener: tokio::net::TcpListener, resp: RespOptions) {
+        let events = resp::Events::new(self.service(), resp.events);
+        self.resp_tasks = events.start(self.shutdown.subscribe());
+        self.resp_tasks.push(tokio::spawn(resp::serve(
+            listener,
+            self.service(),
+            events,
+            resp.limits,
+            self.shutdown.subscribe(),
+        )));
+    }
+
     /// Ends long-polls and the timer driver, then waits for the writer to finish what it holds.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let App {
             state,
+            resp_tasks,
             writer_thread,
             driver,
             resync,
@@ -144,6 +166,9 @@ impl App {
         } = self;
         // Deliveries in flight get their grace period while the writer still records their outcome.
         let _ = webhooks.await;
+        for task in resp_tasks {
+            let _ = task.await;
+        }
         timer.stop();
         state.writer.stop();
         drop(state);
@@ -163,15 +188,26 @@ pub(crate) fn body_budget_kib(config: &ServerConfig) -> u32 {
     (config.max_body_memory_bytes / 1024).clamp(1, u32::MAX as usize) as u32
 }
 
-/// Serves the API on `listener` until `signal` completes, then shuts down cleanly.
+/// The Redis front end's listener and settings, for [`serve`].
+pub struct RespOptions {
+    pub events: resp::EventOptions,
+    pub limits: resp::RespLimits,
+}
+
+/// Serves the API on `listener` (and the Redis protocol on `resp`'s listener, if given) until
+/// `signal` completes, then shuts down cleanly.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    resp: Option<(tokio::net::TcpListener, RespOptions)>,
     store: Arc<dyn Store>,
     config: ServerConfig,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let conn = config.conn.clone();
-    let app = App::start(store, config);
+    let mut app = App::start(store, config);
+    if let Some((resp_listener, options)) = resp {
+        app.start_resp(resp_listener, options);
+    }
     let router = app.router();
     let shutdown = app.shutdown.clone();
     let poisoned = app.poisoned();

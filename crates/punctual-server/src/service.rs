@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use punctual_core::time::parse_rfc3339_ms;
 use punctual_core::{Backoff, LeaseCheck, Task, TaskState, Webhook, fnv1a64};
-use punctual_store::{Command, Outcome, Page, QueueCounts, Store, StoreError};
+use punctual_store::{Command, Outcome, Page, PutWhen, QueueCounts, Store, StoreError};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::watch;
@@ -813,5 +813,273 @@ pub fn schedule_answer(outcome: Outcome) -> Result<(bool, Task), ApiError> {
             ),
         )),
         other => Err(unexpected(&other)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys: the Redis front end's model. A key is a task of its database's queue whose id is the key
+// and whose payload is the value as a JSON string; a live key is a `scheduled` task, due at its
+// expiry (or at `NEVER_MS` without a TTL). Once it fires it reads as gone.
+
+/// One key write; a batch of them is one commit ([`Service::keys`]).
+#[derive(Debug, Clone)]
+pub enum KeyOp {
+    /// `SET` and its family: `payload` is the value's JSON text ([`Service::key_payload`]).
+    Put {
+        key: String,
+        payload: String,
+        run_at_ms: u64,
+        when: PutWhen,
+        keep_due: bool,
+    },
+    /// `DEL`: only a live key.
+    Delete { key: String },
+    /// `EXPIRE`, `PERSIST`: only a live key.
+    SetDue { key: String, run_at_ms: u64 },
+    /// `INCRBY`.
+    Incr { key: String, by: i64 },
+}
+
+/// What a [`KeyOp`] did.
+#[derive(Debug)]
+pub enum KeyAnswer {
+    /// The live key that was there before (for `SET … GET`), and whether the value was written.
+    Put {
+        previous: Option<Box<Task>>,
+        written: bool,
+    },
+    /// Whether a live key was deleted (`DEL`) or had its due time moved (`EXPIRE`).
+    Done(bool),
+    /// The value after `INCRBY`.
+    Integer(i64),
+    Refused(ApiError),
+}
+
+/// How many times a write waits for a key that is firing at that moment (`ready` or `leased` for
+/// the instant its expiry event is handed out), and for how long each time.
+const FIRING_RETRIES: u32 = 100;
+const FIRING_WAIT_MS: u64 = 2;
+
+/// A key's value, from the JSON string the front end stored (or any other JSON, as its text).
+pub fn key_value(task: &Task) -> Vec<u8> {
+    let payload = task.payload.as_deref().unwrap_or("");
+    match serde_json::from_str::<String>(payload) {
+        Ok(text) => text.into_bytes(),
+        Err(_) => payload.as_bytes().to_vec(),
+    }
+}
+
+impl Service {
+    /// A key as a task id: UTF-8 without control characters, at most `max_id_bytes`.
+    pub fn key_id(&self, key: &[u8]) -> Result<String, ApiError> {
+        let text = std::str::from_utf8(key).map_err(|_| {
+            ApiError::invalid("a key must be UTF-8 text (Punctual keeps keys as task ids)")
+        })?;
+        self.config
+            .limits
+            .check_id(text)
+            .map_err(|m| ApiError::invalid(m.replace("task id", "key")))?;
+        Ok(text.to_owned())
+    }
+
+    /// A value as a payload: a JSON string of the value, which must be UTF-8, within
+    /// `max_payload_bytes` once quoted.
+    pub fn key_payload(&self, value: &[u8]) -> Result<String, ApiError> {
+        let text = std::str::from_utf8(value).map_err(|_| {
+            ApiError::invalid("a value must be UTF-8 text (Punctual keeps values as JSON strings)")
+        })?;
+        let json = serde_json::to_string(text).unwrap_or_default();
+        let max = self.config.limits.max_payload_bytes;
+        if json.len() > max {
+            return Err(ApiError::too_large(format!(
+                "the value is {} bytes as a JSON string; the limit is {max} ({}), set by \
+                 --max-payload-bytes",
+                json.len(),
+                human_bytes(max)
+            )));
+        }
+        Ok(json)
+    }
+
+    /// The live key `key` of `queue` (a `scheduled` task), or `None` when it does not exist or
+    /// has fired.
+    pub async fn live_key(&self, queue: &str, key: &str) -> Result<Option<Task>, ApiError> {
+        let (q, k) = (queue.to_owned(), key.to_owned());
+        let task = self.read(move |s| s.get(&q, &k)).await?;
+        Ok(task.filter(|t| t.state == TaskState::Scheduled))
+    }
+
+    fn key_task(&self, queue: &str, key: &str, payload: Option<String>, run_at_ms: u64) -> Task {
+        Task {
+            payload,
+            ..Task::new(queue, key, run_at_ms, 1, Backoff::default())
+        }
+    }
+
+    fn key_command(&self, queue: &str, op: &KeyOp) -> Command {
+        match op {
+            KeyOp::Put {
+                key,
+                payload,
+                run_at_ms,
+                when,
+                keep_due,
+            } => Command::Put {
+                task: Box::new(self.key_task(queue, key, Some(payload.clone()), *run_at_ms)),
+                when: *when,
+                keep_due: *keep_due,
+            },
+            KeyOp::Delete { key } => Command::Delete {
+                queue: queue.to_owned(),
+                id: key.clone(),
+            },
+            KeyOp::SetDue { key, run_at_ms } => Command::SetDue {
+                queue: queue.to_owned(),
+                id: key.clone(),
+                run_at_ms: *run_at_ms,
+            },
+            KeyOp::Incr { key, by } => Command::Incr {
+                template: Box::new(self.key_task(queue, key, None, punctual_core::NEVER_MS)),
+                by: *by,
+            },
+        }
+    }
+
+    /// Applies key writes in order in one commit and answers each. A write that finds its key
+    /// firing at that instant is tried again a moment later, in order with the others.
+    pub async fn keys(&self, queue: &str, ops: &[KeyOp]) -> Result<Vec<KeyAnswer>, ApiError> {
+        check_queue(self, queue)?;
+        let mut answers: Vec<Option<KeyAnswer>> = ops.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..ops.len()).collect();
+        for round in 0..=FIRING_RETRIES {
+            if pending.is_empty() {
+                break;
+            }
+            if round > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(FIRING_WAIT_MS)).await;
+            }
+            let commands = pending
+                .iter()
+                .map(|&i| self.key_command(queue, &ops[i]))
+                .collect();
+            let outcomes = self.writer.submit(commands).await?;
+            let mut again = Vec::new();
+            for (&i, outcome) in pending.iter().zip(outcomes) {
+                let answer = match outcome {
+                    Outcome::WrongState(TaskState::Ready | TaskState::Leased)
+                        if !matches!(ops[i], KeyOp::Delete { .. } | KeyOp::SetDue { .. }) =>
+                    {
+                        again.push(i);
+                        continue;
+                    }
+                    Outcome::Put { previous, written } => KeyAnswer::Put {
+                        previous: previous.filter(|p| p.state == TaskState::Scheduled),
+                        written: written.is_some(),
+                    },
+                    Outcome::Cancelled(_) => KeyAnswer::Done(true),
+                    Outcome::Updated(task) | Outcome::Created(task)
+                        if matches!(ops[i], KeyOp::Incr { .. }) =>
+                    {
+                        let value = key_value(&task);
+                        match std::str::from_utf8(&value)
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                        {
+                            Some(n) => KeyAnswer::Integer(n),
+                            None => KeyAnswer::Refused(unexpected(&Outcome::Updated(task))),
+                        }
+                    }
+                    Outcome::Updated(_) => KeyAnswer::Done(true),
+                    Outcome::NotFound | Outcome::WrongState(_) => KeyAnswer::Done(false),
+                    Outcome::NotInteger => KeyAnswer::Refused(ApiError::invalid(
+                        "value is not an integer or out of range",
+                    )),
+                    other => KeyAnswer::Refused(unexpected(&other)),
+                };
+                answers[i] = Some(answer);
+            }
+            pending = again;
+        }
+        for i in pending {
+            answers[i] = Some(KeyAnswer::Refused(ApiError::conflict(
+                "key_firing",
+                "the key is firing at this moment and its expiry event is being handed out; retry",
+            )));
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.expect("every op answered"))
+            .collect())
+    }
+
+    /// Hands fired keys' expiry events on: acks each lease of `queue`, and in the same commit
+    /// keeps an event for each key in `waiting` as a ready task of `backlog` (payload: the key as a
+    /// JSON string), to be delivered when a subscriber comes. Events past the backlog's room
+    /// (`max_waiting`, counted by the caller) are the caller's to count as dropped.
+    pub async fn keys_fired(
+        &self,
+        queue: &str,
+        leases: &[(String, String)],
+        backlog: &str,
+        waiting: &[String],
+    ) -> Result<(), ApiError> {
+        let now_ms = self.clock.now_ms();
+        let mut commands: Vec<Command> = waiting
+            .iter()
+            .map(|key| {
+                Command::Schedule(Box::new(Task {
+                    payload: Some(serde_json::to_string(key).unwrap_or_default()),
+                    created_at_ms: now_ms,
+                    updated_at_ms: now_ms,
+                    ..Task::new(
+                        backlog,
+                        self.ids.next(),
+                        now_ms,
+                        self.config.limits.max_attempts,
+                        Backoff::default(),
+                    )
+                }))
+            })
+            .collect();
+        commands.extend(leases.iter().map(|(id, token)| Command::Ack {
+            queue: queue.to_owned(),
+            id: id.clone(),
+            token: token.clone(),
+            retention_ms: self.config.retention_ms,
+        }));
+        if commands.is_empty() {
+            return Ok(());
+        }
+        self.writer.submit(commands).await.map(|_| ())
+    }
+
+    /// Settles leases of waiting events: `delivered` are acked (and purged at once), `back` are
+    /// given back without counting an attempt, due again after `delay_ms`.
+    pub async fn events_settled(
+        &self,
+        backlog: &str,
+        delivered: &[(String, String)],
+        back: &[(String, String)],
+        delay_ms: u64,
+    ) -> Result<(), ApiError> {
+        let mut commands: Vec<Command> = delivered
+            .iter()
+            .map(|(id, token)| Command::Ack {
+                queue: backlog.to_owned(),
+                id: id.clone(),
+                token: token.clone(),
+                retention_ms: 0,
+            })
+            .collect();
+        commands.extend(back.iter().map(|(id, token)| Command::Release {
+            queue: backlog.to_owned(),
+            id: id.clone(),
+            token: token.clone(),
+            delay_ms,
+        }));
+        if commands.is_empty() {
+            return Ok(());
+        }
+        self.writer.submit(commands).await.map(|_| ())
     }
 }

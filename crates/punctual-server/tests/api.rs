@@ -942,6 +942,7 @@ async fn a_poisoned_store_stops_the_server_with_an_error() {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let serving = tokio::spawn(punctual_server::serve(
         listener,
+        None,
         Arc::new(store),
         ServerConfig::default(),
         std::future::pending(),

@@ -158,6 +158,28 @@ pub struct ServeOpts {
     /// PEM private key of --redis-tls-cert [default: none].
     #[arg(long, env = "PUNCTUAL_REDIS_TLS_KEY", requires = "redis_tls_cert")]
     pub redis_tls_key: Option<PathBuf>,
+    /// Also speak the Redis protocol on this address (keyspace-notification code works unchanged;
+    /// docs/redis-protocol.md); 127.0.0.1:6380 is the documented choice [default: off].
+    #[arg(long, env = "PUNCTUAL_RESP")]
+    pub resp: Option<SocketAddr>,
+    /// Redis protocol: give every expiry event to every subscriber, as Redis does, instead of to
+    /// one subscriber per group [default: false].
+    #[arg(long, env = "PUNCTUAL_RESP_BROADCAST", num_args = 0..=1, default_missing_value = "true")]
+    pub resp_broadcast: Option<bool>,
+    /// Redis protocol: number of databases (SELECT 0..N-1); database N is queue db<N> [default: 16].
+    #[arg(long, env = "PUNCTUAL_RESP_DATABASES")]
+    pub resp_databases: Option<u32>,
+    /// Redis protocol: notify-keyspace-events at start (CONFIG SET changes it until restart)
+    /// [default: xE, expired events on the keyevent channel].
+    #[arg(long, env = "PUNCTUAL_RESP_NOTIFY")]
+    pub resp_notify: Option<String>,
+    /// Redis protocol: most expiry events kept per database while no subscriber takes them; past
+    /// it new ones are dropped and counted [default: 1000000].
+    #[arg(long, env = "PUNCTUAL_RESP_MAX_WAITING")]
+    pub resp_max_waiting: Option<u64>,
+    /// Redis protocol: most connections at once [default: 10000].
+    #[arg(long, env = "PUNCTUAL_RESP_MAX_CONNECTIONS")]
+    pub resp_max_connections: Option<usize>,
     /// Print the resolved settings as JSON and exit (tokens are not shown).
     #[arg(long)]
     #[serde(skip)]
@@ -198,6 +220,12 @@ pub struct Settings {
     pub checkpoint_mb: u64,
     /// `redb` (embedded), `redis` or `redis-cluster`.
     pub store: &'static str,
+    pub resp: Option<SocketAddr>,
+    pub resp_broadcast: bool,
+    pub resp_databases: u32,
+    pub resp_notify: String,
+    pub resp_max_waiting: u64,
+    pub resp_max_connections: usize,
     #[serde(skip)]
     pub redis_urls: Vec<String>,
     /// The Redis URLs with any password hidden.
@@ -388,6 +416,21 @@ impl ServeOpts {
                 .min_free_disk_mb
                 .or(file.min_free_disk_mb)
                 .unwrap_or(64),
+            resp: self.resp.or(file.resp),
+            resp_broadcast: self.resp_broadcast.or(file.resp_broadcast).unwrap_or(false),
+            resp_databases: self.resp_databases.or(file.resp_databases).unwrap_or(16),
+            resp_notify: self
+                .resp_notify
+                .or(file.resp_notify)
+                .unwrap_or_else(|| "xE".into()),
+            resp_max_waiting: self
+                .resp_max_waiting
+                .or(file.resp_max_waiting)
+                .unwrap_or(1_000_000),
+            resp_max_connections: self
+                .resp_max_connections
+                .or(file.resp_max_connections)
+                .unwrap_or(10_000),
             checkpoint_mb: self
                 .checkpoint_mb
                 .or(file.checkpoint_mb)
@@ -426,6 +469,18 @@ impl Settings {
         }
         if !(1..=1_000_000).contains(&self.max_connections) {
             bail!("max_connections must be between 1 and 1000000");
+        }
+        if !(1..=1_000_000).contains(&self.resp_max_connections) {
+            bail!("resp_max_connections must be between 1 and 1000000");
+        }
+        if !(1..=1024).contains(&self.resp_databases) {
+            bail!("resp_databases must be between 1 and 1024");
+        }
+        if punctual_server::resp::events::Flags::parse(self.resp_notify.as_bytes()).is_none() {
+            bail!(
+                "resp_notify {:?} has a character that is not an event class; use 'Ag$lshzxeKEtmdn'",
+                self.resp_notify
+            );
         }
         for (name, ms) in [
             ("header_read_timeout_ms", self.header_read_timeout_ms),

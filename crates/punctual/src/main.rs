@@ -251,7 +251,33 @@ async fn serve(opts: ServeOpts) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", settings.http))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
-    punctual_server::serve(listener, store, config, shutdown_signal()).await?;
+    let resp = match settings.resp {
+        Some(addr) => {
+            let resp_listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the Redis protocol"))?;
+            tracing::info!(addr = %resp_listener.local_addr()?, "listening for the Redis protocol");
+            let events = punctual_server::resp::EventOptions {
+                databases: settings.resp_databases,
+                broadcast: settings.resp_broadcast,
+                max_waiting: settings.resp_max_waiting,
+                retention_ms: settings.retention_ms,
+                notify: settings.resp_notify.clone(),
+                ..Default::default()
+            };
+            let limits = punctual_server::resp::RespLimits {
+                max_connections: settings.resp_max_connections,
+                max_request_bytes: settings.max_payload_bytes * 2 + (64 << 10),
+                ..Default::default()
+            };
+            Some((
+                resp_listener,
+                punctual_server::RespOptions { events, limits },
+            ))
+        }
+        None => None,
+    };
+    punctual_server::serve(listener, resp, store, config, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

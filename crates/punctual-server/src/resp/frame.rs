@@ -228,6 +228,8 @@ pub enum Reply {
     Push(Vec<Reply>),
     /// A bulk string in RESP2, `=` with a format in RESP3 (`INFO`).
     Verbatim(&'static str, String),
+    /// Several frames answering one request, one after another (`SUBSCRIBE a b` confirms each).
+    Many(Vec<Reply>),
 }
 
 impl Reply {
@@ -294,6 +296,11 @@ impl Reply {
                 out.extend_from_slice(b"\r\n");
             }
             Reply::Verbatim(_, text) => Reply::Bulk(text.clone().into_bytes()).encode(resp3, out),
+            Reply::Many(replies) => {
+                for reply in replies {
+                    reply.encode(resp3, out);
+                }
+            }
         }
     }
 }
