@@ -152,7 +152,7 @@ fn config(conn: &mut Conn, args: &[Vec<u8>]) -> Step {
             Step::Reply(Reply::Map(pairs))
         }
         b"set" => {
-            if args.len() < 4 || args.len() % 2 != 0 {
+            if args.len() < 4 || !args.len().is_multiple_of(2) {
                 return Step::Reply(wrong_args("config|set"));
             }
             let mut flags = None;
