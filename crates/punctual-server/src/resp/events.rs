@@ -468,7 +468,9 @@ impl Events {
     async fn drainer(self: Arc<Self>, db: u32, mut shutdown: watch::Receiver<bool>) {
         let backlog = self.backlog(db);
         while !*shutdown.borrow() {
-            if !self.listened(db) || self.waiting[db as usize].load(Ordering::Relaxed) <= 0 {
+            // While someone listens, long-poll the backlog: on a shared store another node may
+            // have kept events there that this node's subscribers can take.
+            if !self.listened(db) {
                 tokio::select! {
                     () = self.subscribed.notified() => {}
                     _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
