@@ -790,3 +790,241 @@ async fn tokens_guard_the_protocol_and_the_user_names_the_group() {
     assert_eq!(c.get::<_, String>("k").await.unwrap(), "v");
     server.stop().await;
 }
+
+/// A task map (RESP2 flat array) as field -> value.
+fn fields(value: &redis::Value) -> std::collections::HashMap<String, redis::Value> {
+    let items: Vec<redis::Value> = match value {
+        redis::Value::Array(items) => items.clone(),
+        redis::Value::Map(pairs) => pairs
+            .iter()
+            .flat_map(|(k, v)| [k.clone(), v.clone()])
+            .collect(),
+        other => panic!("not a task: {other:?}"),
+    };
+    items
+        .chunks(2)
+        .map(|pair| {
+            (
+                redis::from_redis_value::<String>(&pair[0]).unwrap(),
+                pair[1].clone(),
+            )
+        })
+        .collect()
+}
+
+fn field<T: redis::FromRedisValue>(
+    task: &std::collections::HashMap<String, redis::Value>,
+    name: &str,
+) -> T {
+    redis::from_redis_value(&task[name]).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_commands_do_what_the_http_api_does() {
+    let server = Server::default().await;
+    for resp3 in [false, true] {
+        let mut c = server.client(resp3).await;
+        let q = if resp3 { "native3" } else { "native2" };
+        let (id, created): (String, i64) = redis::cmd("PUNCTUAL.SCHEDULE")
+            .arg(q)
+            .arg("ID")
+            .arg("t1")
+            .arg("DELAY")
+            .arg(150)
+            .arg("PAYLOAD")
+            .arg(r#"{"order":1}"#)
+            .arg("MAXATTEMPTS")
+            .arg(3)
+            .arg("BACKOFF")
+            .arg("10,20")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!((id.as_str(), created), ("t1", 1));
+        // The same request again is an idempotent repeat.
+        let (_, created): (String, i64) = redis::cmd("PUNCTUAL.SCHEDULE")
+            .arg(q)
+            .arg("ID")
+            .arg("t1")
+            .arg("DELAY")
+            .arg(150)
+            .arg("PAYLOAD")
+            .arg(r#"{"order":1}"#)
+            .arg("MAXATTEMPTS")
+            .arg(3)
+            .arg("BACKOFF")
+            .arg("10,20")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(created, 0);
+        let task: redis::Value = redis::cmd("PUNCTUAL.GET")
+            .arg(q)
+            .arg("t1")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let task = fields(&task);
+        assert_eq!(field::<String>(&task, "state"), "scheduled");
+        assert_eq!(field::<String>(&task, "payload"), r#"{"order":1}"#);
+        // A long-poll reserve gets the task when it becomes due.
+        let started = Instant::now();
+        let tasks: Vec<redis::Value> = redis::cmd("PUNCTUAL.RESERVE")
+            .arg(q)
+            .arg("COUNT")
+            .arg(10)
+            .arg("WAIT")
+            .arg(5000)
+            .arg("LEASE")
+            .arg(10_000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(tasks.len(), 1);
+        assert!(started.elapsed() < Duration::from_secs(3));
+        let leased = fields(&tasks[0]);
+        let token: String = field(&leased, "lease_token");
+        let extended: redis::Value = redis::cmd("PUNCTUAL.EXTEND")
+            .arg(q)
+            .arg("t1")
+            .arg(&token)
+            .arg(20_000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(field::<String>(&fields(&extended), "state"), "leased");
+        let nacked: redis::Value = redis::cmd("PUNCTUAL.NACK")
+            .arg(q)
+            .arg("t1")
+            .arg(&token)
+            .arg("ERROR")
+            .arg("boom")
+            .arg("DELAY")
+            .arg(0)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let nacked = fields(&nacked);
+        assert_eq!(field::<String>(&nacked, "last_error"), "boom");
+        let tasks: Vec<redis::Value> = redis::cmd("PUNCTUAL.RESERVE")
+            .arg(q)
+            .arg("WAIT")
+            .arg(2000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let token: String = field(&fields(&tasks[0]), "lease_token");
+        let ok: String = redis::cmd("PUNCTUAL.ACK")
+            .arg(q)
+            .arg("t1")
+            .arg(&token)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(ok, "OK");
+        let err = redis::cmd("PUNCTUAL.ACK")
+            .arg(q)
+            .arg("t1")
+            .arg(&token)
+            .query_async::<String>(&mut c)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("already finished"), "{err}");
+        // BATCH: one answer per item; a bad item does not stop the others.
+        let mut r = server.raw().await;
+        r.roundtrip(
+            &cmd(&["PUNCTUAL.BATCH", q, r#"{"id":"b1","delay_ms":60000}"#, r#"{"id":"b2","max_attempts":0}"#, r#"{"id":"b3"}"#]),
+            b"*3\r\n*2\r\n$2\r\nb1\r\n:1\r\n-ERR max_attempts must be between 1 and 1000\r\n*2\r\n$2\r\nb3\r\n:1\r\n",
+        )
+        .await;
+        assert_eq!(
+            redis::cmd("PUNCTUAL.CANCEL")
+                .arg(q)
+                .arg("b1")
+                .query_async::<i64>(&mut c)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            redis::cmd("PUNCTUAL.CANCEL")
+                .arg(q)
+                .arg("b1")
+                .query_async::<i64>(&mut c)
+                .await
+                .unwrap(),
+            0
+        );
+        let none: Option<String> = redis::cmd("PUNCTUAL.GET")
+            .arg(q)
+            .arg("b1")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(none, None);
+        // Bad input: clear errors, nothing stored.
+        let err = redis::cmd("PUNCTUAL.SCHEDULE")
+            .arg(q)
+            .arg("ID")
+            .arg("bad")
+            .arg("PAYLOAD")
+            .arg("{nope")
+            .query_async::<redis::Value>(&mut c)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("PAYLOAD is not JSON"), "{err}");
+        let err = redis::cmd("PUNCTUAL.SCHEDULE")
+            .arg(q)
+            .arg("ID")
+            .arg("bad")
+            .arg("LEASE")
+            .arg(1)
+            .query_async::<redis::Value>(&mut c)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("lease_ms must be between"),
+            "{err}"
+        );
+        let err = redis::cmd("PUNCTUAL.SCHEDULE")
+            .arg("bad queue")
+            .query_async::<redis::Value>(&mut c)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("queue name"), "{err}");
+        let none: Option<String> = redis::cmd("PUNCTUAL.GET")
+            .arg(q)
+            .arg("bad")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(none, None);
+    }
+    // Pipelined schedules are one commit, answered in order.
+    let mut r = server.raw().await;
+    let mut pipeline = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..300 {
+        let id = format!("p{i:03}");
+        pipeline.extend(cmd(&[
+            "PUNCTUAL.SCHEDULE",
+            "piped",
+            "ID",
+            &id,
+            "DELAY",
+            "60000",
+        ]));
+        expected.extend(format!("*2\r\n$4\r\n{id}\r\n:1\r\n").into_bytes());
+    }
+    r.roundtrip(&pipeline, &expected).await;
+    let counts = server
+        .app
+        .as_ref()
+        .unwrap()
+        .service()
+        .queue("piped".into())
+        .await
+        .unwrap();
+    assert_eq!(counts.get(punctual_core::TaskState::Scheduled), 300);
+    server.stop().await;
+}

@@ -13,8 +13,9 @@ use tokio::sync::mpsc;
 
 use super::events::{Delivery, Events};
 use super::frame::{self, Reply};
-use super::{keys, pubsub, server};
-use crate::service::{KeyAnswer, KeyOp, Service};
+use super::{keys, native, pubsub, server};
+use crate::error::ApiError;
+use crate::service::{KeyAnswer, KeyOp, ScheduleRequest, Service};
 
 /// Limits of the Redis front end.
 #[derive(Debug, Clone)]
@@ -92,6 +93,8 @@ pub enum Render {
 pub enum Step {
     Reply(Reply),
     Keys(Vec<KeyOp>, Render),
+    /// Tasks to schedule in a queue (`PUNCTUAL.SCHEDULE`, or `PUNCTUAL.BATCH` when the flag is set).
+    Schedule(String, Vec<Result<ScheduleRequest, ApiError>>, bool),
     /// Close after the answer (`QUIT`).
     Close(Reply),
 }
@@ -141,7 +144,17 @@ fn allowed_subscribed(lower: &str) -> bool {
 
 /// Whether a command exists, for the order of Redis's checks (unknown before context errors).
 fn known(lower: &str) -> bool {
-    keys::handles(lower) || pubsub::handles(lower) || server::handles(lower)
+    keys::handles(lower)
+        || pubsub::handles(lower)
+        || server::handles(lower)
+        || native::handles(lower)
+}
+
+/// Whether a request only adds to the pending batch of writes (it reads nothing first).
+fn batched(lower: &str, args: &[Vec<u8>]) -> bool {
+    let expire_with_condition = lower.contains("expire") && args.len() == 4;
+    (keys::batchable(lower) && !expire_with_condition)
+        || matches!(lower, "punctual.schedule" | "punctual.batch")
 }
 
 /// Runs one request.
@@ -166,33 +179,82 @@ async fn step(conn: &mut Conn, args: Vec<Vec<u8>>) -> Step {
     if pubsub::handles(&lower) {
         return Step::Reply(pubsub::run(conn, &lower, &args));
     }
+    if native::handles(&lower) {
+        return native::run(conn, &lower, &args).await;
+    }
     server::run(conn, &lower, &args).await
 }
 
-/// Commits `ops` and renders each batched command's reply into its slot.
-async fn flush(
-    conn: &Conn,
-    ops: &mut Vec<KeyOp>,
-    renders: &mut Vec<(usize, usize, Render)>,
-    replies: &mut [Option<Reply>],
-) {
-    if ops.is_empty() {
-        return;
+/// Most key writes committed together; a pipeline with more is committed in parts, in order.
+const MAX_BATCH_OPS: usize = 10_000;
+
+/// Writes gathered from a pipeline, committed together before any other command runs.
+#[derive(Default)]
+enum Batch {
+    #[default]
+    Empty,
+    Keys {
+        queue: String,
+        ops: Vec<KeyOp>,
+        /// Each command's reply slot, how many ops it has, and how its reply is made.
+        renders: Vec<(usize, usize, Render)>,
+    },
+    Schedules {
+        queue: String,
+        items: Vec<Result<ScheduleRequest, ApiError>>,
+        /// Each command's reply slot, how many items it has, and whether it was a `PUNCTUAL.BATCH`.
+        slots: Vec<(usize, usize, bool)>,
+    },
+}
+
+/// Commits the batch and renders each batched command's reply into its slot.
+async fn flush(conn: &Conn, batch: &mut Batch, replies: &mut [Option<Reply>]) {
+    match std::mem::take(batch) {
+        Batch::Empty => {}
+        Batch::Keys {
+            queue,
+            ops,
+            renders,
+        } => {
+            let answers = conn.service.keys(&queue, &ops).await;
+            let mut answers = match answers {
+                Ok(answers) => answers.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(error) => ops.iter().map(|_| Err(error.message.clone())).collect(),
+            };
+            for (slot, count, render) in renders {
+                let part: Vec<Result<KeyAnswer, String>> = answers.drain(..count).collect();
+                replies[slot] = Some(keys::render(render, part));
+            }
+        }
+        Batch::Schedules {
+            queue,
+            items,
+            slots,
+        } => {
+            let count = items.len();
+            let results = conn.service.schedule_batch(&queue, items).await;
+            let mut results: Vec<Result<_, ApiError>> = match results {
+                Ok(results) => results,
+                Err(error) => (0..count)
+                    .map(|_| {
+                        Err(ApiError::new(
+                            error.status,
+                            error.code,
+                            error.message.clone(),
+                        ))
+                    })
+                    .collect(),
+            };
+            for (slot, n, many) in slots {
+                let part: Vec<Reply> = results.drain(..n).map(native::scheduled).collect();
+                replies[slot] = Some(if many {
+                    Reply::Array(part)
+                } else {
+                    part.into_iter().next().unwrap_or(Reply::Null)
+                });
+            }
+        }
     }
-    let queue = conn.queue();
-    let answers = conn.service.keys(&queue, ops).await;
-    let mut answers = match answers {
-        Ok(answers) => answers.into_iter().map(Ok).collect::<Vec<_>>(),
-        Err(error) => ops.iter().map(|_| Err(error.message.clone())).collect(),
-    };
-    let mut at = 0usize;
-    for (slot, count, render) in renders.drain(..) {
-        let part: Vec<Result<KeyAnswer, String>> = answers.drain(..count).collect();
-        at += count;
-        replies[slot] = Some(keys::render(render, part));
-    }
-    debug_assert_eq!(at, ops.len());
-    ops.clear();
 }
 
 /// Serves one connection until it closes or quits.
@@ -263,8 +325,7 @@ pub async fn serve(
                 }
                 input.drain(..used);
                 let mut replies: Vec<Option<Reply>> = (0..requests.len()).map(|_| None).collect();
-                let mut ops: Vec<KeyOp> = Vec::new();
-                let mut renders: Vec<(usize, usize, Render)> = Vec::new();
+                let mut batch = Batch::Empty;
                 for (slot, args) in requests.into_iter().enumerate() {
                     if args.is_empty() {
                         replies[slot] = Some(Reply::Error(format!(
@@ -275,15 +336,35 @@ pub async fn serve(
                         break;
                     }
                     let (_, lower) = name(&args);
-                    // Commands that are not batched key writes see everything sent before them.
-                    if !keys::batchable(&lower) {
-                        flush(&conn, &mut ops, &mut renders, &mut replies).await;
+                    // Commands that are not batched writes see everything sent before them.
+                    if !batched(&lower, &args) {
+                        flush(&conn, &mut batch, &mut replies).await;
                     }
                     match step(&mut conn, args).await {
                         Step::Reply(reply) => replies[slot] = Some(reply),
-                        Step::Keys(batch, render) => {
-                            renders.push((slot, batch.len(), render));
-                            ops.extend(batch);
+                        Step::Keys(new, render) => {
+                            let queue = conn.queue();
+                            let full = matches!(&batch, Batch::Keys { ops, .. } if ops.len() + new.len() > MAX_BATCH_OPS);
+                            if full || !matches!(&batch, Batch::Keys { queue: q, .. } if *q == queue) {
+                                flush(&conn, &mut batch, &mut replies).await;
+                                batch = Batch::Keys { queue, ops: Vec::new(), renders: Vec::new() };
+                            }
+                            if let Batch::Keys { ops, renders, .. } = &mut batch {
+                                renders.push((slot, new.len(), render));
+                                ops.extend(new);
+                            }
+                        }
+                        Step::Schedule(queue, new, many) => {
+                            let max = conn.service.config.limits.max_batch;
+                            let full = matches!(&batch, Batch::Schedules { items, .. } if items.len() + new.len() > max);
+                            if full || !matches!(&batch, Batch::Schedules { queue: q, .. } if *q == queue) {
+                                flush(&conn, &mut batch, &mut replies).await;
+                                batch = Batch::Schedules { queue, items: Vec::new(), slots: Vec::new() };
+                            }
+                            if let Batch::Schedules { items, slots, .. } = &mut batch {
+                                slots.push((slot, new.len(), many));
+                                items.extend(new);
+                            }
                         }
                         Step::Close(reply) => {
                             replies[slot] = Some(reply);
@@ -292,7 +373,7 @@ pub async fn serve(
                         }
                     }
                 }
-                flush(&conn, &mut ops, &mut renders, &mut replies).await;
+                flush(&conn, &mut batch, &mut replies).await;
                 output.clear();
                 for reply in replies.into_iter().flatten() {
                     reply.encode(conn.resp3, &mut output);

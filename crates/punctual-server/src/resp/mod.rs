@@ -3,7 +3,7 @@
 //!
 //! - [`frame`]: the sans-IO wire codec, fuzzed.
 //! - [`conn`]: one connection: pipelining, batching of key writes, subscribed mode.
-//! - [`keys`], [`pubsub`], [`server`]: the commands, by family.
+//! - [`keys`], [`pubsub`], [`server`]: the Redis commands, by family; [`native`]: Punctual's own.
 //! - [`events`]: fired keys published to groups of subscribers, and kept while nobody listens.
 //!
 //! Commands call the [`Service`](crate::service::Service), as HTTP handlers do.
@@ -13,6 +13,7 @@ pub mod events;
 pub mod frame;
 pub mod glob;
 pub mod keys;
+pub mod native;
 pub mod pubsub;
 pub mod server;
 
