@@ -197,7 +197,7 @@ pub async fn run(conn: &mut Conn, lower: &str, args: &[Vec<u8>]) -> Step {
             }
         }
         "punctual.ack" => {
-            if args.len() < 4 || args.len() % 2 != 0 {
+            if args.len() < 4 || !args.len().is_multiple_of(2) {
                 return Step::Reply(wrong_args(lower));
             }
             let items: Result<Vec<AckItem>, Reply> = args[2..]
