@@ -15,6 +15,7 @@ mod progress;
 mod punctual;
 mod redis_peers;
 mod report;
+mod resp;
 mod subject;
 mod webhook;
 
@@ -40,6 +41,8 @@ pub enum System {
     Keyspace,
     /// beanstalkd with its binlog on.
     Beanstalkd,
+    /// Punctual over its Redis protocol, driven by the keyspace-notification program.
+    PunctualResp,
 }
 
 impl System {
@@ -49,13 +52,14 @@ impl System {
             System::Zset => "Redis sorted set",
             System::Keyspace => "Redis keyspace events",
             System::Beanstalkd => "beanstalkd",
+            System::PunctualResp => "Punctual over RESP",
         }
     }
 
     /// The program the system needs, and the Debian package that has it.
     fn program(self) -> Option<(&'static str, &'static str)> {
         match self {
-            System::Punctual => None,
+            System::Punctual | System::PunctualResp => None,
             System::Zset | System::Keyspace => Some(("redis-server", "redis-server")),
             System::Beanstalkd => Some(("beanstalkd", "beanstalkd")),
         }
@@ -81,7 +85,7 @@ pub enum Scenario {
 pub struct BenchOpts {
     /// Systems to run, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',',
-          default_values = ["punctual", "zset", "keyspace", "beanstalkd"])]
+          default_values = ["punctual", "zset", "keyspace", "beanstalkd", "punctual-resp"])]
     systems: Vec<System>,
     /// Scenarios to run, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',',
@@ -310,6 +314,9 @@ pub async fn run(opts: BenchOpts) -> Result<()> {
                 }
                 System::Beanstalkd => {
                     drive::<beanstalk::Beanstalkd>(&ctx, &scenarios, &mut results).await
+                }
+                System::PunctualResp => {
+                    drive::<resp::PunctualResp>(&ctx, &scenarios, &mut results).await
                 }
             };
             if let Err(e) = outcome {

@@ -20,14 +20,15 @@ const BOTTOM: usize = 70;
 const WHITE: u8 = 0;
 const BLACK: u8 = 1;
 const GRID: u8 = 2;
-const PALETTE: [[u8; 3]; 7] = [
+const PALETTE: [[u8; 3]; 8] = [
     [255, 255, 255],
     [0, 0, 0],
     [215, 215, 215],
-    [31, 119, 180], // Punctual
-    [255, 127, 14], // sorted set
-    [44, 160, 44],  // keyspace
-    [214, 39, 40],  // beanstalkd
+    [31, 119, 180],  // Punctual
+    [255, 127, 14],  // sorted set
+    [44, 160, 44],   // keyspace
+    [214, 39, 40],   // beanstalkd
+    [148, 103, 189], // Punctual over RESP
 ];
 
 fn color(system: System) -> u8 {
@@ -36,6 +37,7 @@ fn color(system: System) -> u8 {
         System::Zset => 4,
         System::Keyspace => 5,
         System::Beanstalkd => 6,
+        System::PunctualResp => 7,
     }
 }
 
@@ -394,6 +396,7 @@ mod tests {
             System::Zset,
             System::Keyspace,
             System::Beanstalkd,
+            System::PunctualResp,
         ]
         .map(System::label);
         let x = legend_x(labels.iter().copied());

@@ -75,6 +75,17 @@ impl Punctual {
         Ok(server)
     }
 
+    /// GETs an API path as JSON.
+    pub async fn http_get(&self, path: &str) -> Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
     async fn healthy(&self) -> bool {
         matches!(self.http.get(format!("{}/healthz", self.url)).send().await,
                  Ok(r) if r.status().is_success())

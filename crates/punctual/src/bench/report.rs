@@ -272,7 +272,7 @@ fn scenario_title(scenario: Scenario) -> &'static str {
 
 fn durability(system: System) -> &'static str {
     match system {
-        System::Punctual => "yes: fsync before the answer",
+        System::Punctual | System::PunctualResp => "yes: fsync before the answer",
         System::Zset | System::Keyspace => "no: in RAM only (persistence off)",
         System::Beanstalkd => "written to the binlog, not fsynced (`-b`, default policy)",
     }
@@ -350,6 +350,7 @@ pub fn render(
             System::Zset => "Redis sorted-set polling (`ZADD` + a hash of payloads, an atomic Lua claim, 10 ms sleep when idle; persistence off)",
             System::Keyspace => "Redis keyspace notifications (`notify-keyspace-events Ex`, `SET … PX`, the payload in a second key, a subscriber on `__keyevent@0__:expired`; persistence off)",
             System::Beanstalkd => "beanstalkd with `-b` (`put` with a delay in whole seconds, `reserve` + `delete`)",
+            System::PunctualResp => "Punctual over its Redis protocol, driven by the keyspace-notification program (`PSETEX task:<n> <ttl> <payload>` pipelined, subscribers on `__keyevent@0__:expired` sharing the events as one group, the payload read back with `PUNCTUAL.GET`)",
         })
         .collect();
     let _ = writeln!(md, "- **Systems:** {}.\n", described.join("; "));
@@ -414,7 +415,7 @@ pub fn render(
     }
     let targets = targets(res);
     if !targets.is_empty() {
-        let _ = writeln!(md, "### Against the targets of issue 4\n");
+        let _ = writeln!(md, "### Against the targets (issues 4 and 14)\n");
         for line in targets {
             let _ = writeln!(md, "- {line}");
         }
@@ -593,6 +594,50 @@ fn targets(res: &Results) -> Vec<String> {
         lines.push(format!(
             "0 lost, 0 duplicates (every run of burst, drain and correctness): {} ({total:.0}).",
             verdict(total == 0.0)
+        ));
+    }
+    lines.extend(resp_targets(res));
+    lines
+}
+
+/// Issue 14's targets: RESP ingest ≥ HTTP batch ingest; expiry-event lateness p99 ≤ 2 ms, 0 lost.
+fn resp_targets(res: &Results) -> Vec<String> {
+    use System::*;
+    let get = |key: &str, sys| res.median(key, sys);
+    let mut lines = Vec::new();
+    let ingest_keys: Vec<String> = res
+        .rows
+        .iter()
+        .filter(|r| r.scenario == Scenario::Ingest && r.key.starts_with("ingest_"))
+        .map(|r| r.key.clone())
+        .collect();
+    for key in ingest_keys {
+        if let (Some(resp), Some(http)) = (get(&key, PunctualResp), get(&key, Punctual)) {
+            lines.push(format!(
+                "RESP ingest ≥ HTTP batch ingest, {} connection(s): {} ({} vs {}, {:.2}×).",
+                key.trim_start_matches("ingest_"),
+                verdict(resp >= http),
+                format_value(Unit::Rate, resp),
+                format_value(Unit::Rate, http),
+                resp / http
+            ));
+        }
+    }
+    if let (Some(p99), Some(missed)) = (
+        get("burst_p99", PunctualResp),
+        get("burst_missed", PunctualResp),
+    ) {
+        let lost: f64 = ["lost_away", "drain_missing"]
+            .iter()
+            .filter_map(|key| get(key, PunctualResp))
+            .sum();
+        lines.push(format!(
+            "Expired-event lateness p99 ≤ 2 ms over RESP: {} ({}), with 0 lost: {} ({:.0} missed in the burst, {lost:.0} lost elsewhere); Redis keyspace events missed {}.",
+            verdict(p99 <= 2.0),
+            format_value(Unit::Ms, p99),
+            verdict(missed + lost == 0.0),
+            missed,
+            get("burst_missed", Keyspace).map_or("—".into(), |v| format!("{v:.0}")),
         ));
     }
     lines
