@@ -169,6 +169,10 @@ pub struct ServeOpts {
     /// Redis protocol: number of databases (SELECT 0..N-1); database N is queue db<N> [default: 16].
     #[arg(long, env = "PUNCTUAL_RESP_DATABASES")]
     pub resp_databases: Option<u32>,
+    /// Redis protocol: database N is the queue <prefix><N>, its waiting events <prefix><N>.expired
+    /// [default: db].
+    #[arg(long, env = "PUNCTUAL_RESP_QUEUE_PREFIX")]
+    pub resp_queue_prefix: Option<String>,
     /// Redis protocol: notify-keyspace-events at start (CONFIG SET changes it until restart)
     /// [default: xE, expired events on the keyevent channel].
     #[arg(long, env = "PUNCTUAL_RESP_NOTIFY")]
@@ -223,6 +227,7 @@ pub struct Settings {
     pub resp: Option<SocketAddr>,
     pub resp_broadcast: bool,
     pub resp_databases: u32,
+    pub resp_queue_prefix: String,
     pub resp_notify: String,
     pub resp_max_waiting: u64,
     pub resp_max_connections: usize,
@@ -419,6 +424,10 @@ impl ServeOpts {
             resp: self.resp.or(file.resp),
             resp_broadcast: self.resp_broadcast.or(file.resp_broadcast).unwrap_or(false),
             resp_databases: self.resp_databases.or(file.resp_databases).unwrap_or(16),
+            resp_queue_prefix: self
+                .resp_queue_prefix
+                .or(file.resp_queue_prefix)
+                .unwrap_or_else(|| "db".into()),
             resp_notify: self
                 .resp_notify
                 .or(file.resp_notify)
@@ -476,6 +485,13 @@ impl Settings {
         if !(1..=1024).contains(&self.resp_databases) {
             bail!("resp_databases must be between 1 and 1024");
         }
+        punctual_core::Limits::default()
+            .check_queue(&format!(
+                "{}{}.expired",
+                self.resp_queue_prefix,
+                self.resp_databases.saturating_sub(1)
+            ))
+            .map_err(|m| anyhow::anyhow!("resp_queue_prefix {:?}: {m}", self.resp_queue_prefix))?;
         if punctual_server::resp::events::Flags::parse(self.resp_notify.as_bytes()).is_none() {
             bail!(
                 "resp_notify {:?} has a character that is not an event class; use 'Ag$lshzxeKEtmdn'",

@@ -259,6 +259,7 @@ async fn serve(opts: ServeOpts) -> Result<()> {
             tracing::info!(addr = %resp_listener.local_addr()?, "listening for the Redis protocol");
             let events = punctual_server::resp::EventOptions {
                 databases: settings.resp_databases,
+                queue_prefix: settings.resp_queue_prefix.clone(),
                 broadcast: settings.resp_broadcast,
                 max_waiting: settings.resp_max_waiting,
                 retention_ms: settings.retention_ms,

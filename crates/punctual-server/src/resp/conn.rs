@@ -391,6 +391,14 @@ pub async fn serve(
                         Err(_) => break,
                     }
                 }
+                // Queued before an UNSUBSCRIBE: not for this connection any more (a RESP2
+                // client out of subscribed mode must not get a message frame).
+                let (batch, stale): (Vec<Delivery>, Vec<Delivery>) = batch
+                    .into_iter()
+                    .partition(|d| d.held_by(&conn.channels, &conn.patterns));
+                if !stale.is_empty() {
+                    events.give_back(stale);
+                }
                 output.clear();
                 for delivery in &batch {
                     pubsub::message(delivery).encode(conn.resp3, &mut output);

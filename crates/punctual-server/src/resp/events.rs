@@ -241,6 +241,12 @@ impl Events {
     /// of its groups, or back to the backlog.
     pub fn leave(self: &Arc<Self>, conn: u64, unsent: Vec<Delivery>) {
         self.inner().members.remove(&conn);
+        self.give_back(unsent);
+    }
+
+    /// Deliveries a connection will not write (it closed, or no longer holds their subscription):
+    /// to other members of their groups, or back to the backlog.
+    pub fn give_back(self: &Arc<Self>, unsent: Vec<Delivery>) {
         let mut back: Vec<(u32, String)> = Vec::new();
         for delivery in unsent {
             if !self.offer(&delivery.group, std::slice::from_ref(&delivery))
@@ -532,6 +538,18 @@ impl Events {
                 tracing::warn!(db, error = %error.message, "could not settle waiting events; they are handed out again");
             }
         }
+    }
+}
+
+impl Delivery {
+    /// Whether a connection with these subscriptions still holds the one this delivery is for.
+    pub fn held_by(&self, channels: &[Vec<u8>], patterns: &[Vec<u8>]) -> bool {
+        let subs = if self.group.pattern {
+            patterns
+        } else {
+            channels
+        };
+        subs.contains(&self.group.subscription)
     }
 }
 
