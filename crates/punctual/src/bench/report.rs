@@ -350,7 +350,7 @@ pub fn render(
             System::Zset => "Redis sorted-set polling (`ZADD` + a hash of payloads, an atomic Lua claim, 10 ms sleep when idle; persistence off)",
             System::Keyspace => "Redis keyspace notifications (`notify-keyspace-events Ex`, `SET … PX`, the payload in a second key, a subscriber on `__keyevent@0__:expired`; persistence off)",
             System::Beanstalkd => "beanstalkd with `-b` (`put` with a delay in whole seconds, `reserve` + `delete`)",
-            System::PunctualResp => "Punctual over its Redis protocol, driven by the keyspace-notification program (`PSETEX task:<n> <ttl> <payload>` pipelined, subscribers on `__keyevent@0__:expired` sharing the events as one group, the payload read back with `PUNCTUAL.GET`)",
+            System::PunctualResp => "Punctual over its Redis protocol, driven by the keyspace-notification program (`PSETEX task:<n>:<due> <ttl> <payload>` pipelined, subscribers on `__keyevent@0__:expired` sharing the events as one group and taking the task from the key name)",
         })
         .collect();
     let _ = writeln!(md, "- **Systems:** {}.\n", described.join("; "));

@@ -1,7 +1,10 @@
 //! Punctual over its Redis protocol, driven by the keyspace-notification program people run on
-//! Redis: `PSETEX task:<n> <ttl> <payload>` pipelined, and subscribers on `__keyevent@0__:expired`.
-//! Each event goes to one subscriber (they form one group), which reads the payload with
-//! `PUNCTUAL.GET db0 task:<n>`: Punctual keeps a fired key's value, where Redis has deleted it.
+//! Redis: `PSETEX task:<n>:<due_ms> <ttl> <payload>` pipelined, and subscribers on
+//! `__keyevent@0__:expired`. Each event goes to one subscriber (they form one group), which knows
+//! the task from the key name, as handlers of `order:<id>` keys do; so the lateness is the event's
+//! own. (Reading the payload back with `PUNCTUAL.GET db0 <key>`, which Punctual keeps after the
+//! event where Redis has deleted it, adds a round trip per event per subscriber: with four
+//! subscribers taking 10 k events/s that queued up to a p99 of 72 ms on this machine.)
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,9 +15,7 @@ use serde_json::Value;
 
 use super::progress::Bar;
 use super::punctual::Punctual;
-use super::subject::{
-    Job, Sink, Subject, fan_out, free_port, job_chunks, now_ms, now_us, parse_payload_bytes,
-};
+use super::subject::{Job, Sink, Subject, fan_out, free_port, job_chunks, now_ms, now_us};
 use super::{Ctx, System};
 
 pub struct PunctualResp {
@@ -28,24 +29,6 @@ impl PunctualResp {
             .get_multiplexed_async_connection()
             .await?)
     }
-}
-
-/// The payload of a fired key, from `PUNCTUAL.GET`'s answer (the value is a JSON string).
-fn payload_of(task: &redis::Value) -> Option<Vec<u8>> {
-    let items: Vec<redis::Value> = match task {
-        redis::Value::Array(items) => items.clone(),
-        redis::Value::Map(pairs) => pairs
-            .iter()
-            .flat_map(|(k, v)| [k.clone(), v.clone()])
-            .collect(),
-        _ => return None,
-    };
-    let at = items.chunks(2).position(|p| {
-        redis::from_redis_value::<String>(&p[0]).ok().as_deref() == Some("payload")
-    })?;
-    let text: String = redis::from_redis_value(&items[at * 2 + 1]).ok()?;
-    let value: String = serde_json::from_str(&text).ok()?;
-    Some(value.into_bytes())
 }
 
 impl Subject for PunctualResp {
@@ -80,7 +63,7 @@ impl Subject for PunctualResp {
                 for job in &chunk {
                     let ttl_ms = job.due_ms.saturating_sub(now_ms()).max(1);
                     pipe.cmd("PSETEX")
-                        .arg(format!("task:{}", job.n))
+                        .arg(format!("task:{}:{}", job.n, job.due_ms))
                         .arg(ttl_ms)
                         .arg(job.payload())
                         .ignore();
@@ -104,11 +87,11 @@ impl Subject for PunctualResp {
         for _ in 0..consumers {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe("__keyevent@0__:expired").await?;
-            subscribed.push((pubsub, self.connection().await?));
+            subscribed.push(pubsub);
         }
         let give_up = tokio::time::Instant::from_std(deadline);
         let mut workers = Vec::new();
-        for (pubsub, mut con) in subscribed {
+        for pubsub in subscribed {
             let sink = sink.clone();
             workers.push(tokio::spawn(async move {
                 let mut messages = pubsub.into_on_message();
@@ -122,19 +105,11 @@ impl Subject for PunctualResp {
                     };
                     let Some(message) = message else { break };
                     let key: String = message.get_payload().unwrap_or_default();
-                    if !key.starts_with("task:") {
-                        continue;
-                    }
-                    let task: redis::Value = redis::cmd("PUNCTUAL.GET")
-                        .arg("db0")
-                        .arg(&key)
-                        .query_async(&mut con)
-                        .await
-                        .unwrap_or(redis::Value::Nil);
                     let at_us = now_us();
-                    if let Some((n, due_ms)) =
-                        payload_of(&task).as_deref().and_then(parse_payload_bytes)
-                    {
+                    let mut parts = key.strip_prefix("task:").unwrap_or("").split(':');
+                    let n = parts.next().and_then(|p| p.parse().ok());
+                    let due_ms = parts.next().and_then(|p| p.parse().ok());
+                    if let (Some(n), Some(due_ms)) = (n, due_ms) {
                         sink.take(n, due_ms, at_us);
                     }
                 }
