@@ -909,10 +909,14 @@ impl Service {
         Ok(task.filter(|t| t.state == TaskState::Scheduled))
     }
 
+    /// A key's task. Its attempts are the hub's hand-offs of its expiry event: if a lease of the
+    /// hub ever runs out (a crash after the lease was made durable by another commit), the key is
+    /// ready again at once and fires again, rather than counting towards a dead letter.
     fn key_task(&self, queue: &str, key: &str, payload: Option<String>, run_at_ms: u64) -> Task {
+        let backoff = Backoff::Ladder { steps_ms: vec![0] };
         Task {
             payload,
-            ..Task::new(queue, key, run_at_ms, 1, Backoff::default())
+            ..Task::new(queue, key, run_at_ms, self.config.limits.max_attempts, backoff)
         }
     }
 

@@ -288,6 +288,7 @@ impl Events {
             .map(|(id, _)| *id)
             .collect();
         if holders.is_empty() {
+            inner.turns.remove(group);
             return false;
         }
         let turn = *inner.turns.get(group).unwrap_or(&0);
