@@ -916,7 +916,13 @@ impl Service {
         let backoff = Backoff::Ladder { steps_ms: vec![0] };
         Task {
             payload,
-            ..Task::new(queue, key, run_at_ms, self.config.limits.max_attempts, backoff)
+            ..Task::new(
+                queue,
+                key,
+                run_at_ms,
+                self.config.limits.max_attempts,
+                backoff,
+            )
         }
     }
 
@@ -1045,7 +1051,9 @@ impl Service {
                 }))
             })
             .collect();
-        commands.extend(leases.iter().map(|(id, token)| Command::Ack {
+        // The events are out already: the acks need not wait for an fsync (a crash that loses one
+        // hands the key out again, an event twice). Kept events make the commit durable anyway.
+        commands.extend(leases.iter().map(|(id, token)| Command::AckLazy {
             queue: queue.to_owned(),
             id: id.clone(),
             token: token.clone(),

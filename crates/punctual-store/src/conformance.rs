@@ -660,7 +660,14 @@ pub fn keys_put_delete_set_due_and_incr(store: &dyn Store) {
     // Delivered and acked: the key reads as gone, and a Put writes a new one over the kept value.
     let leased = reserve(store, 7_002, "db0", 10);
     assert_eq!(leased.len(), 1);
-    assert!(matches!(ack(store, 7_003, &leased[0]), Outcome::Acked(_)));
+    let lazy = Command::AckLazy {
+        queue: "db0".into(),
+        id: "ttl".into(),
+        token: token(&leased[0]),
+        retention_ms: 10_000,
+    };
+    assert!(!lazy.is_durable());
+    assert!(matches!(one(store, 7_003, lazy), Outcome::Acked(_)));
     let (previous, task) = written(put(
         store,
         7_004,

@@ -177,6 +177,12 @@ pub fn apply_one<T: Txn + ?Sized>(
             id,
             token,
             retention_ms,
+        }
+        | Command::AckLazy {
+            queue,
+            id,
+            token,
+            retention_ms,
         } => with_lease(txn, queue, id, token, |task| {
             task.succeed(now_ms, *retention_ms);
             Outcome::Acked(task.clone())

@@ -98,6 +98,15 @@ pub enum Command {
         token: String,
         retention_ms: u64,
     },
+    /// An `Ack` whose caller is told before the commit is durable: a crash may lose it, and the
+    /// task is then handed out again. For the Redis front end's fired keys, whose events have
+    /// already been handed out (pub/sub is at-least-once after a crash either way).
+    AckLazy {
+        queue: String,
+        id: String,
+        token: String,
+        retention_ms: u64,
+    },
     Nack {
         queue: String,
         id: String,
@@ -193,6 +202,7 @@ impl Command {
         !matches!(
             self,
             Command::Reserve { .. }
+                | Command::AckLazy { .. }
                 | Command::Extend { .. }
                 | Command::Tick { .. }
                 | Command::ReservePush { .. }

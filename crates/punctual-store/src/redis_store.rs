@@ -1175,6 +1175,7 @@ fn single_key(command: &Command) -> Option<(&str, &str)> {
         | Command::SetDue { queue, id, .. }
         | Command::Cancel { queue, id }
         | Command::Ack { queue, id, .. }
+        | Command::AckLazy { queue, id, .. }
         | Command::Nack { queue, id, .. }
         | Command::Release { queue, id, .. }
         | Command::Extend { queue, id, .. }

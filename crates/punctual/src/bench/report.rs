@@ -630,7 +630,7 @@ fn resp_targets(res: &Results) -> Vec<String> {
         let lost: f64 = ["lost_away", "drain_missing"]
             .iter()
             .filter_map(|key| get(key, PunctualResp))
-            .sum();
+            .fold(0.0, |a, b| a + b);
         lines.push(format!(
             "Expired-event lateness p99 ≤ 2 ms over RESP: {} ({}), with 0 lost: {} ({:.0} missed in the burst, {lost:.0} lost elsewhere); Redis keyspace events missed {}.",
             verdict(p99 <= 2.0),
