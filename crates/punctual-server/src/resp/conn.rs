@@ -99,13 +99,6 @@ pub enum Step {
     Close(Reply),
 }
 
-/// A command's name as sent, and in lowercase for matching.
-pub fn name(args: &[Vec<u8>]) -> (String, String) {
-    let raw = String::from_utf8_lossy(&args[0]).into_owned();
-    let lower = raw.to_ascii_lowercase();
-    (raw, lower)
-}
-
 pub fn wrong_args(lower: &str) -> Reply {
     Reply::Error(format!(
         "ERR wrong number of arguments for '{lower}' command"
@@ -157,11 +150,10 @@ fn batched(lower: &str, args: &[Vec<u8>]) -> bool {
         || matches!(lower, "punctual.schedule" | "punctual.batch")
 }
 
-/// Runs one request.
-async fn step(conn: &mut Conn, args: Vec<Vec<u8>>) -> Step {
-    let (raw, lower) = name(&args);
+/// Runs one request; `lower` is its command name in lowercase.
+async fn step(conn: &mut Conn, lower: String, args: Vec<Vec<u8>>) -> Step {
     if !known(&lower) {
-        return Step::Reply(unknown(&raw, &args));
+        return Step::Reply(unknown(&String::from_utf8_lossy(&args[0]), &args));
     }
     if !conn.authed && !matches!(lower.as_str(), "auth" | "hello" | "quit") {
         return Step::Reply(Reply::Error("NOAUTH Authentication required.".into()));
@@ -335,12 +327,12 @@ pub async fn serve(
                         )));
                         break;
                     }
-                    let (_, lower) = name(&args);
+                    let lower = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
                     // Commands that are not batched writes see everything sent before them.
                     if !batched(&lower, &args) {
                         flush(&conn, &mut batch, &mut replies).await;
                     }
-                    match step(&mut conn, args).await {
+                    match step(&mut conn, lower, args).await {
                         Step::Reply(reply) => replies[slot] = Some(reply),
                         Step::Keys(new, render) => {
                             let queue = conn.queue();
