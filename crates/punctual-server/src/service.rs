@@ -911,9 +911,13 @@ impl Service {
 
     /// A key's task. Its attempts are the hub's hand-offs of its expiry event: if a lease of the
     /// hub ever runs out (a crash after the lease was made durable by another commit), the key is
-    /// ready again at once and fires again, rather than counting towards a dead letter.
+    /// ready again at once and fires again, rather than counting towards a dead letter. An empty
+    /// ladder is "retry at once" (clients may not send one: they must say `[0]`) and, unlike
+    /// `[0]`, allocates nothing in each of the task's copies.
     fn key_task(&self, queue: &str, key: &str, payload: Option<String>, run_at_ms: u64) -> Task {
-        let backoff = Backoff::Ladder { steps_ms: vec![0] };
+        let backoff = Backoff::Ladder {
+            steps_ms: Vec::new(),
+        };
         Task {
             payload,
             ..Task::new(
