@@ -425,13 +425,18 @@ impl Events {
         tasks
     }
 
-    async fn hub(self: Arc<Self>, db: u32, shutdown: watch::Receiver<bool>) {
-        let (queue, backlog) = (self.queue(db), self.backlog(db));
-        if let Ok(counts) = self.service.queue(backlog.clone()).await {
+    /// Sets the count of `db`'s waiting events from the store (other nodes may have added some).
+    async fn count_waiting(&self, db: u32) {
+        if let Ok(counts) = self.service.queue(self.backlog(db)).await {
             let n = counts.get(punctual_core::TaskState::Ready)
                 + counts.get(punctual_core::TaskState::Scheduled);
             self.waiting[db as usize].store(n as i64, Ordering::Relaxed);
         }
+    }
+
+    async fn hub(self: Arc<Self>, db: u32, shutdown: watch::Receiver<bool>) {
+        let (queue, backlog) = (self.queue(db), self.backlog(db));
+        self.count_waiting(db).await;
         while !*shutdown.borrow() {
             let request = ReserveRequest {
                 max: Some(HUB_BATCH),
@@ -500,11 +505,7 @@ impl Events {
             };
             if events.is_empty() {
                 // Nothing ready (others may be waiting out a retry): count again from the store.
-                if let Ok(counts) = self.service.queue(backlog.clone()).await {
-                    let n = counts.get(punctual_core::TaskState::Ready)
-                        + counts.get(punctual_core::TaskState::Scheduled);
-                    self.waiting[db as usize].store(n as i64, Ordering::Relaxed);
-                }
+                self.count_waiting(db).await;
                 continue;
             }
             let now_ms = self.service.clock.now_ms();

@@ -84,8 +84,6 @@ impl RedisChild {
         Ok(())
     }
 
-    /// One pipeline per chunk of `batch` jobs over `connections` connections; `add` appends a job's
-    /// commands. Returns the seconds it took.
     async fn pipelined(
         &self,
         jobs: Vec<Job>,
@@ -94,25 +92,40 @@ impl RedisChild {
         bar: &Bar,
         add: fn(&mut redis::Pipeline, &Job),
     ) -> Result<f64> {
-        let mut cons = Vec::new();
-        for _ in 0..connections.max(1) {
-            cons.push(self.connection().await?);
-        }
-        fan_out(
-            job_chunks(&jobs, batch),
-            cons,
-            bar,
-            move |mut con, (_, chunk): (usize, Vec<Job>)| async move {
-                let mut pipe = redis::pipe();
-                for job in &chunk {
-                    add(&mut pipe, job);
-                }
-                pipe.query_async::<()>(&mut con).await?;
-                Ok(con)
-            },
-        )
-        .await
+        pipelined(&self.url, jobs, batch, connections, bar, add).await
     }
+}
+
+/// One pipeline per chunk of `batch` jobs over `connections` connections to the Redis-protocol
+/// server at `url` (Redis, or Punctual's `--resp`); `add` appends a job's commands. Returns the
+/// seconds it took.
+pub async fn pipelined(
+    url: &str,
+    jobs: Vec<Job>,
+    batch: usize,
+    connections: usize,
+    bar: &Bar,
+    add: fn(&mut redis::Pipeline, &Job),
+) -> Result<f64> {
+    let client = redis::Client::open(url)?;
+    let mut cons = Vec::new();
+    for _ in 0..connections.max(1) {
+        cons.push(client.get_multiplexed_async_connection().await?);
+    }
+    fan_out(
+        job_chunks(&jobs, batch),
+        cons,
+        bar,
+        move |mut con, (_, chunk): (usize, Vec<Job>)| async move {
+            let mut pipe = redis::pipe();
+            for job in &chunk {
+                add(&mut pipe, job);
+            }
+            pipe.query_async::<()>(&mut con).await?;
+            Ok(con)
+        },
+    )
+    .await
 }
 
 fn spawn_redis(port: u16, args: &[String]) -> Result<Child> {

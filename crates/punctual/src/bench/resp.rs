@@ -15,20 +15,13 @@ use serde_json::Value;
 
 use super::progress::Bar;
 use super::punctual::Punctual;
-use super::subject::{Job, Sink, Subject, fan_out, free_port, job_chunks, now_ms, now_us};
+use super::redis_peers::pipelined;
+use super::subject::{Job, Sink, Subject, free_port, now_ms, now_us};
 use super::{Ctx, System};
 
 pub struct PunctualResp {
     server: Punctual,
     url: String,
-}
-
-impl PunctualResp {
-    async fn connection(&self) -> Result<redis::aio::MultiplexedConnection> {
-        Ok(redis::Client::open(self.url.as_str())?
-            .get_multiplexed_async_connection()
-            .await?)
-    }
 }
 
 impl Subject for PunctualResp {
@@ -50,26 +43,19 @@ impl Subject for PunctualResp {
         connections: usize,
         bar: &Bar,
     ) -> Result<f64> {
-        let mut cons = Vec::new();
-        for _ in 0..connections.max(1) {
-            cons.push(self.connection().await?);
-        }
-        fan_out(
-            job_chunks(&jobs, ctx.sizes.batch),
-            cons,
+        pipelined(
+            &self.url,
+            jobs,
+            ctx.sizes.batch,
+            connections,
             bar,
-            move |mut con, (_, chunk): (usize, Vec<Job>)| async move {
-                let mut pipe = redis::pipe();
-                for job in &chunk {
-                    let ttl_ms = job.due_ms.saturating_sub(now_ms()).max(1);
-                    pipe.cmd("PSETEX")
-                        .arg(format!("task:{}:{}", job.n, job.due_ms))
-                        .arg(ttl_ms)
-                        .arg(job.payload())
-                        .ignore();
-                }
-                pipe.query_async::<()>(&mut con).await?;
-                Ok(con)
+            |pipe, job| {
+                let ttl_ms = job.due_ms.saturating_sub(now_ms()).max(1);
+                pipe.cmd("PSETEX")
+                    .arg(format!("task:{}:{}", job.n, job.due_ms))
+                    .arg(ttl_ms)
+                    .arg(job.payload())
+                    .ignore();
             },
         )
         .await
