@@ -83,17 +83,6 @@ impl RedisChild {
         self.child = spawn_redis(self.port, &self.args)?;
         Ok(())
     }
-
-    async fn pipelined(
-        &self,
-        jobs: Vec<Job>,
-        batch: usize,
-        connections: usize,
-        bar: &Bar,
-        add: fn(&mut redis::Pipeline, &Job),
-    ) -> Result<f64> {
-        pipelined(&self.url, jobs, batch, connections, bar, add).await
-    }
 }
 
 /// One pipeline per chunk of `batch` jobs over `connections` connections to the Redis-protocol
@@ -126,6 +115,19 @@ pub async fn pipelined(
         },
     )
     .await
+}
+
+/// `n` pub/sub connections to the Redis-protocol server at `url`, each subscribed to
+/// `__keyevent@0__:expired` (the subscription confirmed).
+pub async fn expiry_subscribers(url: &str, n: usize) -> Result<Vec<redis::aio::PubSub>> {
+    let client = redis::Client::open(url)?;
+    let mut subscribed = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe("__keyevent@0__:expired").await?;
+        subscribed.push(pubsub);
+    }
+    Ok(subscribed)
 }
 
 fn spawn_redis(port: u16, args: &[String]) -> Result<Child> {
@@ -176,8 +178,13 @@ impl Subject for Zset {
         connections: usize,
         bar: &Bar,
     ) -> Result<f64> {
-        self.redis
-            .pipelined(jobs, ctx.sizes.batch, connections, bar, |pipe, job| {
+        pipelined(
+            &self.redis.url,
+            jobs,
+            ctx.sizes.batch,
+            connections,
+            bar,
+            |pipe, job| {
                 pipe.cmd("ZADD")
                     .arg("zq")
                     .arg(job.due_ms)
@@ -188,8 +195,9 @@ impl Subject for Zset {
                     .arg(job.n)
                     .arg(job.payload())
                     .ignore();
-            })
-            .await
+            },
+        )
+        .await
     }
 
     async fn consume(
@@ -292,8 +300,13 @@ impl Subject for Keyspace {
         connections: usize,
         bar: &Bar,
     ) -> Result<f64> {
-        self.redis
-            .pipelined(jobs, ctx.sizes.batch, connections, bar, |pipe, job| {
+        pipelined(
+            &self.redis.url,
+            jobs,
+            ctx.sizes.batch,
+            connections,
+            bar,
+            |pipe, job| {
                 pipe.cmd("SET")
                     .arg(format!("payload:{}", job.n))
                     .arg(job.payload())
@@ -306,8 +319,9 @@ impl Subject for Keyspace {
                     .arg("PX")
                     .arg(ttl_ms)
                     .ignore();
-            })
-            .await
+            },
+        )
+        .await
     }
 
     /// `consumers` subscribers, each receiving every expiry event, each `GET`ting the payload and
@@ -319,11 +333,8 @@ impl Subject for Keyspace {
         sink: Arc<Sink>,
         deadline: Instant,
     ) -> Result<()> {
-        let client = redis::Client::open(self.redis.url.as_str())?;
         let mut subscribed = Vec::new();
-        for _ in 0..consumers {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe("__keyevent@0__:expired").await?;
+        for pubsub in expiry_subscribers(&self.redis.url, consumers).await? {
             subscribed.push((pubsub, self.redis.connection().await?));
         }
         if self.held.swap(false, Ordering::Relaxed) {

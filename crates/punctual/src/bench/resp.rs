@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::progress::Bar;
 use super::punctual::Punctual;
-use super::redis_peers::pipelined;
+use super::redis_peers::{expiry_subscribers, pipelined};
 use super::subject::{Job, Sink, Subject, free_port, now_ms, now_us};
 use super::{Ctx, System};
 
@@ -68,13 +68,7 @@ impl Subject for PunctualResp {
         sink: Arc<Sink>,
         deadline: Instant,
     ) -> Result<()> {
-        let client = redis::Client::open(self.url.as_str())?;
-        let mut subscribed = Vec::new();
-        for _ in 0..consumers {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe("__keyevent@0__:expired").await?;
-            subscribed.push(pubsub);
-        }
+        let subscribed = expiry_subscribers(&self.url, consumers).await?;
         let give_up = tokio::time::Instant::from_std(deadline);
         let mut workers = Vec::new();
         for pubsub in subscribed {
