@@ -1027,34 +1027,16 @@ impl Service {
     }
 
     /// Hands fired keys' expiry events on: acks each lease of `queue`, and in the same commit
-    /// keeps an event for each key in `waiting` as a ready task of `backlog` (payload: the key as a
-    /// JSON string), to be delivered when a subscriber comes. Events past the backlog's room
-    /// (`max_waiting`, counted by the caller) are the caller's to count as dropped.
+    /// keeps each event of `kept` (`(backlog, payload)`) as a ready task of that backlog, to be
+    /// delivered when a subscriber comes. Events past a backlog's room (`max_waiting`, counted by
+    /// the caller) are the caller's to count as dropped.
     pub async fn keys_fired(
         &self,
         queue: &str,
         leases: &[(String, String)],
-        backlog: &str,
-        waiting: &[String],
+        kept: &[(String, String)],
     ) -> Result<(), ApiError> {
-        let now_ms = self.clock.now_ms();
-        let mut commands: Vec<Command> = waiting
-            .iter()
-            .map(|key| {
-                Command::Schedule(Box::new(Task {
-                    payload: Some(serde_json::to_string(key).unwrap_or_default()),
-                    created_at_ms: now_ms,
-                    updated_at_ms: now_ms,
-                    ..Task::new(
-                        backlog,
-                        self.ids.next(),
-                        now_ms,
-                        self.config.limits.max_attempts,
-                        Backoff::default(),
-                    )
-                }))
-            })
-            .collect();
+        let mut commands = self.kept_events(kept);
         // The events are out already: the acks need not wait for an fsync (a crash that loses one
         // hands the key out again, an event twice). Kept events make the commit durable anyway.
         commands.extend(leases.iter().map(|(id, token)| Command::AckLazy {
@@ -1069,24 +1051,45 @@ impl Service {
         self.writer.submit(commands).await.map(|_| ())
     }
 
+    /// A ready task for each kept event `(backlog, payload)`.
+    fn kept_events(&self, kept: &[(String, String)]) -> Vec<Command> {
+        let now_ms = self.clock.now_ms();
+        kept.iter()
+            .map(|(backlog, payload)| {
+                Command::Schedule(Box::new(Task {
+                    payload: Some(payload.clone()),
+                    created_at_ms: now_ms,
+                    updated_at_ms: now_ms,
+                    ..Task::new(
+                        backlog,
+                        self.ids.next(),
+                        now_ms,
+                        self.config.limits.max_attempts,
+                        Backoff::default(),
+                    )
+                }))
+            })
+            .collect()
+    }
+
     /// Settles leases of waiting events: `delivered` are acked (and purged at once), `back` are
-    /// given back without counting an attempt, due again after `delay_ms`.
+    /// given back without counting an attempt, due again after `delay_ms`; in the same commit the
+    /// events of `kept` are kept in other backlogs, as in [`Service::keys_fired`].
     pub async fn events_settled(
         &self,
         backlog: &str,
         delivered: &[(String, String)],
         back: &[(String, String)],
         delay_ms: u64,
+        kept: &[(String, String)],
     ) -> Result<(), ApiError> {
-        let mut commands: Vec<Command> = delivered
-            .iter()
-            .map(|(id, token)| Command::Ack {
-                queue: backlog.to_owned(),
-                id: id.clone(),
-                token: token.clone(),
-                retention_ms: 0,
-            })
-            .collect();
+        let mut commands = self.kept_events(kept);
+        commands.extend(delivered.iter().map(|(id, token)| Command::Ack {
+            queue: backlog.to_owned(),
+            id: id.clone(),
+            token: token.clone(),
+            retention_ms: 0,
+        }));
         commands.extend(back.iter().map(|(id, token)| Command::Release {
             queue: backlog.to_owned(),
             id: id.clone(),
@@ -1097,5 +1100,22 @@ impl Service {
             return Ok(());
         }
         self.writer.submit(commands).await.map(|_| ())
+    }
+
+    /// Cancels tasks of `queue` in one commit (those not leased); how many were cancelled.
+    pub async fn cancel_many(&self, queue: &str, ids: Vec<String>) -> Result<usize, ApiError> {
+        check_queue(self, queue)?;
+        let commands = ids
+            .into_iter()
+            .map(|id| Command::Cancel {
+                queue: queue.to_owned(),
+                id,
+            })
+            .collect();
+        let outcomes = self.writer.submit(commands).await?;
+        Ok(outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Cancelled(_)))
+            .count())
     }
 }

@@ -33,8 +33,12 @@ struct Server {
 
 impl Server {
     async fn start(config: ServerConfig, events: EventOptions) -> Server {
-        let store =
-            Arc::new(JournalStore::open(&temp_dir(), &JournalStoreOptions::default()).unwrap());
+        Self::start_in(&temp_dir(), config, events).await
+    }
+
+    /// A server on the store in `dir` (a restart when a server used it before).
+    async fn start_in(dir: &std::path::Path, config: ServerConfig, events: EventOptions) -> Server {
+        let store = Arc::new(JournalStore::open(dir, &JournalStoreOptions::default()).unwrap());
         let mut app = App::start(store, config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -573,6 +577,18 @@ async fn subscriber(
     auth: Option<(&str, &str)>,
     pattern: &str,
 ) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    subscriber_handle(addr, auth, pattern).await.0
+}
+
+/// A subscriber whose connection closes when the returned handle is aborted.
+async fn subscriber_handle(
+    addr: SocketAddr,
+    auth: Option<(&str, &str)>,
+    pattern: &str,
+) -> (
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+    tokio::task::AbortHandle,
+) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     if let Some((user, password)) = auth {
         stream
@@ -595,7 +611,7 @@ async fn subscriber(
     let mut buf = vec![0u8; confirm.len()];
     stream.read_exact(&mut buf).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&buf), confirm);
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         let mut data = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
@@ -614,7 +630,7 @@ async fn subscriber(
             }
         }
     });
-    rx
+    (rx, reader.abort_handle())
 }
 
 async fn collect(
@@ -756,6 +772,180 @@ async fn events_wait_while_nobody_listens_and_fired_values_stay_readable() {
     .await;
     got.sort();
     assert_eq!(got, vec!["order:1".to_owned(), "order:2".to_owned()]);
+    server.stop().await;
+}
+
+/// The groups `PUNCTUAL.GROUPS` lists, as (user, id, members here, waiting).
+async fn groups(c: &mut redis::aio::MultiplexedConnection) -> Vec<(String, String, i64, i64)> {
+    let value: redis::Value = redis::cmd("PUNCTUAL.GROUPS").query_async(c).await.unwrap();
+    let redis::Value::Array(items) = value else {
+        panic!("not an array: {value:?}")
+    };
+    items
+        .iter()
+        .map(|item| {
+            let f = fields(item);
+            let text = |name: &str| match &f[name] {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                other => format!("{other:?}"),
+            };
+            let int = |name: &str| match &f[name] {
+                redis::Value::Int(n) => *n,
+                other => panic!("{name} is not an integer: {other:?}"),
+            };
+            (
+                text("user"),
+                text("id"),
+                int("members_here"),
+                int("waiting"),
+            )
+        })
+        .collect()
+}
+
+/// Polls `PUNCTUAL.GROUPS` until `ok` holds of it, for up to 5 s.
+async fn groups_until(
+    c: &mut redis::aio::MultiplexedConnection,
+    what: &str,
+    ok: impl Fn(&[(String, String, i64, i64)]) -> bool,
+) -> Vec<(String, String, i64, i64)> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = groups(c).await;
+        if ok(&now) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "{what}: {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn psetex_many(c: &mut redis::aio::MultiplexedConnection, prefix: &str, n: usize) {
+    for i in 0..n {
+        let _: () = redis::cmd("PSETEX")
+            .arg(format!("{prefix}:{i}"))
+            .arg(50)
+            .arg("v")
+            .query_async(c)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_application_gets_every_event_while_away_and_across_a_restart() {
+    let dir = temp_dir();
+    let pattern = "__keyevent@0__:expired";
+    let server = Server::start_in(&dir, ServerConfig::default(), EventOptions::default()).await;
+    let mut c = server.client(false).await;
+    // Two applications subscribe once, then both go away.
+    let (_, billing) = subscriber_handle(server.addr, Some(("billing", "x")), pattern).await;
+    let (_, shipping) = subscriber_handle(server.addr, Some(("shipping", "x")), pattern).await;
+    let known = groups_until(&mut c, "both groups registered", |g| {
+        g.len() == 2 && g.iter().all(|(_, _, here, _)| *here == 1)
+    })
+    .await;
+    let users: Vec<&str> = known.iter().map(|(u, ..)| u.as_str()).collect();
+    assert!(
+        users.contains(&"billing") && users.contains(&"shipping"),
+        "{known:?}"
+    );
+    billing.abort();
+    shipping.abort();
+    groups_until(&mut c, "members gone", |g| {
+        g.iter().all(|(_, _, here, _)| *here == 0)
+    })
+    .await;
+    // Ten events fire while both are away: each group keeps all ten.
+    psetex_many(&mut c, "away", 10).await;
+    groups_until(&mut c, "ten waiting for each", |g| {
+        g.iter().all(|(_, _, _, waiting)| *waiting == 10)
+    })
+    .await;
+    drop(c);
+    server.stop().await;
+
+    // After a restart the groups and their backlogs are still there.
+    let server = Server::start_in(&dir, ServerConfig::default(), EventOptions::default()).await;
+    let mut c = server.client(false).await;
+    groups_until(&mut c, "groups remembered", |g| {
+        g.len() == 2 && g.iter().all(|(_, _, _, waiting)| *waiting == 10)
+    })
+    .await;
+    let mut billing = subscriber(server.addr, Some(("billing", "x")), pattern).await;
+    let mut got = Vec::new();
+    collect(
+        &mut billing,
+        &mut got,
+        Instant::now() + Duration::from_millis(1500),
+    )
+    .await;
+    got.sort();
+    let mut expected: Vec<String> = (0..10).map(|i| format!("away:{i}")).collect();
+    expected.sort();
+    assert_eq!(
+        got, expected,
+        "billing gets what fired while it was away, once"
+    );
+    // Billing is here and shipping is not: billing gets new events at once, shipping keeps them.
+    psetex_many(&mut c, "later", 5).await;
+    let mut live = Vec::new();
+    collect(
+        &mut billing,
+        &mut live,
+        Instant::now() + Duration::from_millis(1000),
+    )
+    .await;
+    assert_eq!(live.len(), 5, "{live:?}");
+    let shipping_id = groups_until(&mut c, "shipping keeps fifteen", |g| {
+        g.iter()
+            .any(|(u, _, _, waiting)| u == "shipping" && *waiting == 15)
+    })
+    .await
+    .into_iter()
+    .find(|(u, ..)| u == "shipping")
+    .unwrap()
+    .1;
+    let (mut shipping, shipping_handle) =
+        subscriber_handle(server.addr, Some(("shipping", "x")), pattern).await;
+    let mut got = Vec::new();
+    collect(
+        &mut shipping,
+        &mut got,
+        Instant::now() + Duration::from_millis(1500),
+    )
+    .await;
+    got.sort();
+    let mut expected: Vec<String> = (0..10)
+        .map(|i| format!("away:{i}"))
+        .chain((0..5).map(|i| format!("later:{i}")))
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected, "shipping gets all fifteen, once");
+    // Forgotten: the group is gone and keeps nothing more.
+    shipping_handle.abort();
+    groups_until(&mut c, "shipping away", |g| {
+        g.iter()
+            .any(|(u, _, here, _)| u == "shipping" && *here == 0)
+    })
+    .await;
+    let forgot: i64 = redis::cmd("PUNCTUAL.FORGET")
+        .arg(&shipping_id)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(forgot, 1);
+    let again: i64 = redis::cmd("PUNCTUAL.FORGET")
+        .arg(&shipping_id)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(again, 0, "forgetting twice");
+    let left = groups(&mut c).await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].0, "billing");
+    drop(billing);
+    drop(c);
     server.stop().await;
 }
 

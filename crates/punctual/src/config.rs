@@ -177,8 +177,9 @@ pub struct ServeOpts {
     /// [default: xE, expired events on the keyevent channel].
     #[arg(long, env = "PUNCTUAL_RESP_NOTIFY")]
     pub resp_notify: Option<String>,
-    /// Redis protocol: most expiry events kept per database while no subscriber takes them; past
-    /// it new ones are dropped and counted [default: 1000000].
+    /// Redis protocol: most expiry events kept per backlog (a group's, or a database's shared
+    /// one) while no subscriber takes them; past it new ones are dropped and counted
+    /// [default: 1000000].
     #[arg(long, env = "PUNCTUAL_RESP_MAX_WAITING")]
     pub resp_max_waiting: Option<u64>,
     /// Redis protocol: most connections at once [default: 10000].

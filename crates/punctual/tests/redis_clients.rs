@@ -130,7 +130,12 @@ fn reader(child: &mut Child, client: Client) -> mpsc::Receiver<Value> {
 }
 
 fn daemon(client: Client, port: u16) -> Daemon {
-    let args: Vec<String> = match client {
+    daemon_as(client, port, None)
+}
+
+/// A daemon that connects as `user` (redis-py and node only), which names its group.
+fn daemon_as(client: Client, port: u16, user: Option<&str>) -> Daemon {
+    let mut args: Vec<String> = match client {
         Client::Cli => vec![
             "-p".into(),
             port.to_string(),
@@ -140,6 +145,7 @@ fn daemon(client: Client, port: u16) -> Daemon {
         ],
         _ => vec![port.to_string()],
     };
+    args.extend(user.map(str::to_owned));
     let mut child = spawn(client, "daemon", &args);
     let lines = reader(&mut child, client);
     let ready = lines
@@ -357,6 +363,72 @@ async fn redis_cli_runs_unchanged() {
 async fn redis_py_programs_run_unchanged_on_a_redis_backed_node() {
     let redis = punctual_store::redis_testing::RedisServer::start(&[]).expect("start redis-server");
     scenario(Client::Python, &["--redis", &redis.url()]).await;
+}
+
+/// Two applications (AUTH users) on two nodes of one Redis: each gets every event once, also the
+/// ones that fire while it is away, wherever they fire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_applications_on_two_nodes_each_get_every_event_once() {
+    let redis = punctual_store::redis_testing::RedisServer::start(&[]).expect("start redis-server");
+    let url = redis.url();
+    let (port_a, port_b) = (free_port(), free_port());
+    let (resp_a, resp_b) = (format!("127.0.0.1:{port_a}"), format!("127.0.0.1:{port_b}"));
+    let _a = Server::start(&temp_dir("groups-a"), &["--resp", &resp_a, "--redis", &url]).await;
+    let _b = Server::start(&temp_dir("groups-b"), &["--resp", &resp_b, "--redis", &url]).await;
+    let billing = daemon_as(Client::Python, port_a, Some("billing"));
+    let shipping = daemon_as(Client::Python, port_b, Some("shipping"));
+    // Both nodes know both groups (a node reads the registry every 2 s, and on PUNCTUAL.GROUPS).
+    for resp in [&resp_a, &resp_b] {
+        let client = redis::Client::open(format!("redis://{resp}/")).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let groups: Vec<redis::Value> = redis::cmd("PUNCTUAL.GROUPS")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if groups.len() == 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{resp}: {groups:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let check = |events: &[(usize, Value)], due: &BTreeMap<String, u64>, who: &str| {
+        let keys: Vec<String> = events
+            .iter()
+            .map(|(_, e)| e["key"].as_str().unwrap().to_owned())
+            .collect();
+        let unique: BTreeSet<String> = keys.iter().cloned().collect();
+        assert_eq!(keys.len(), unique.len(), "{who}: twice: {keys:?}");
+        assert_eq!(
+            unique,
+            due.keys().cloned().collect::<BTreeSet<_>>(),
+            "{who}: every event"
+        );
+    };
+    // Produced through node A; fired by whichever node's hub takes them.
+    let due = produce(Client::Python, port_a, "both", 20, 300, 10, 2);
+    let got = collect(std::slice::from_ref(&billing), &due, Duration::from_secs(8));
+    check(&got, &due, "billing");
+    let got = collect(
+        std::slice::from_ref(&shipping),
+        &due,
+        Duration::from_secs(8),
+    );
+    check(&got, &due, "shipping");
+    // Shipping goes away; billing keeps getting events; shipping gets its own when it is back.
+    drop(shipping);
+    let due = produce(Client::Python, port_b, "away", 10, 200, 10, 0);
+    let got = collect(std::slice::from_ref(&billing), &due, Duration::from_secs(8));
+    check(&got, &due, "billing while shipping is away");
+    let shipping = daemon_as(Client::Python, port_b, Some("shipping"));
+    let got = collect(
+        std::slice::from_ref(&shipping),
+        &due,
+        Duration::from_secs(8),
+    );
+    check(&got, &due, "shipping after it came back");
 }
 
 /// SIGKILL between `SETEX` and its expiry: the key is durable, so its event fires after the restart.

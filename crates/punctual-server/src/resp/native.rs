@@ -12,7 +12,13 @@
 //! PUNCTUAL.EXTEND queue id token lease-ms                           -> task
 //! PUNCTUAL.GET queue id                                             -> task | null
 //! PUNCTUAL.CANCEL queue id                                          -> 1 | 0
+//! PUNCTUAL.GROUPS                                                   -> [group, ...]
+//! PUNCTUAL.FORGET group-id                                          -> 1 | 0
 //! ```
+//!
+//! `PUNCTUAL.GROUPS` lists the subscriber groups the registry knows (see `events.rs`), each a map
+//! of `id`, `user`, `kind` (`channel` or `pattern`), `subscription`, `members_here`, `waiting`
+//! and `last_seen_ms`; `PUNCTUAL.FORGET` drops one with the events waiting for it.
 //!
 //! A task is a map (RESP3) or a flat array of field, value (RESP2).
 
@@ -36,7 +42,56 @@ pub fn handles(lower: &str) -> bool {
             | "punctual.extend"
             | "punctual.get"
             | "punctual.cancel"
+            | "punctual.groups"
+            | "punctual.forget"
     )
+}
+
+/// `PUNCTUAL.GROUPS` and `PUNCTUAL.FORGET`.
+async fn groups(conn: &Conn, lower: &str, args: &[Vec<u8>]) -> Reply {
+    let bulk = |s: &[u8]| Reply::Bulk(s.to_vec());
+    if lower == "punctual.forget" {
+        let [_, id] = args else {
+            return wrong_args(lower);
+        };
+        return match std::str::from_utf8(id) {
+            Ok(id) => match conn.events.forget(id).await {
+                Ok(found) => Reply::Integer(i64::from(found)),
+                Err(error) => refusal(&error),
+            },
+            Err(_) => Reply::Integer(0),
+        };
+    }
+    if args.len() != 1 {
+        return wrong_args(lower);
+    }
+    match conn.events.groups().await {
+        Ok(groups) => Reply::Array(
+            groups
+                .into_iter()
+                .map(|g| {
+                    Reply::Map(vec![
+                        (bulk(b"id"), bulk(g.id.as_bytes())),
+                        (
+                            bulk(b"user"),
+                            g.user
+                                .as_deref()
+                                .map_or(Reply::Null, |u| bulk(u.as_bytes())),
+                        ),
+                        (
+                            bulk(b"kind"),
+                            bulk(if g.pattern { b"pattern" } else { b"channel" }),
+                        ),
+                        (bulk(b"subscription"), bulk(&g.subscription)),
+                        (bulk(b"members_here"), Reply::Integer(g.members_here as i64)),
+                        (bulk(b"waiting"), Reply::Integer(g.waiting)),
+                        (bulk(b"last_seen_ms"), Reply::Integer(g.last_seen_ms as i64)),
+                    ])
+                })
+                .collect(),
+        ),
+        Err(error) => refusal(&error),
+    }
 }
 
 fn text(arg: &[u8], what: &str) -> Result<String, Reply> {
@@ -145,6 +200,9 @@ pub fn scheduled(result: Result<(bool, Task), ApiError>) -> Reply {
 }
 
 pub async fn run(conn: &mut Conn, lower: &str, args: &[Vec<u8>]) -> Step {
+    if matches!(lower, "punctual.groups" | "punctual.forget") {
+        return Step::Reply(groups(conn, lower, args).await);
+    }
     let Some(queue) = args.get(1) else {
         return Step::Reply(wrong_args(lower));
     };
