@@ -363,16 +363,14 @@ pub fn apply_one<T: Txn + ?Sized>(
 }
 
 /// Writes `new` in place of `old` (which may be absent: then it is created).
+/// Writes `new` over `old`, which the caller has just read with `txn.get` in this transaction
+/// (`None`: there is no task with its id, so no second lookup is made; on the journal store a
+/// lookup that misses costs a probe of the cold tier's id table).
 fn replace<T: Txn + ?Sized>(txn: &mut T, old: Option<&Task>, new: &Task) -> Result<(), StoreError> {
     match old {
         Some(old) => write(txn, Some(old), Some(new)),
         None => {
-            if txn.create(new)?.is_some() {
-                return Err(StoreError::Storage(format!(
-                    "task {}/{} appeared while it was being written",
-                    new.queue, new.id
-                )));
-            }
+            txn.put(new)?;
             write_indexes(txn, None, Some(new))
         }
     }

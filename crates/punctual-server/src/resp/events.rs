@@ -286,6 +286,8 @@ pub struct Events {
     subscribed: Notify,
     /// Events waiting in each backlog queue, as this node counts them.
     waiting: Mutex<HashMap<String, i64>>,
+    /// Held while the registry is read; true once it has been read.
+    registry_read: tokio::sync::Mutex<bool>,
 }
 
 /// The metric of events dropped, by backlog queue and reason (`full`, `retention`).
@@ -308,6 +310,7 @@ impl Events {
             flags: Mutex::new(flags),
             subscribed: Notify::new(),
             waiting: Mutex::new(HashMap::new()),
+            registry_read: tokio::sync::Mutex::new(false),
         })
     }
 
@@ -453,7 +456,20 @@ impl Events {
 
     /// Reads the registry: groups other nodes registered become known here, and `last_seen_ms`
     /// moves to the latest any node wrote.
+    ///
+    /// On a store of this node alone nobody else writes the registry, so it is read once, at
+    /// start: listing a queue's live keys on the embedded store reads its whole cold tier.
     async fn read_registry(&self) -> Result<(), ApiError> {
+        let mut read = self.registry_read.lock().await;
+        if *read && !self.service.store.shared() {
+            return Ok(());
+        }
+        self.read_registry_pages().await?;
+        *read = true;
+        Ok(())
+    }
+
+    async fn read_registry_pages(&self) -> Result<(), ApiError> {
         let registry = self.registry();
         let mut cursor = None;
         loop {
