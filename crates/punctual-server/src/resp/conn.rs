@@ -7,8 +7,7 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::events::{Delivery, Events};
@@ -249,15 +248,15 @@ async fn flush(conn: &Conn, batch: &mut Batch, replies: &mut [Option<Reply>]) {
     }
 }
 
-/// Serves one connection until it closes or quits.
-pub async fn serve(
-    mut stream: TcpStream,
+/// Serves one connection until it closes or quits: a TCP stream, or any byte stream (the fuzz
+/// target drives it over an in-memory pipe).
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     service: Arc<Service>,
     events: Arc<Events>,
     limits: RespLimits,
     id: u64,
 ) {
-    let _ = stream.set_nodelay(true);
     let (tx, mut rx) = mpsc::channel::<Delivery>(events.options.connection_queue);
     let mut conn = Conn {
         id,

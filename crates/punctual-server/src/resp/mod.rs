@@ -61,6 +61,7 @@ pub async fn serve(
         };
         let (service, events, limits) = (service.clone(), events.clone(), limits.clone());
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             conn::serve(stream, service, events, limits, id).await;
             drop(slot);
