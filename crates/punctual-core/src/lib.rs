@@ -6,6 +6,7 @@
 pub mod duration;
 pub mod limits;
 pub mod retry;
+pub mod schedule;
 pub mod task;
 pub mod time;
 pub mod window;
