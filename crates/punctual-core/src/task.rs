@@ -333,6 +333,19 @@ impl Task {
         self.set_due(now_ms, now_ms.saturating_add(delay_ms));
     }
 
+    /// A leased task back to `scheduled` at `run_at_ms` (or `ready`, if that is not later than
+    /// now) with a fresh set of attempts, and `payload` when given.
+    pub fn renew(&mut self, now_ms: u64, run_at_ms: u64, payload: Option<String>) {
+        self.lease = None;
+        self.attempt = 0;
+        self.last_error = None;
+        if payload.is_some() {
+            self.payload = payload;
+        }
+        self.updated_at_ms = now_ms;
+        self.set_due(now_ms, run_at_ms);
+    }
+
     /// Acknowledged: `succeeded`, removed after `retention_ms`.
     pub fn succeed(&mut self, now_ms: u64, retention_ms: u64) {
         self.state = TaskState::Succeeded;

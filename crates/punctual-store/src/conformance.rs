@@ -536,6 +536,82 @@ pub fn webhook_tasks_go_only_to_the_push_sender(store: &dyn Store) {
     );
 }
 
+/// `Renew`, the primitive of recurring schedules: a schedule's record is a task that the node
+/// materialising it leases, and gives back as `scheduled` at its next materialisation with its
+/// cursor in the payload, in the same commit as the occurrences (tasks with derived ids, so a second
+/// materialisation of the same occurrence creates nothing).
+pub fn renew_gives_a_lease_back_as_scheduled(store: &dyn Store) {
+    let record = Task {
+        payload: Some("{\"cursor_ms\":0}".into()),
+        ..Task::new("schedules", "q/every", 1_000, 3, Backoff::default())
+    };
+    assert!(matches!(schedule(store, 0, record), Outcome::Created(_)));
+    tick(store, 1_000);
+    let leased = reserve(store, 1_000, "schedules", 10).remove(0);
+    assert_eq!(leased.attempt, 1);
+    let occurrence = |at: u64| {
+        Command::Schedule(Box::new(Task {
+            payload: Some("{}".into()),
+            ..Task::new("q", format!("every@{at}"), at, 3, Backoff::default())
+        }))
+    };
+    let renew = |token: String, run_at_ms: u64| Command::Renew {
+        queue: "schedules".into(),
+        id: "q/every".into(),
+        token,
+        run_at_ms,
+        payload: Some(format!("{{\"cursor_ms\":{run_at_ms}}}")),
+    };
+    let outcomes = store
+        .apply(
+            1_001,
+            &[
+                occurrence(2_000),
+                occurrence(3_000),
+                renew(token(&leased), 2_500),
+            ],
+        )
+        .expect("apply");
+    assert!(matches!(outcomes[0], Outcome::Created(_)));
+    assert!(matches!(outcomes[1], Outcome::Created(_)));
+    match &outcomes[2] {
+        Outcome::Updated(t) => {
+            assert_eq!(t.state, TaskState::Scheduled);
+            assert_eq!((t.run_at_ms, t.attempt), (2_500, 0));
+            assert!(t.lease.is_none());
+        }
+        other => panic!("renew answered {other:?}"),
+    }
+    let stored = store.get("schedules", "q/every").unwrap().unwrap();
+    assert_eq!(stored.payload.as_deref(), Some("{\"cursor_ms\":2500}"));
+    assert_eq!(stored.state, TaskState::Scheduled);
+    // The lease is gone: renewing again with it changes nothing.
+    assert!(matches!(
+        one(store, 1_002, renew(token(&leased), 9_000)),
+        Outcome::LeaseLost(_)
+    ));
+    // The same occurrence again (another node, or after a crash): nothing new.
+    assert!(matches!(
+        one(store, 1_003, occurrence(2_000)),
+        Outcome::Existing(_)
+    ));
+    // Due again at 2 500, with the occurrences firing at their own times.
+    let report = tick(store, 2_500);
+    assert_eq!(report.fired, 2, "the 2 000 occurrence and the record");
+    assert_eq!(state(store, "q", "every@2000"), Some(TaskState::Ready));
+    assert_eq!(state(store, "q", "every@3000"), Some(TaskState::Scheduled));
+    let again = reserve(store, 2_500, "schedules", 10).remove(0);
+    assert_eq!(
+        again.attempt, 1,
+        "a renewed record starts its attempts afresh"
+    );
+    // Renewed to a time already past: ready at once.
+    match one(store, 2_600, renew(token(&again), 2_000)) {
+        Outcome::Updated(t) => assert_eq!(t.state, TaskState::Ready),
+        other => panic!("renew answered {other:?}"),
+    }
+}
+
 /// A named conformance check.
 /// A key-value task as the Redis front end writes it: the value is a JSON string.
 fn key(id: &str, value: &str, run_at_ms: u64) -> Task {
@@ -757,7 +833,11 @@ type Check = (&'static str, fn(&dyn Store));
 
 /// Every check, each on a fresh store.
 pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
-    let checks: [Check; 13] = [
+    let checks: [Check; 14] = [
+        (
+            "renew_gives_a_lease_back_as_scheduled",
+            renew_gives_a_lease_back_as_scheduled,
+        ),
         (
             "keys_put_delete_set_due_and_incr",
             keys_put_delete_set_due_and_incr,

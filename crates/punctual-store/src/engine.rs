@@ -211,6 +211,16 @@ pub fn apply_one<T: Txn + ?Sized>(
             task.release(now_ms, *delay_ms);
             Outcome::Updated(task.clone())
         }),
+        Command::Renew {
+            queue,
+            id,
+            token,
+            run_at_ms,
+            payload,
+        } => with_lease(txn, queue, id, token, |task| {
+            task.renew(now_ms, *run_at_ms, payload.clone());
+            Outcome::Updated(task.clone())
+        }),
         Command::ReservePush {
             max,
             default_timeout_ms,

@@ -124,6 +124,16 @@ pub enum Command {
         token: String,
         delay_ms: u64,
     },
+    /// Gives a leased task back as `scheduled` at `run_at_ms` with a fresh set of attempts, and
+    /// `payload` when given: the lease holder renews a task that stands for something ongoing (a
+    /// recurring schedule's record, due again at its next materialisation).
+    Renew {
+        queue: String,
+        id: String,
+        token: String,
+        run_at_ms: u64,
+        payload: Option<String>,
+    },
     /// Changes nothing, but its commit is durable: it makes every earlier non-durable commit (leases,
     /// ticks, releases) durable too. Sent at clean shutdown.
     Sync,

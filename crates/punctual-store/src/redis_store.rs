@@ -1178,6 +1178,7 @@ fn single_key(command: &Command) -> Option<(&str, &str)> {
         | Command::AckLazy { queue, id, .. }
         | Command::Nack { queue, id, .. }
         | Command::Release { queue, id, .. }
+        | Command::Renew { queue, id, .. }
         | Command::Extend { queue, id, .. }
         | Command::Retry { queue, id } => Some((queue, id)),
         Command::Reserve { .. }
