@@ -64,6 +64,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/tasks/{id}/nack", post(nack))
         .route("/v1/queues/{queue}/tasks/{id}/extend", post(extend))
         .route("/v1/queues/{queue}/tasks/{id}/retry", post(retry))
+        .route("/v1/queues/{queue}/schedules", get(list_schedules))
+        .route(
+            "/v1/queues/{queue}/schedules/{name}",
+            get(get_schedule).put(put_schedule).delete(delete_schedule),
+        )
+        .route(
+            "/v1/queues/{queue}/schedules/{name}/{action}",
+            post(schedule_action),
+        )
         // After the routes: it applies to those already added. axum keeps the `allow` header.
         .method_not_allowed_fallback(
             |method: axum::http::Method, uri: axum::http::Uri| async move {
@@ -698,6 +707,76 @@ async fn cancel(
 ) -> Result<Response, ApiError> {
     let (queue, id) = task_path(&state, p)?;
     state.cancel(&queue, &id).await.map(settled_response)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recurring schedules (schedules.rs)
+
+async fn list_schedules(
+    State(state): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let queue = queue_path(&state, p)?;
+    let schedules = state.list_schedules(&queue).await?;
+    Ok(axum::Json(serde_json::json!({ "schedules": schedules })).into_response())
+}
+
+async fn get_schedule(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (queue, name) = task_path(&state, p)?;
+    Ok(axum::Json(state.get_schedule(&queue, &name).await?).into_response())
+}
+
+async fn put_schedule(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (queue, name) = task_path(&state, p)?;
+    let spec: crate::schedules::ScheduleSpec = read_json(&state, body).await?;
+    let written = state.put_schedule(&queue, &name, spec).await?;
+    let status = if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(written.view)).into_response())
+}
+
+async fn delete_schedule(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (queue, name) = task_path(&state, p)?;
+    state.delete_schedule(&queue, &name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn schedule_action(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (queue, name, action) = path(p)?;
+    crate::service::check_queue(&state, &queue)?;
+    match action.as_str() {
+        "pause" | "resume" => Ok(axum::Json(
+            state
+                .pause_schedule(&queue, &name, action == "pause")
+                .await?,
+        )
+        .into_response()),
+        "trigger" => Ok(task_response(
+            StatusCode::CREATED,
+            &state.trigger_schedule(&queue, &name).await?,
+        )),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            format!("no schedule action {action:?}: pause, resume or trigger (docs/api.md)"),
+        )),
+    }
 }
 
 async fn reserve(

@@ -11,6 +11,7 @@ pub mod ids;
 pub mod listen;
 pub mod metrics;
 pub mod resp;
+pub mod schedules;
 pub mod service;
 pub mod targets;
 pub mod timer;
@@ -36,6 +37,7 @@ use crate::writer::{Effects, Writer};
 pub struct App {
     state: api::AppState,
     /// The Redis front end's hubs, when it was started.
+    /// Background tasks awaited at stop: the schedule materialiser, the Redis front end's.
     resp_tasks: Vec<tokio::task::JoinHandle<()>>,
     poisoned: watch::Receiver<bool>,
     shutdown: watch::Sender<bool>,
@@ -102,7 +104,15 @@ impl App {
         let body_budget = Arc::new(tokio::sync::Semaphore::new(
             body_budget_kib(&config) as usize
         ));
-        let service = Arc::new(Service::new(store, writer, config, clock, shutdown_rx));
+        let service = Arc::new(Service::new(
+            store,
+            writer,
+            config,
+            clock,
+            shutdown_rx.clone(),
+        ));
+        // Every node materialises recurring schedules; the store's leases share them out.
+        let materialiser = tokio::spawn(schedules::materialiser(service.clone(), shutdown_rx));
         let state = Arc::new(Http {
             service,
             body_budget,
@@ -110,7 +120,7 @@ impl App {
         });
         App {
             state,
-            resp_tasks: Vec::new(),
+            resp_tasks: vec![materialiser],
             poisoned: poisoned_rx,
             shutdown,
             timer,
@@ -141,7 +151,8 @@ impl App {
     /// Starts the Redis front end on `listener`: its hubs, and the accept loop.
     pub fn start_resp(&mut self, listener: tokio::net::TcpListener, resp: RespOptions) {
         let events = resp::Events::new(self.service(), resp.events);
-        self.resp_tasks = events.start(self.shutdown.subscribe());
+        let started = events.start(self.shutdown.subscribe());
+        self.resp_tasks.extend(started);
         self.resp_tasks.push(tokio::spawn(resp::serve(
             listener,
             self.service(),

@@ -89,6 +89,11 @@ fn describe() {
         "Tasks that used up their attempts and became dead, by queue."
     );
     describe_counter!(CANCELLED, "Tasks cancelled by id, by queue.");
+    describe_counter!(
+        crate::schedules::OCCURRENCES,
+        "Occurrences of recurring schedules, by queue, schedule and outcome (created, skipped, \
+         triggered)."
+    );
     describe_histogram!(
         LATENESS,
         metrics::Unit::Seconds,

@@ -333,6 +333,8 @@ impl Service {
         // lease made just before the deadline still reaches the client.
         let give_up = self.clock.instant_at(deadline_ms + PARK_GRACE_MS);
         tokio::select! {
+            // An answer that is there wins over shutdown: dropping it would strand its leases.
+            biased;
             answer = answer => match answer {
                 Ok(Ok(tasks)) => Ok(tasks),
                 Ok(Err(error)) => Err(error.into()),
