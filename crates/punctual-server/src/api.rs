@@ -64,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/tasks/{id}/nack", post(nack))
         .route("/v1/queues/{queue}/tasks/{id}/extend", post(extend))
         .route("/v1/queues/{queue}/tasks/{id}/retry", post(retry))
+        .route("/v1/schedules", get(list_all_schedules))
         .route("/v1/queues/{queue}/schedules", get(list_schedules))
         .route(
             "/v1/queues/{queue}/schedules/{name}",
@@ -717,7 +718,12 @@ async fn list_schedules(
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let queue = queue_path(&state, p)?;
-    let schedules = state.list_schedules(&queue).await?;
+    let schedules = state.list_schedules(Some(&queue)).await?;
+    Ok(axum::Json(serde_json::json!({ "schedules": schedules })).into_response())
+}
+
+async fn list_all_schedules(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let schedules = state.list_schedules(None).await?;
     Ok(axum::Json(serde_json::json!({ "schedules": schedules })).into_response())
 }
 

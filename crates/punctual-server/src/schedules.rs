@@ -396,14 +396,17 @@ impl Service {
         self.schedule_view(&stored, self.clock.now_ms())
     }
 
-    /// The schedules of `queue`, by name (at most [`LIST_MAX`]).
-    pub async fn list_schedules(&self, queue: &str) -> Result<Vec<ScheduleView>, ApiError> {
-        check_queue(self, queue)?;
-        let prefix = format!("{queue}/");
+    /// The schedules of `queue` (of every queue when `None`), by queue and name (at most
+    /// [`LIST_MAX`]).
+    pub async fn list_schedules(&self, queue: Option<&str>) -> Result<Vec<ScheduleView>, ApiError> {
+        if let Some(queue) = queue {
+            check_queue(self, queue)?;
+        }
+        let prefix = queue.map(|q| format!("{q}/")).unwrap_or_default();
         let now_ms = self.clock.now_ms();
         let mut views = Vec::new();
-        // Ids sort after the prefix's last character minus one: start just before the prefix.
-        let mut cursor = Some(format!("{queue}."));
+        // Record ids are `<queue>/<name>`: start just before the prefix (`.` sorts before `/`).
+        let mut cursor = queue.map(|q| format!("{q}."));
         while views.len() < LIST_MAX {
             let page = self
                 .list(SCHEDULES_QUEUE, None, cursor.clone(), Some(1000))

@@ -145,41 +145,8 @@ impl Client {
         if let Some(id) = spec.id {
             body["id"] = id.into();
         }
-        set_time_and_payload(&mut body, spec.in_, spec.at, spec.payload)?;
-        if let Some(n) = spec.max_attempts {
-            body["max_attempts"] = n.into();
-        }
-        if let Some(backoff) = spec.backoff {
-            let steps = backoff
-                .split(',')
-                .map(parse_duration_ms)
-                .collect::<Result<Vec<u64>, String>>()
-                .map_err(anyhow::Error::msg)?;
-            body["backoff_ms"] = steps.into();
-        }
-        if let Some(exp) = spec.backoff_exp {
-            body["backoff"] = exponential(&exp)?;
-        }
-        if let Some(lease) = spec.lease {
-            body["lease_ms"] = parse_duration_ms(&lease)
-                .map_err(anyhow::Error::msg)?
-                .into();
-        }
-        if let Some(url) = spec.webhook {
-            let mut webhook = json!({ "url": url });
-            for header in &spec.headers {
-                let Some((name, value)) = header.split_once(':') else {
-                    bail!("--header must be \"Name: value\", got {header:?}");
-                };
-                webhook["headers"][name.trim()] = value.trim().into();
-            }
-            if let Some(timeout) = spec.webhook_timeout {
-                webhook["timeout_ms"] = parse_duration_ms(&timeout)
-                    .map_err(anyhow::Error::msg)?
-                    .into();
-            }
-            body["webhook"] = webhook;
-        }
+        set_time_and_payload(&mut body, spec.in_, spec.at, None)?;
+        spec.fields.apply(&mut body)?;
         let (status, task) = self
             .call(
                 reqwest::Method::POST,
@@ -514,6 +481,13 @@ pub struct ScheduleSpec {
     /// Task id (default: generated). Scheduling the same id and spec again is a no-op.
     #[arg(long)]
     pub id: Option<String>,
+    #[command(flatten)]
+    pub fields: TaskFields,
+}
+
+/// The fields of a task (or of each occurrence of a recurring schedule).
+#[derive(clap::Args)]
+pub struct TaskFields {
     /// Payload as JSON ('{"order":123}', or '"text"' for a string); delivered as sent.
     #[arg(long, value_name = "JSON")]
     pub payload: Option<String>,
@@ -538,4 +512,228 @@ pub struct ScheduleSpec {
     /// How long a webhook request may take (default: the server's, 10s).
     #[arg(long, value_name = "DURATION", requires = "webhook")]
     pub webhook_timeout: Option<String>,
+}
+
+impl TaskFields {
+    /// Sets these fields in a request body.
+    pub fn apply(self, body: &mut Value) -> Result<()> {
+        if let Some(payload) = self.payload {
+            body["payload"] = serde_json::from_str(&payload)
+                .context("--payload must be JSON (quote strings: '\"text\"')")?;
+        }
+        if let Some(n) = self.max_attempts {
+            body["max_attempts"] = n.into();
+        }
+        if let Some(backoff) = self.backoff {
+            let steps = backoff
+                .split(',')
+                .map(parse_duration_ms)
+                .collect::<Result<Vec<u64>, String>>()
+                .map_err(anyhow::Error::msg)?;
+            body["backoff_ms"] = steps.into();
+        }
+        if let Some(exp) = self.backoff_exp {
+            body["backoff"] = exponential(&exp)?;
+        }
+        if let Some(lease) = self.lease {
+            body["lease_ms"] = parse_duration_ms(&lease)
+                .map_err(anyhow::Error::msg)?
+                .into();
+        }
+        if let Some(url) = self.webhook {
+            let mut webhook = json!({ "url": url });
+            for header in &self.headers {
+                let Some((name, value)) = header.split_once(':') else {
+                    bail!("--header must be \"Name: value\", got {header:?}");
+                };
+                webhook["headers"][name.trim()] = value.trim().into();
+            }
+            if let Some(timeout) = self.webhook_timeout {
+                webhook["timeout_ms"] = parse_duration_ms(&timeout)
+                    .map_err(anyhow::Error::msg)?
+                    .into();
+            }
+            body["webhook"] = webhook;
+        }
+        Ok(())
+    }
+}
+
+/// What `punctual every` asks for.
+#[derive(clap::Args)]
+pub struct EverySpec {
+    /// Every this long: 200ms, 10s, 5m, 1h, 1d.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        required_unless_present = "cron",
+        conflicts_with = "cron"
+    )]
+    pub every: Option<String>,
+    /// A cron expression: 5 fields, 6 with seconds first, or @hourly/@daily/@weekly/@monthly/@yearly.
+    #[arg(long, value_name = "EXPR")]
+    pub cron: Option<String>,
+    /// The IANA time zone the cron expression is read in (default UTC), e.g. Europe/Berlin.
+    #[arg(long = "tz", value_name = "ZONE", requires = "cron")]
+    pub timezone: Option<String>,
+    /// No occurrence before this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub start_at: Option<String>,
+    /// No occurrence after this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub end_at: Option<String>,
+    /// What to create for occurrences missed while the server was down: skip, latest (default), all.
+    #[arg(long, value_name = "POLICY")]
+    pub missed: Option<String>,
+    /// Do not create an occurrence while the previous one's task is not finished.
+    #[arg(long)]
+    pub no_overlap: bool,
+    /// Create it paused.
+    #[arg(long)]
+    pub paused: bool,
+    #[command(flatten)]
+    pub fields: TaskFields,
+}
+
+impl Client {
+    /// Creates or replaces a recurring schedule.
+    pub async fn every(&self, queue: &str, name: &str, spec: EverySpec) -> Result<()> {
+        let mut body = json!({});
+        if let Some(every) = spec.every {
+            body["every_ms"] = parse_duration_ms(&every)
+                .map_err(anyhow::Error::msg)?
+                .into();
+        }
+        if let Some(cron) = spec.cron {
+            body["cron"] = cron.into();
+        }
+        if let Some(zone) = spec.timezone {
+            body["timezone"] = zone.into();
+        }
+        for (field, value) in [
+            ("start_at", spec.start_at),
+            ("end_at", spec.end_at),
+            ("missed", spec.missed),
+        ] {
+            if let Some(value) = value {
+                body[field] = value.into();
+            }
+        }
+        if spec.no_overlap {
+            body["overlap"] = "skip".into();
+        }
+        if spec.paused {
+            body["paused"] = true.into();
+        }
+        spec.fields.apply(&mut body)?;
+        let (status, schedule) = self
+            .call(
+                reqwest::Method::PUT,
+                &schedule_path(queue, name),
+                Some(body),
+            )
+            .await?;
+        if self.json {
+            println!("{schedule}");
+            return Ok(());
+        }
+        println!(
+            "{} schedule {name} in {queue}",
+            if status == reqwest::StatusCode::CREATED {
+                "created"
+            } else {
+                "replaced"
+            }
+        );
+        print_next_runs(&schedule);
+        Ok(())
+    }
+
+    /// Lists the schedules of one queue, or of every queue.
+    pub async fn schedules(&self, queue: Option<&str>) -> Result<()> {
+        let path = match queue {
+            Some(queue) => format!("/v1/queues/{}/schedules", segment(queue)),
+            None => "/v1/schedules".to_owned(),
+        };
+        let (_, body) = self.call(reqwest::Method::GET, &path, None).await?;
+        if !self.json {
+            println!(
+                "{:<16} {:<24} {:<30} {:<7} {:>8} {:>8}  NEXT RUN",
+                "QUEUE", "NAME", "RULE", "STATE", "CREATED", "SKIPPED"
+            );
+        }
+        for schedule in body["schedules"].as_array().into_iter().flatten() {
+            if self.json {
+                println!("{schedule}");
+                continue;
+            }
+            let rule = match (schedule["every_ms"].as_u64(), schedule["cron"].as_str()) {
+                (Some(ms), _) => format!(
+                    "every {}",
+                    humantime::format_duration(std::time::Duration::from_millis(ms))
+                ),
+                (None, Some(cron)) => {
+                    format!("{cron} {}", schedule["timezone"].as_str().unwrap_or(""))
+                }
+                _ => String::new(),
+            };
+            let state = if schedule["paused"] == true {
+                "paused"
+            } else {
+                "active"
+            };
+            println!(
+                "{:<16} {:<24} {:<30} {:<7} {:>8} {:>8}  {}",
+                schedule["queue"].as_str().unwrap_or(""),
+                schedule["name"].as_str().unwrap_or(""),
+                rule,
+                state,
+                schedule["occurrences_created"].as_u64().unwrap_or(0),
+                schedule["occurrences_skipped"].as_u64().unwrap_or(0),
+                schedule["next_runs"][0]["run_at"].as_str().unwrap_or("-")
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes a schedule.
+    pub async fn unschedule(&self, queue: &str, name: &str) -> Result<()> {
+        self.call(reqwest::Method::DELETE, &schedule_path(queue, name), None)
+            .await?;
+        if self.json {
+            println!("{}", json!({"deleted": name}));
+        } else {
+            println!("deleted schedule {name} in {queue}");
+        }
+        Ok(())
+    }
+
+    /// Pauses or resumes a schedule.
+    pub async fn pause(&self, queue: &str, name: &str, pause: bool) -> Result<()> {
+        let action = if pause { "pause" } else { "resume" };
+        let (_, schedule) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("{}/{action}", schedule_path(queue, name)),
+                None,
+            )
+            .await?;
+        if self.json {
+            println!("{schedule}");
+        } else {
+            println!("{action}d schedule {name} in {queue}");
+            print_next_runs(&schedule);
+        }
+        Ok(())
+    }
+}
+
+fn schedule_path(queue: &str, name: &str) -> String {
+    format!("/v1/queues/{}/schedules/{}", segment(queue), segment(name))
+}
+
+fn print_next_runs(schedule: &Value) {
+    for run in schedule["next_runs"].as_array().into_iter().flatten() {
+        println!("  next  {}", run["run_at"].as_str().unwrap_or(""));
+    }
 }

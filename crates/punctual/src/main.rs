@@ -16,7 +16,7 @@ use punctual_store::{
     RedisTarget, RedisTls, Store,
 };
 
-use crate::client::{Client, ScheduleSpec};
+use crate::client::{Client, EverySpec, ScheduleSpec};
 use crate::config::ServeOpts;
 
 /// mimalloc instead of glibc malloc: the server allocates and frees many small strings and tasks per
@@ -161,6 +161,46 @@ enum Cmd {
     Stats {
         /// Only this queue.
         queue: Option<String>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Create or replace a recurring schedule: a task in QUEUE for each occurrence, e.g.
+    /// `every reports daily --cron '0 9 * * MON-FRI' --tz Europe/Berlin --payload '{"r":1}'`.
+    Every {
+        /// The queue its occurrences go to.
+        queue: String,
+        /// The schedule's name (letters, digits and . _ : -).
+        name: String,
+        #[command(flatten)]
+        spec: EverySpec,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// List recurring schedules, of one queue or of all.
+    Schedules {
+        /// Only this queue.
+        queue: Option<String>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Delete a recurring schedule (occurrences already created, up to a second ahead, stay).
+    Unschedule {
+        queue: String,
+        name: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Pause a recurring schedule: no occurrences until it is resumed.
+    Pause {
+        queue: String,
+        name: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Resume a paused schedule, from now (what fell while paused is not created).
+    Resume {
+        queue: String,
+        name: String,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -444,6 +484,30 @@ async fn main() {
             client,
         } => async { connect(&client)?.schedule(&queue, spec).await }.await,
         Cmd::Get { queue, id, client } => async { connect(&client)?.get(&queue, &id).await }.await,
+        Cmd::Every {
+            queue,
+            name,
+            spec,
+            client,
+        } => async { connect(&client)?.every(&queue, &name, spec).await }.await,
+        Cmd::Schedules { queue, client } => {
+            async { connect(&client)?.schedules(queue.as_deref()).await }.await
+        }
+        Cmd::Unschedule {
+            queue,
+            name,
+            client,
+        } => async { connect(&client)?.unschedule(&queue, &name).await }.await,
+        Cmd::Pause {
+            queue,
+            name,
+            client,
+        } => async { connect(&client)?.pause(&queue, &name, true).await }.await,
+        Cmd::Resume {
+            queue,
+            name,
+            client,
+        } => async { connect(&client)?.pause(&queue, &name, false).await }.await,
         Cmd::Cancel { queue, id, client } => {
             async { connect(&client)?.cancel(&queue, &id).await }.await
         }
