@@ -16,6 +16,7 @@ mod punctual;
 mod redis_peers;
 mod report;
 mod resp;
+mod schedules;
 mod subject;
 mod webhook;
 
@@ -79,6 +80,8 @@ pub enum Scenario {
     Webhook,
     /// Punctual only: 1, 2 and 3 nodes on one Redis and on a 3-master Redis Cluster.
     Distributed,
+    /// Punctual only: recurring schedules (lateness of occurrences, cost of many schedules).
+    Schedules,
 }
 
 #[derive(clap::Args)]
@@ -89,7 +92,7 @@ pub struct BenchOpts {
     systems: Vec<System>,
     /// Scenarios to run, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',',
-          default_values = ["ingest", "burst", "drain", "memory", "restart", "correctness", "webhook", "distributed"])]
+          default_values = ["ingest", "burst", "drain", "memory", "restart", "correctness", "webhook", "distributed", "schedules"])]
     scenarios: Vec<Scenario>,
     /// Runs of every scenario; the report gives medians and ranges.
     #[arg(long, default_value_t = 1)]
@@ -122,6 +125,15 @@ pub struct BenchOpts {
     /// How long the consumer is away in the correctness check [default: 5s; quick: 1s].
     #[arg(long)]
     disconnect: Option<String>,
+    /// Schedules every 1 s whose occurrences' lateness is measured [default: 1000; quick: 50].
+    #[arg(long)]
+    schedules: Option<u64>,
+    /// How long those schedules run [default: 60s; quick: 3s].
+    #[arg(long)]
+    schedules_for: Option<String>,
+    /// Mostly daily schedules whose cost at rest is measured [default: 100000; quick: 1000].
+    #[arg(long)]
+    daily_schedules: Option<u64>,
     /// A task not delivered within this long after its due time counts as missed [default: 60s; quick: 2s].
     #[arg(long)]
     give_up: Option<String>,
@@ -177,6 +189,9 @@ pub struct Sizes {
     pub connections: Vec<usize>,
     pub consumers: usize,
     pub reserve_max: usize,
+    pub schedules: u64,
+    pub schedules_for_ms: u64,
+    pub daily_schedules: u64,
 }
 
 impl Sizes {
@@ -211,6 +226,9 @@ impl Sizes {
             connections: opts.connections.clone(),
             consumers: opts.consumers,
             reserve_max: opts.reserve_max,
+            schedules: n(opts.schedules, 1_000, 50).max(1),
+            schedules_for_ms: ms(&opts.schedules_for, "60s", "3s")?.max(1_000),
+            daily_schedules: n(opts.daily_schedules, 100_000, 1_000).max(1),
         };
         if sizes.batch == 0 || sizes.batch > 1000 {
             bail!("--batch must be 1..=1000 (Punctual's batch limit)");
@@ -331,6 +349,14 @@ pub async fn run(opts: BenchOpts) -> Result<()> {
                 results
                     .notes
                     .push(format!("run {run}, Punctual webhooks: failed: {e:#}"));
+            }
+        }
+        if systems.contains(&System::Punctual) && scenarios.contains(&Scenario::Schedules) {
+            eprintln!("== run {run} of {}: Punctual schedules", opts.runs);
+            if let Err(e) = schedules::run(&ctx, &mut results).await {
+                results
+                    .notes
+                    .push(format!("run {run}, Punctual schedules: failed: {e:#}"));
             }
         }
         if systems.contains(&System::Punctual) && scenarios.contains(&Scenario::Distributed) {

@@ -75,6 +75,11 @@ impl Punctual {
         Ok(server)
     }
 
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// GETs an API path as JSON.
     pub async fn http_get(&self, path: &str) -> Result<Value> {
         Ok(self

@@ -243,6 +243,14 @@ fn scenario_intro(scenario: Scenario, s: &Sizes) -> String {
             s.correctness
         ),
         Scenario::Webhook => "Punctual only: webhook tasks delivered to a local target that answers 204 at once, 64 deliveries in flight.".to_owned(),
+        Scenario::Schedules => format!(
+            "Punctual only: {} recurring schedules every 1 s for {} s, their occurrences taken by {} consumers (reserve up to 1 000, ack in batches), lateness from each occurrence's due time to the reserve answer; then, on a fresh server, {} schedules (1 in 100 every minute, the rest daily at some minute, Europe/Berlin) and the server's RSS and CPU at rest over {} s.",
+            s.schedules,
+            s.schedules_for_ms / 1000,
+            s.consumers,
+            m(s.daily_schedules),
+            s.idle_ms / 1000
+        ),
         Scenario::Distributed => format!(
             "Punctual only: nodes on Redis (`serve --redis` / `--redis-cluster`), Redis with AOF on and `appendfsync everysec`, started fresh for each row. Per row: ingest of {} due over 30 days ({} per batch, {} connections spread over the nodes); Redis commands per second and node while idle with them pending (counted over {} s); a burst of {} due over {} s on top, and a drain of {} all due at once, each taken by {} consumers spread over the nodes. Every node and Redis process shares the machine with the load generator.",
             m(s.tasks),
@@ -266,6 +274,7 @@ fn scenario_title(scenario: Scenario) -> &'static str {
         Scenario::Restart => "Restart after kill -9",
         Scenario::Correctness => "Correctness",
         Scenario::Webhook => "Webhooks",
+        Scenario::Schedules => "Recurring schedules",
         Scenario::Distributed => "Distributed mode (Redis)",
     }
 }
@@ -378,7 +387,7 @@ pub fn render(
             md.push_str(&distributed_table(res));
             continue;
         }
-        if scenario == Scenario::Webhook {
+        if matches!(scenario, Scenario::Webhook | Scenario::Schedules) {
             let _ = writeln!(md, "| | Punctual |\n|---|---|");
             for row in res.rows.iter().filter(|r| r.scenario == scenario) {
                 let _ = writeln!(
