@@ -327,14 +327,14 @@ impl Service {
         })
     }
 
-    /// Writes a schedule's record, due now (so it is materialised at once) unless paused. Waits a
+    /// Writes a schedule's record, due at its first materialisation (never while paused). Waits a
     /// moment while a materialiser holds the record.
     async fn write_record(&self, stored: &Stored, now_ms: u64) -> Result<(), ApiError> {
-        let run_at_ms = if stored.paused {
-            punctual_core::NEVER_MS
-        } else {
-            now_ms
-        };
+        let next_ms = stored
+            .rule()?
+            .next_after(stored.cursor_ms)
+            .filter(|n| stored.end_at_ms.is_none_or(|end| *n <= end));
+        let run_at_ms = stored.wake_at(next_ms).max(now_ms);
         let record = self.record_task(stored, run_at_ms);
         for round in 0..=BUSY_RETRIES {
             if round > 0 {
@@ -596,17 +596,55 @@ pub async fn materialiser(service: Arc<Service>, shutdown: watch::Receiver<bool>
                 continue;
             }
         };
-        for record in records {
-            if let Err(error) = materialise(&service, &record).await {
-                tracing::warn!(schedule = %record.id, error = %error.message, "could not materialise a schedule; it is tried again when its lease ends");
+        if records.is_empty() {
+            continue;
+        }
+        // Every record of the round in one commit: one fsync for all of them.
+        let mut commands = Vec::new();
+        let mut counts = Vec::new();
+        for record in &records {
+            match materialise(&service, record).await {
+                Ok((mut more, count)) => {
+                    commands.append(&mut more);
+                    counts.push(count);
+                }
+                Err(error) => {
+                    tracing::warn!(schedule = %record.id, error = %error.message, "could not materialise a schedule; it is tried again when its lease ends");
+                }
             }
+        }
+        if let Err(error) = service.writer.submit(commands).await {
+            tracing::warn!(error = %error.message, "could not commit a round of schedules; they are tried again when their leases end");
+            continue;
+        }
+        for count in counts {
+            count.record();
         }
     }
 }
 
-/// One round of one schedule: its occurrences up to a second ahead, and its record renewed, in one
-/// commit.
-async fn materialise(service: &Service, record: &Task) -> Result<(), ApiError> {
+/// What one materialisation created and skipped, for the metric once it is committed.
+struct Count {
+    queue: String,
+    name: String,
+    created: u64,
+    skipped: u64,
+}
+
+impl Count {
+    fn record(self) {
+        if self.created > 0 {
+            metrics::counter!(OCCURRENCES, "queue" => self.queue.clone(), "schedule" => self.name.clone(), "outcome" => "created").increment(self.created);
+        }
+        if self.skipped > 0 {
+            metrics::counter!(OCCURRENCES, "queue" => self.queue, "schedule" => self.name, "outcome" => "skipped").increment(self.skipped);
+        }
+    }
+}
+
+/// One round of one schedule: the commands that create its occurrences up to a second ahead and
+/// renew its record, to be committed together.
+async fn materialise(service: &Service, record: &Task) -> Result<(Vec<Command>, Count), ApiError> {
     let token = record
         .lease
         .as_ref()
@@ -622,8 +660,13 @@ async fn materialise(service: &Service, record: &Task) -> Result<(), ApiError> {
             run_at_ms: punctual_core::NEVER_MS,
             payload: None,
         };
-        service.writer.submit_one(renew).await?;
-        return Ok(());
+        let count = Count {
+            queue: String::new(),
+            name: record.id.clone(),
+            created: 0,
+            skipped: 0,
+        };
+        return Ok((vec![renew], count));
     };
     let rule = stored.rule()?;
     let mut commands = Vec::new();
@@ -690,17 +733,11 @@ async fn materialise(service: &Service, record: &Task) -> Result<(), ApiError> {
         run_at_ms: stored.wake_at(next_ms),
         payload: Some(serde_json::to_string(&stored).unwrap_or_default()),
     });
-    let outcomes = service.writer.submit(commands).await?;
-    if let Some(Outcome::LeaseLost(_)) = outcomes.last() {
-        // Replaced or deleted meanwhile: the occurrences (derived ids) are harmless, the record is
-        // the API's now.
-        return Ok(());
-    }
-    if created > 0 {
-        metrics::counter!(OCCURRENCES, "queue" => stored.queue.clone(), "schedule" => stored.name.clone(), "outcome" => "created").increment(created);
-    }
-    if skipped > 0 {
-        metrics::counter!(OCCURRENCES, "queue" => stored.queue.clone(), "schedule" => stored.name.clone(), "outcome" => "skipped").increment(skipped);
-    }
-    Ok(())
+    let count = Count {
+        queue: stored.queue.clone(),
+        name: stored.name.clone(),
+        created,
+        skipped,
+    };
+    Ok((commands, count))
 }

@@ -244,7 +244,7 @@ fn scenario_intro(scenario: Scenario, s: &Sizes) -> String {
         ),
         Scenario::Webhook => "Punctual only: webhook tasks delivered to a local target that answers 204 at once, 64 deliveries in flight.".to_owned(),
         Scenario::Schedules => format!(
-            "Punctual only: {} recurring schedules every 1 s for {} s, their occurrences taken by {} consumers (reserve up to 1 000, ack in batches), lateness from each occurrence's due time to the reserve answer; then, on a fresh server, {} schedules (1 in 100 every minute, the rest daily at some minute, Europe/Berlin) and the server's RSS and CPU at rest over {} s.",
+            "Punctual only: {} recurring schedules every 1 s for {} s, their occurrences taken by {} consumers (reserve up to 1 000, ack in batches), lateness from each occurrence's due time to the reserve answer; then, on a fresh server, {} schedules (1 in 100 every minute, the rest daily at some minute, Europe/Berlin) and the server's RSS and CPU at rest over {} s, measured after as long again to settle.",
             s.schedules,
             s.schedules_for_ms / 1000,
             s.consumers,
