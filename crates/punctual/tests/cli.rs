@@ -598,3 +598,71 @@ async fn a_redb_data_directory_migrates_to_the_journal_store() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("without --store redb"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recurring_schedule_commands() {
+    let server = Server::start(&temp_dir("cli-every"), &[]).await;
+    let out = stdout(&punctual(
+        &server,
+        &[
+            "every",
+            "reports",
+            "daily",
+            "--cron",
+            "0 9 * * MON-FRI",
+            "--tz",
+            "Europe/Berlin",
+            "--payload",
+            r#"{"report":"sales"}"#,
+            "--max-attempts",
+            "2",
+        ],
+    ));
+    assert!(
+        out.starts_with("created schedule daily in reports"),
+        "{out}"
+    );
+    assert_eq!(out.matches("T09:00:00+01:00").count(), 5, "{out}");
+    let out = stdout(&punctual(
+        &server,
+        &[
+            "every",
+            "sync",
+            "feeds",
+            "--every",
+            "5m",
+            "--no-overlap",
+            "--missed",
+            "all",
+        ],
+    ));
+    assert!(out.starts_with("created schedule feeds in sync"), "{out}");
+    let json = stdout(&punctual(&server, &["schedules", "sync", "--json"]));
+    let schedule: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(schedule["every_ms"], 300_000);
+    assert_eq!(schedule["overlap"], "skip");
+    assert_eq!(schedule["missed"], "all");
+    let table = stdout(&punctual(&server, &["schedules"]));
+    assert!(table.contains("0 9 * * MON-FRI Europe/Berlin"), "{table}");
+    assert!(table.contains("every 5m"), "{table}");
+    let out = stdout(&punctual(&server, &["pause", "reports", "daily"]));
+    assert!(out.starts_with("paused schedule daily"), "{out}");
+    let table = stdout(&punctual(&server, &["schedules", "reports"]));
+    assert!(table.contains("paused"), "{table}");
+    stdout(&punctual(&server, &["resume", "reports", "daily"]));
+    stdout(&punctual(&server, &["unschedule", "reports", "daily"]));
+    let gone = punctual(&server, &["unschedule", "reports", "daily"]);
+    assert!(!gone.status.success());
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("no schedule"),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+    let bad = punctual(&server, &["every", "sync", "bad", "--cron", "61 * * * *"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("field 1 (minute)"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
