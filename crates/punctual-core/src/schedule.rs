@@ -541,6 +541,20 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // Measures how long the search takes.
+    fn a_date_that_never_comes_answers_none_quickly() {
+        let started = std::time::Instant::now();
+        let never = cron("0 0 30 2 *", "UTC");
+        assert_eq!(never.next_after(ms("2026-12-06T00:00:00Z")), None);
+        assert!(never.between(0, u64::MAX, 5).is_empty());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
     fn refusals_name_the_field() {
         let e = Rule::cron("0 25 * * *", None).unwrap_err();
         assert_eq!(e.field, "cron");

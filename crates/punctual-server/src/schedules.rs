@@ -305,7 +305,11 @@ impl Service {
                 "timezone applies to cron; an every_ms schedule counts real time",
             ));
         }
-        stored.rule()?;
+        if stored.rule()?.next_after(now_ms).is_none() {
+            return Err(ApiError::invalid(
+                "cron: the expression matches no date from now on (such as 30 February)",
+            ));
+        }
         // The occurrences' task fields, validated as a task request would be.
         build_task(self, queue, stored.request(occurrence_id(name, 0)), now_ms)?;
         if let Some(old) = &existing {

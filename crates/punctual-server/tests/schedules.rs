@@ -247,6 +247,7 @@ async fn cron_schedules_show_their_zone_and_bad_specs_are_refused() {
         ),
         (json!({"every_ms": 1000, "colour": "red"}), "colour"),
         (json!({"every_ms": 1000, "max_attempts": 0}), "max_attempts"),
+        (json!({"cron": "0 0 30 2 *"}), "matches no date"),
         (
             json!({"every_ms": 1000, "start_at": "2027-01-02T00:00:00Z", "end_at": "2027-01-01T00:00:00Z"}),
             "end_at is before start_at",
