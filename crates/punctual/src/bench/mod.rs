@@ -131,6 +131,10 @@ pub struct BenchOpts {
     /// How long those schedules run [default: 60s; quick: 3s].
     #[arg(long)]
     schedules_for: Option<String>,
+    /// Start those schedules at evenly spaced instants of a second, so their occurrences do not
+    /// fall due together.
+    #[arg(long)]
+    schedules_spread: bool,
     /// Mostly daily schedules whose cost at rest is measured [default: 100000; quick: 1000].
     #[arg(long)]
     daily_schedules: Option<u64>,
@@ -191,6 +195,7 @@ pub struct Sizes {
     pub reserve_max: usize,
     pub schedules: u64,
     pub schedules_for_ms: u64,
+    pub schedules_spread: bool,
     pub daily_schedules: u64,
 }
 
@@ -228,6 +233,7 @@ impl Sizes {
             reserve_max: opts.reserve_max,
             schedules: n(opts.schedules, 1_000, 50).max(1),
             schedules_for_ms: ms(&opts.schedules_for, "60s", "3s")?.max(1_000),
+            schedules_spread: opts.schedules_spread,
             daily_schedules: n(opts.daily_schedules, 100_000, 1_000).max(1),
         };
         if sizes.batch == 0 || sizes.batch > 1000 {

@@ -70,12 +70,24 @@ pub async fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
     // Lateness: `schedules` schedules every second for `schedules_for_ms`.
     let server = Punctual::start_with(ctx, &[]).await?;
     let outcome = async {
+        // With --schedules-spread, the schedules start at evenly spaced instants of one second,
+        // so their occurrences are spread over each second instead of falling due together.
+        let base_ms = super::subject::now_ms() + 2_000;
+        let spread = s.schedules_spread;
+        let count = s.schedules;
         create(
             &server,
             &http,
             s.schedules,
             "Punctual: create schedules every 1 s",
-            |_| json!({"every_ms": 1000}),
+            move |i| {
+                if spread {
+                    let at = base_ms + i * 1000 / count;
+                    json!({"every_ms": 1000, "start_at": punctual_core::time::format_rfc3339_ms(at)})
+                } else {
+                    json!({"every_ms": 1000})
+                }
+            },
         )
         .await?;
         let lateness = Arc::new(Mutex::new(lateness_histogram()));
@@ -151,9 +163,10 @@ pub async fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
         bar.finish();
         let hist = lateness.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let label = format!(
-            "{} schedules every 1 s for {} s",
+            "{} schedules every 1 s for {} s{}",
             s.schedules,
-            s.schedules_for_ms / 1000
+            s.schedules_for_ms / 1000,
+            if spread { ", spread over the second" } else { "" }
         );
         for (key, what, q) in [
             (
