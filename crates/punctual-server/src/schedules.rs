@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use crate::error::ApiError;
 use crate::service::{
     ExponentialSpec, ReserveRequest, ScheduleRequest, Service, build_task, check_queue, present,
+    unexpected,
 };
 
 /// The queue that holds every schedule's record (`<queue>/<name>`). Its name is reserved.
@@ -340,31 +341,37 @@ impl Service {
             .filter(|n| stored.end_at_ms.is_none_or(|end| *n <= end));
         let run_at_ms = stored.wake_at(next_ms).max(now_ms);
         let record = self.record_task(stored, run_at_ms);
+        let outcome = self
+            .when_free(&stored.queue, &stored.name, || Command::Put {
+                task: Box::new(record.clone()),
+                when: PutWhen::Always,
+                keep_due: false,
+            })
+            .await?;
+        match outcome {
+            Outcome::Put { .. } => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Commits a command on a schedule's record (made afresh for each try), waiting a moment while
+    /// a materialiser holds the record (it is `ready` or `leased` for the instant of a round).
+    async fn when_free(
+        &self,
+        queue: &str,
+        name: &str,
+        command: impl Fn() -> Command,
+    ) -> Result<Outcome, ApiError> {
         for round in 0..=BUSY_RETRIES {
             if round > 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(BUSY_WAIT_MS)).await;
             }
-            let outcome = self
-                .writer
-                .submit_one(Command::Put {
-                    task: Box::new(record.clone()),
-                    when: PutWhen::Always,
-                    keep_due: false,
-                })
-                .await?;
-            match outcome {
-                Outcome::Put { .. } => return Ok(()),
+            match self.writer.submit_one(command()).await? {
                 Outcome::WrongState(TaskState::Ready | TaskState::Leased) => continue,
-                other => {
-                    return Err(ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
-                        format!("unexpected store outcome {other:?}"),
-                    ));
-                }
+                outcome => return Ok(outcome),
             }
         }
-        Err(busy(&stored.queue, &stored.name))
+        Err(busy(queue, name))
     }
 
     fn record_task(&self, stored: &Stored, run_at_ms: u64) -> Task {
@@ -437,31 +444,17 @@ impl Service {
     pub async fn delete_schedule(&self, queue: &str, name: &str) -> Result<(), ApiError> {
         check_queue(self, queue)?;
         let id = record_id(queue, name);
-        for round in 0..=BUSY_RETRIES {
-            if round > 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(BUSY_WAIT_MS)).await;
-            }
-            let outcome = self
-                .writer
-                .submit_one(Command::Cancel {
-                    queue: SCHEDULES_QUEUE.into(),
-                    id: id.clone(),
-                })
-                .await?;
-            match outcome {
-                Outcome::Cancelled(_) => return Ok(()),
-                Outcome::NotFound => return Err(no_schedule(queue, name)),
-                Outcome::WrongState(_) => continue,
-                other => {
-                    return Err(ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
-                        format!("unexpected store outcome {other:?}"),
-                    ));
-                }
-            }
+        let outcome = self
+            .when_free(queue, name, || Command::Cancel {
+                queue: SCHEDULES_QUEUE.into(),
+                id: id.clone(),
+            })
+            .await?;
+        match outcome {
+            Outcome::Cancelled(_) => Ok(()),
+            Outcome::NotFound => Err(no_schedule(queue, name)),
+            other => Err(unexpected(&other)),
         }
-        Err(busy(queue, name))
     }
 
     /// Pauses or resumes a schedule. A resumed schedule goes on from now: what fell while it was

@@ -794,7 +794,7 @@ fn lease_refused(queue: &str, id: &str, check: LeaseCheck) -> ApiError {
     }
 }
 
-fn unexpected(outcome: &Outcome) -> ApiError {
+pub(crate) fn unexpected(outcome: &Outcome) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "internal",
