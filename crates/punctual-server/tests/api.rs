@@ -3,6 +3,9 @@
 //! Timing-dependent checks poll for a condition with a deadline; none sleeps to "wait for" something.
 #![allow(clippy::disallowed_methods)] // Tests measure elapsed time directly.
 
+mod common;
+
+use common::temp_dir;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -88,18 +91,6 @@ impl Harness {
     }
 }
 
-fn temp_dir() -> std::path::PathBuf {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "punctual-api-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn redis_store(target: RedisTarget, shards: u32) -> Arc<dyn Store> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -120,11 +111,13 @@ fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
         ("memory", Arc::new(MemoryStore::new())),
         (
             "redb",
-            Arc::new(RedbStore::open(&temp_dir(), &RedbOptions::default()).unwrap()),
+            Arc::new(RedbStore::open(&temp_dir("api"), &RedbOptions::default()).unwrap()),
         ),
         (
             "journal",
-            Arc::new(JournalStore::open(&temp_dir(), &JournalStoreOptions::default()).unwrap()),
+            Arc::new(
+                JournalStore::open(&temp_dir("api"), &JournalStoreOptions::default()).unwrap(),
+            ),
         ),
         (
             "redis",

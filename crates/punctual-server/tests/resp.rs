@@ -3,6 +3,9 @@
 //! journal store on real files. Waits poll with a deadline; nothing sleeps to "wait for" an event.
 #![allow(clippy::disallowed_methods)] // Tests measure elapsed time directly.
 
+mod common;
+
+use common::temp_dir;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,18 +17,6 @@ use redis::AsyncCommands;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn temp_dir() -> std::path::PathBuf {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "punctual-resp-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 struct Server {
     app: Option<App>,
     addr: SocketAddr,
@@ -33,7 +24,7 @@ struct Server {
 
 impl Server {
     async fn start(config: ServerConfig, events: EventOptions) -> Server {
-        Self::start_in(&temp_dir(), config, events).await
+        Self::start_in(&temp_dir("resp"), config, events).await
     }
 
     /// A server on the store in `dir` (a restart when a server used it before).
@@ -834,7 +825,7 @@ async fn psetex_many(c: &mut redis::aio::MultiplexedConnection, prefix: &str, n:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_application_gets_every_event_while_away_and_across_a_restart() {
-    let dir = temp_dir();
+    let dir = temp_dir("resp");
     let pattern = "__keyevent@0__:expired";
     let server = Server::start_in(&dir, ServerConfig::default(), EventOptions::default()).await;
     let mut c = server.client(false).await;

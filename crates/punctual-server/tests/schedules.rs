@@ -4,6 +4,9 @@
 //! Waits poll with a deadline; nothing sleeps to "wait for" an occurrence.
 #![allow(clippy::disallowed_methods)] // Tests measure elapsed time directly.
 
+mod common;
+
+use common::temp_dir;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,18 +18,6 @@ use punctual_server::{App, ServerConfig};
 use punctual_store::{JournalStore, JournalStoreOptions, Store};
 use serde_json::{Value, json};
 use tower::ServiceExt;
-
-fn temp_dir() -> std::path::PathBuf {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "punctual-schedules-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn journal(dir: &std::path::Path) -> Arc<dyn Store> {
     Arc::new(JournalStore::open(dir, &JournalStoreOptions::default()).unwrap())
@@ -132,7 +123,7 @@ async fn schedule_until(h: &Harness, uri: &str, what: &str, ok: impl Fn(&Value) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_n_creates_each_occurrence_once_and_on_time() {
-    let h = Harness::new(journal(&temp_dir()));
+    let h = Harness::new(journal(&temp_dir("schedules")));
     let uri = "/v1/queues/jobs/schedules/tick";
     let (status, created) = h
         .call(
@@ -198,7 +189,7 @@ async fn every_n_creates_each_occurrence_once_and_on_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cron_schedules_show_their_zone_and_bad_specs_are_refused() {
-    let h = Harness::new(journal(&temp_dir()));
+    let h = Harness::new(journal(&temp_dir("schedules")));
     let (status, view) = h
         .call(
             "PUT",
@@ -279,7 +270,7 @@ async fn cron_schedules_show_their_zone_and_bad_specs_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_trigger_and_delete() {
-    let h = Harness::new(journal(&temp_dir()));
+    let h = Harness::new(journal(&temp_dir("schedules")));
     let uri = "/v1/queues/ops/schedules/beat";
     h.call("PUT", uri, Some(json!({"every_ms": 200}))).await;
     let (status, paused) = h.call("POST", &format!("{uri}/pause"), None).await;
@@ -318,7 +309,7 @@ async fn pause_resume_trigger_and_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlap_skip_waits_for_the_previous_occurrence() {
-    let h = Harness::new(journal(&temp_dir()));
+    let h = Harness::new(journal(&temp_dir("schedules")));
     let uri = "/v1/queues/slow/schedules/job";
     h.call(
         "PUT",
@@ -372,7 +363,7 @@ async fn overlap_skip_waits_for_the_previous_occurrence() {
 /// and the schedule's view. The exact arithmetic of each policy is unit-tested in the core on a
 /// virtual clock; this checks the same through a real restart.
 async fn after_downtime(missed: &str) -> (Vec<(String, u64, u64)>, Value) {
-    let dir = temp_dir();
+    let dir = temp_dir("schedules");
     let h = Harness::new(journal(&dir));
     let uri = "/v1/queues/q/schedules/s";
     h.call("PUT", uri, Some(json!({"every_ms": 200, "missed": missed})))
