@@ -32,6 +32,12 @@ fn state_byte(state: TaskState) -> u8 {
     state.index() as u8
 }
 
+/// Whether an encoded record is of a `scheduled` task, read from its state byte alone.
+pub fn is_scheduled(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&FORMAT_VERSION)
+        && bytes.get(1) == Some(&state_byte(TaskState::Scheduled))
+}
+
 pub fn encode(task: &Task) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + task.payload.as_ref().map_or(0, String::len));
     encode_into(task, &mut out);

@@ -41,7 +41,7 @@ use punctual_core::{Task, TaskState};
 
 use crate::idtable::{Entries, IdTable, LOC_BITS, fingerprint};
 use crate::journal::io_error;
-use crate::{StoreError, codec};
+use crate::{Buckets, StoreError, codec};
 
 /// Most records in one chunk (the low 8 bits of a location).
 pub const CHUNK_RECORDS: u32 = 256;
@@ -98,6 +98,13 @@ fn align_up(ms: u64, width: u64) -> u64 {
 
 /// A slice: its start and level (0-based), in time order.
 type SliceKey = (u64, u8);
+
+/// Cold tasks by queue, then per level by the start of their due time's cell.
+pub(crate) type Cells = BTreeMap<String, [BTreeMap<u64, u64>; 3]>;
+
+/// Cells per slice of each level, when they divide its width: by default 1 s cells in 1-minute
+/// slices, 1-minute cells in 1-hour slices, 1-hour cells in 1-day slices.
+const CELLS_PER_SLICE: [u64; 3] = [60, 60, 24];
 
 /// One append-only file with a write buffer.
 struct Stream {
@@ -386,6 +393,9 @@ pub(crate) struct Cold {
     /// Cold tasks (all scheduled) by queue: a checkpoint records them, because the `.keys` files
     /// it is rebuilt from name no queues.
     queues: BTreeMap<String, i64>,
+    /// Cold tasks counted by queue, level and cell of due time, for [`Cold::timeline`]: what the
+    /// dashboard's timeline reads instead of the slices. Keyed by each cell's start.
+    cells: Cells,
     /// While a checkpoint is being encoded: the tasks that left this tier since its snapshot. The
     /// snapshot's slices still hold them, so the checkpoint must not hold them as hot tasks too.
     given: Option<HashSet<(String, String)>>,
@@ -425,6 +435,7 @@ impl Cold {
             created: false,
             written: 0,
             queues: BTreeMap::new(),
+            cells: BTreeMap::new(),
             given: None,
         };
         match checkpoint {
@@ -750,17 +761,29 @@ impl Cold {
                 self.queues.insert(task.queue.clone(), 1);
             }
         }
+        let cell = self.cell_of(key.1, task.run_at_ms);
+        let levels = match self.cells.get_mut(&task.queue) {
+            Some(levels) => levels,
+            None => self.cells.entry(task.queue.clone()).or_default(),
+        };
+        *levels[key.1 as usize].entry(cell).or_default() += 1;
         Ok(())
     }
 
-    /// Removes the cold task at `loc` (as found by [`Cold::find`]).
-    pub(crate) fn remove(&mut self, queue: &str, id: &str, loc: u32) -> Result<(), StoreError> {
+    /// Removes the cold task at `loc`, due at `due_ms` (as found by [`Cold::find`]).
+    pub(crate) fn remove(
+        &mut self,
+        queue: &str,
+        id: &str,
+        loc: u32,
+        due_ms: u64,
+    ) -> Result<(), StoreError> {
         let fp = fingerprint(queue, id);
         if !self.ids.remove(fp, loc) {
             return Ok(());
         }
-        self.gave(queue, id);
         let chunk = self.chunks[(loc >> 8) as usize].expect("a live location's chunk");
+        self.gave(queue, id, chunk.slice.1, due_ms);
         let ordinal = chunk.first + (loc & 0xff);
         let slice = self.slices.get_mut(&chunk.slice).expect("a chunk's slice");
         slice.keys.buf.extend_from_slice(&fp.to_le_bytes());
@@ -867,7 +890,7 @@ impl Cold {
             let tasks = self.live_tasks(key)?;
             for (loc, task) in &tasks {
                 if self.ids.remove(fingerprint(&task.queue, &task.id), *loc) {
-                    self.gave(&task.queue, &task.id);
+                    self.gave(&task.queue, &task.id, key.1, task.run_at_ms);
                 }
             }
             self.drop_slice(key);
@@ -959,12 +982,25 @@ impl Cold {
         self.created = true;
     }
 
-    /// A task left the tier: counted, and remembered while a checkpoint is being encoded.
-    fn gave(&mut self, queue: &str, id: &str) {
+    /// A task left the tier (from a slice of `level`, due at `due_ms`): counted, and remembered
+    /// while a checkpoint is being encoded.
+    fn gave(&mut self, queue: &str, id: &str, level: u8, due_ms: u64) {
         if let Some(n) = self.queues.get_mut(queue) {
             *n -= 1;
             if *n == 0 {
                 self.queues.remove(queue);
+            }
+        }
+        let cell = self.cell_of(level, due_ms);
+        if let Some(levels) = self.cells.get_mut(queue) {
+            if let Some(n) = levels[level as usize].get_mut(&cell) {
+                *n -= 1;
+                if *n == 0 {
+                    levels[level as usize].remove(&cell);
+                }
+            }
+            if levels.iter().all(BTreeMap::is_empty) {
+                self.cells.remove(queue);
             }
         }
         if let Some(given) = &mut self.given {
@@ -980,6 +1016,70 @@ impl Cold {
     /// Sets the counts by queue, at open (from the checkpoint).
     pub(crate) fn set_queue_counts(&mut self, queues: BTreeMap<String, i64>) {
         self.queues = queues;
+    }
+
+    /// The width of a cell of `level`.
+    fn cell_ms(&self, level: u8) -> u64 {
+        let width = self.geometry.widths_ms[level as usize];
+        let per = CELLS_PER_SLICE[level as usize];
+        if width % per == 0 { width / per } else { width }
+    }
+
+    /// The start of the cell of `level` that `due_ms` falls in.
+    fn cell_of(&self, level: u8, due_ms: u64) -> u64 {
+        due_ms - due_ms % self.cell_ms(level)
+    }
+
+    /// Cold tasks by queue, level and cell (a checkpoint records them).
+    pub(crate) fn cells(&self) -> &Cells {
+        &self.cells
+    }
+
+    /// Sets the cells, at open (from the checkpoint).
+    pub(crate) fn set_cells(&mut self, cells: Cells) {
+        self.cells = cells;
+    }
+
+    /// Counts the cells again from the slices, at open from a checkpoint that predates them (one
+    /// sequential read of the cold tier).
+    pub(crate) fn count_cells(&mut self) -> Result<(), StoreError> {
+        let mut cells = Cells::new();
+        for &key in self.slices.keys() {
+            for (_, task) in self.live_tasks(key)? {
+                let cell = self.cell_of(key.1, task.run_at_ms);
+                *cells.entry(task.queue).or_default()[key.1 as usize]
+                    .entry(cell)
+                    .or_default() += 1;
+            }
+        }
+        self.cells = cells;
+        Ok(())
+    }
+
+    /// Adds the cold tasks of `queue` to `counts`, by cell: a cell is counted in the slice of
+    /// `buckets` its start falls in (or the first one). Answers the widest cell that did not fall in
+    /// one slice whole, or 1.
+    pub(crate) fn timeline(&self, queue: &str, buckets: &Buckets, counts: &mut [u64]) -> u64 {
+        let mut resolution = 1;
+        let Some(levels) = self.cells.get(queue) else {
+            return resolution;
+        };
+        let to_ms = buckets.to_ms();
+        for (level, cells) in levels.iter().enumerate() {
+            let cell_ms = self.cell_ms(level as u8);
+            let first = buckets.from_ms.saturating_sub(cell_ms - 1);
+            for (&start, &n) in cells.range(first..to_ms) {
+                let from = start.max(buckets.from_ms);
+                let Some(i) = buckets.index(from) else {
+                    continue;
+                };
+                counts[i] += n;
+                if cell_ms > 1 && (start < from || buckets.index(start + cell_ms - 1) != Some(i)) {
+                    resolution = resolution.max(cell_ms);
+                }
+            }
+        }
+        resolution
     }
 
     /// Starts or stops remembering the tasks that leave the tier (see `given`).

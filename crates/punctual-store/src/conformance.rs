@@ -6,7 +6,7 @@
 
 use punctual_core::{Backoff, LeaseCheck, Task, TaskState};
 
-use crate::{Command, MemoryStore, Outcome, PutWhen, Store, Taker};
+use crate::{Buckets, Command, MemoryStore, Outcome, PutWhen, Store, Taker};
 
 /// Builds a task as the server would before scheduling it.
 pub fn task(queue: &str, id: &str, run_at_ms: u64, max_attempts: u32, steps_ms: &[u64]) -> Task {
@@ -389,6 +389,116 @@ pub fn due_times_are_distinct_and_bounded(store: &dyn Store) {
         (some.times.as_slice(), some.truncated),
         ([200, 300].as_slice(), true)
     );
+}
+
+/// What a timeline should count: scheduled tasks of `queue` by the slice of `buckets` their due
+/// time falls in, from a listing.
+pub fn timeline_from_listing(store: &dyn Store, queue: &str, buckets: &Buckets) -> Vec<u64> {
+    let mut counts = vec![0; buckets.count];
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store
+            .list(queue, Some(TaskState::Scheduled), cursor.as_deref(), 1_000)
+            .unwrap();
+        for task in page.tasks {
+            if let Some(i) = buckets.index(task.run_at_ms) {
+                counts[i] += 1;
+            }
+        }
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => return counts,
+        }
+    }
+}
+
+/// The timeline counts only scheduled tasks of the queue asked for, by due time, and agrees with a
+/// listing: exactly for slices aligned with the store's index, and within its `resolution_ms`
+/// (tasks counted at or before their own slice, never later, never lost) for any others.
+pub fn timeline_counts_scheduled_tasks_by_due_time(store: &dyn Store) {
+    let day = 86_400_000u64;
+    // Due from now to 40 days ahead: hot, and in every slice level of the journal store.
+    let due = |i: u64| match i % 4 {
+        0 => i * 37,
+        1 => 5_000 + i * 61_001,
+        2 => 3 * 3_600_000 + i * 997_331,
+        _ => (i * 7_919_993) % (40 * day),
+    };
+    for i in 0..200u64 {
+        schedule(store, 0, task("tl", &format!("t{i}"), due(i), 2, &[10]));
+        schedule(store, 0, task("other", &format!("o{i}"), due(i), 1, &[]));
+    }
+    // Fired, leased (a lease expiry in the due index), acked (a purge time in it), cancelled and
+    // rescheduled tasks.
+    tick(store, 2_000);
+    let leased = reserve(store, 2_000, "tl", 3);
+    assert_eq!(leased.len(), 3);
+    ack(store, 2_001, &leased[0]);
+    one(
+        store,
+        2_002,
+        Command::Cancel {
+            queue: "tl".into(),
+            id: "t5".into(),
+        },
+    );
+    one(
+        store,
+        2_003,
+        Command::Reschedule {
+            queue: "tl".into(),
+            id: "t6".into(),
+            run_at_ms: Some(2 * day + 17),
+            payload: None,
+        },
+    );
+    let total = store
+        .list("tl", Some(TaskState::Scheduled), None, 1_000)
+        .unwrap()
+        .tasks
+        .len() as u64;
+
+    // Aligned: hours from midnight (every index cell divides an hour).
+    let hours = Buckets::new(0, 41 * day, 41 * 24).unwrap();
+    let got = store.timeline("tl", &hours).unwrap();
+    assert_eq!(got.counts, timeline_from_listing(store, "tl", &hours));
+    assert_eq!(got.resolution_ms, 1);
+    assert_eq!(got.counts.iter().sum::<u64>(), total);
+
+    // Not aligned, and narrower than some cells.
+    let odd = Buckets::new(1_234, 1_234 + 1_000 * 3_333_337, 1_000).unwrap();
+    let got = store.timeline("tl", &odd).unwrap();
+    let want = timeline_from_listing(store, "tl", &odd);
+    if got.resolution_ms == 1 {
+        assert_eq!(got.counts, want);
+    } else {
+        let mut got_sum = 0;
+        let mut want_sum = 0;
+        for i in 0..odd.count {
+            got_sum += got.counts[i];
+            want_sum += want[i];
+            let end = odd.from_ms + odd.width_ms * (i as u64 + 1);
+            let reach = Buckets::new(
+                odd.from_ms.saturating_sub(got.resolution_ms),
+                end + got.resolution_ms,
+                1,
+            )
+            .unwrap();
+            let at_most = timeline_from_listing(store, "tl", &reach)[0];
+            assert!(
+                want_sum <= got_sum && got_sum <= at_most,
+                "slice {i}: {got_sum} counted up to it, {want_sum} due, at most {at_most}"
+            );
+        }
+    }
+
+    // An empty queue, and a range with nothing in it.
+    assert_eq!(
+        store.timeline("nope", &hours).unwrap().counts,
+        vec![0; hours.count]
+    );
+    let past = Buckets::new(50 * day, 51 * day, 10).unwrap();
+    assert_eq!(store.timeline("tl", &past).unwrap().counts, vec![0; 10]);
 }
 
 pub fn payloads_round_trip(store: &dyn Store) {
@@ -833,7 +943,11 @@ type Check = (&'static str, fn(&dyn Store));
 
 /// Every check, each on a fresh store.
 pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
-    let checks: [Check; 14] = [
+    let checks: [Check; 15] = [
+        (
+            "timeline_counts_scheduled_tasks_by_due_time",
+            timeline_counts_scheduled_tasks_by_due_time,
+        ),
         (
             "renew_gives_a_lease_back_as_scheduled",
             renew_gives_a_lease_back_as_scheduled,

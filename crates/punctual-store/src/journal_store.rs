@@ -25,18 +25,20 @@ use std::sync::{Mutex, MutexGuard};
 
 use punctual_core::{Task, TaskState};
 
-use crate::cold::{Cold, ColdCheckpoint, ColdSnapshot, SliceGeometry};
+use crate::cold::{Cells, Cold, ColdCheckpoint, ColdSnapshot, SliceGeometry};
 use crate::engine::{self, Txn};
 use crate::journal::{Journal, JournalOptions, Record};
 use crate::memory::Inner;
-use crate::{Command, DueTimes, Outcome, Page, QueueCounts, Store, StoreError, codec};
+use crate::{
+    Buckets, Command, DueTimes, Outcome, Page, QueueCounts, Store, StoreError, Timeline, codec,
+};
 
 /// Record kinds in the journal.
 const PUT: u8 = 1;
 const DELETE: u8 = 2;
 /// The checkpoint file's magic and format version.
 const CHECKPOINT_MAGIC: &[u8; 4] = b"PCKP";
-const CHECKPOINT_VERSION: u8 = 2;
+const CHECKPOINT_VERSION: u8 = 3;
 
 /// Settings of the journal store.
 #[derive(Debug, Clone)]
@@ -146,7 +148,8 @@ enum Undo {
 /// A cold task's change within one batch: where it was in the cold tier when the batch began, and
 /// what of it is cold now (`None`: it is hot, or gone).
 struct Edit {
-    was: Option<u32>,
+    /// Its location and due time.
+    was: Option<(u32, u64)>,
     now: Option<Task>,
     dirty: bool,
     /// Which of the batch's journal records is `now`'s put.
@@ -273,8 +276,8 @@ impl<'a> Logged<'a> {
             if !edit.dirty {
                 continue;
             }
-            if let Some(loc) = edit.was
-                && let Err(error) = cold.remove(&queue, &id, loc)
+            if let Some((loc, due_ms)) = edit.was
+                && let Err(error) = cold.remove(&queue, &id, loc, due_ms)
             {
                 tracing::warn!(%error, "cannot append a deletion marker to a slice file");
             }
@@ -341,7 +344,7 @@ impl Txn for Logged<'_> {
                 self.edits.insert(
                     (queue.to_owned(), id.to_owned()),
                     Edit {
-                        was: Some(loc),
+                        was: Some((loc, task.run_at_ms)),
                         now: Some(task.clone()),
                         dirty: false,
                         record: None,
@@ -589,6 +592,8 @@ struct Checkpoint {
     /// The journal's batches from this sequence number on come after the checkpoint.
     next_seq: u64,
     counts: Counts,
+    /// Version 3 on: the cold tier's cells at the snapshot.
+    cells: Option<Cells>,
     cold: ColdCheckpoint,
     hot: Vec<Task>,
 }
@@ -615,9 +620,12 @@ const CHECKPOINT_STEP_BYTES: usize = 1 << 20;
 /// The size of the pieces a checkpoint's hot tasks are encoded into.
 const CHECKPOINT_CHUNK_BYTES: usize = 4 << 20;
 
-/// A checkpoint (format version 2):
-/// `"PCKP" | 2 u8 | 3 zero bytes | body length u64 | body | crc32c(body) u32`, where the body is
-/// `next_seq u64 | cold counts | cold tier | hot task count u64 | (length u32 | put record)*`.
+/// A checkpoint (format version 3):
+/// `"PCKP" | 3 u8 | 3 zero bytes | body length u64 | body | crc32c(body) u32`, where the body is
+/// `next_seq u64 | cold counts | cold cells | cold tier | hot task count u64 | (length u32 | put record)*`
+/// and the cold cells are `count u64 | (queue length u16 | queue | level u8 | cell start u64 | tasks u64)*`.
+/// Version 2 had no cells (they are counted from the slices at open); version 1 also held every
+/// queue's counts by state instead of the cold tier's.
 ///
 /// It is fuzzy, the way ARIES checkpoints are: the cold tier and its counts are taken at one commit
 /// (the snapshot), and the hot tasks are encoded a step per commit after it, each as it is when its
@@ -654,7 +662,7 @@ fn decode_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, StoreError
         return Err(damaged("not a checkpoint (bad magic or too short)"));
     }
     let version = bytes[4];
-    if version != 1 && version != CHECKPOINT_VERSION {
+    if !(1..=CHECKPOINT_VERSION).contains(&version) {
         return Err(StoreError::FormatVersion {
             path: path.display().to_string(),
             found: u64::from(version),
@@ -691,6 +699,24 @@ fn decode_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, StoreError
                 cold_counts.insert(queue.to_owned(), u64_at(&mut at)? as i64);
             }
         }
+        let cells = if version >= 3 {
+            let mut cells = Cells::new();
+            for _ in 0..u64_at(&mut at)? {
+                let n = u16::from_le_bytes(body.get(at..at + 2)?.try_into().ok()?) as usize;
+                let queue = std::str::from_utf8(body.get(at + 2..at + 2 + n)?).ok()?;
+                at += 2 + n;
+                let level = *body.get(at)? as usize;
+                at += 1;
+                let start = u64_at(&mut at)?;
+                let tasks = u64_at(&mut at)?;
+                cells.entry(queue.to_owned()).or_default()[..3]
+                    .get_mut(level)?
+                    .insert(start, tasks);
+            }
+            Some(cells)
+        } else {
+            None
+        };
         let cold = ColdCheckpoint::decode(body, &mut at)?;
         let mut hot = Vec::new();
         for _ in 0..u64_at(&mut at)? {
@@ -702,6 +728,7 @@ fn decode_checkpoint(path: &Path, bytes: &[u8]) -> Result<Checkpoint, StoreError
         }
         Some(Checkpoint {
             next_seq,
+            cells,
             counts: if version == 1 {
                 Counts::All(all)
             } else {
@@ -832,6 +859,23 @@ impl State {
             buffer.extend_from_slice(&(queue.len() as u16).to_le_bytes());
             buffer.extend_from_slice(queue.as_bytes());
             put_u64(&mut buffer, *n as u64);
+        }
+        let cells = self.cold.cells();
+        let entries: usize = cells
+            .values()
+            .map(|levels| levels.iter().map(BTreeMap::len).sum::<usize>())
+            .sum();
+        put_u64(&mut buffer, entries as u64);
+        for (queue, levels) in cells {
+            for (level, cells) in levels.iter().enumerate() {
+                for (start, n) in cells {
+                    buffer.extend_from_slice(&(queue.len() as u16).to_le_bytes());
+                    buffer.extend_from_slice(queue.as_bytes());
+                    buffer.push(level as u8);
+                    put_u64(&mut buffer, *start);
+                    put_u64(&mut buffer, *n);
+                }
+            }
         }
         cold.record.encode(&mut buffer);
         let count_at = buffer.len();
@@ -1050,6 +1094,10 @@ impl JournalStore {
                         mem.counts = all.clone();
                         cold.set_queue_counts(by_queue);
                     }
+                }
+                match &cp.cells {
+                    Some(cells) => cold.set_cells(cells.clone()),
+                    None => cold.count_cells()?,
                 }
                 (cold, cp.next_seq)
             }
@@ -1394,6 +1442,16 @@ impl Store for JournalStore {
         hot.truncated |= more || hot.times.len() > limit;
         hot.times.truncate(limit);
         Ok(hot)
+    }
+
+    /// Hot tasks from the in-memory due index; cold ones from the cold tier's cells, without
+    /// reading a slice.
+    fn timeline(&self, queue: &str, buckets: &Buckets) -> Result<Timeline, StoreError> {
+        let state = self.lock();
+        let mut out = Timeline::empty(buckets);
+        state.mem.timeline(queue, buckets, &mut out.counts);
+        out.resolution_ms = state.cold.timeline(queue, buckets, &mut out.counts);
+        Ok(out)
     }
 
     fn health(&self) -> Result<(), StoreError> {

@@ -322,6 +322,61 @@ pub struct DueTimes {
     pub truncated: bool,
 }
 
+/// Equal slices of a time range, for counting scheduled tasks by due time ([`Store::timeline`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buckets {
+    pub from_ms: u64,
+    /// Each slice's width (at least 1 ms); the range ends at `from_ms + width_ms * count`.
+    pub width_ms: u64,
+    pub count: usize,
+}
+
+impl Buckets {
+    /// `count` equal slices covering `[from_ms, to_ms)`, the last one reaching up to `width_ms - 1`
+    /// past `to_ms` when the range does not divide evenly. `None` for an empty range or no slices.
+    pub fn new(from_ms: u64, to_ms: u64, count: usize) -> Option<Buckets> {
+        if to_ms <= from_ms || count == 0 {
+            return None;
+        }
+        let width_ms = (to_ms - from_ms).div_ceil(count as u64);
+        from_ms.checked_add(width_ms.checked_mul(count as u64)?)?;
+        Some(Buckets {
+            from_ms,
+            width_ms,
+            count,
+        })
+    }
+
+    pub fn to_ms(&self) -> u64 {
+        self.from_ms + self.width_ms * self.count as u64
+    }
+
+    /// The slice `at_ms` falls in, if any.
+    pub fn index(&self, at_ms: u64) -> Option<usize> {
+        let i = at_ms.checked_sub(self.from_ms)? / self.width_ms;
+        (i < self.count as u64).then_some(i as usize)
+    }
+}
+
+/// Scheduled tasks of one queue counted by due time, one count per slice of a [`Buckets`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeline {
+    pub counts: Vec<u64>,
+    /// 1 when every task is counted in the slice its due time falls in. Larger when the store's
+    /// index groups due times coarser than that (the journal store's cold tier, docs/storage.md):
+    /// then a task may be counted in an earlier slice than its own, by less than this many ms.
+    pub resolution_ms: u64,
+}
+
+impl Timeline {
+    pub fn empty(buckets: &Buckets) -> Timeline {
+        Timeline {
+            counts: vec![0; buckets.count],
+            resolution_ms: 1,
+        }
+    }
+}
+
 /// Most index entries one listing scans before it returns a (possibly short) page with a cursor.
 pub const LIST_SCAN_BUDGET: usize = 20_000;
 
@@ -372,6 +427,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Distinct due times in `[from_ms, to_ms]`, ascending, at most `limit`.
     fn due_times(&self, from_ms: u64, to_ms: u64, limit: usize) -> Result<DueTimes, StoreError>;
+
+    /// Scheduled tasks of `queue` counted by due time in each of `buckets`, from the store's due-time
+    /// index (the tasks themselves are not read where the index allows it).
+    fn timeline(&self, queue: &str, buckets: &Buckets) -> Result<Timeline, StoreError>;
 
     /// `Err` once the store is poisoned.
     fn health(&self) -> Result<(), StoreError>;

@@ -8,7 +8,10 @@ use std::sync::{Mutex, MutexGuard};
 use punctual_core::{Task, TaskState};
 
 use crate::engine::{self, Txn};
-use crate::{Command, DueTimes, LIST_SCAN_BUDGET, Outcome, Page, QueueCounts, Store, StoreError};
+use crate::{
+    Buckets, Command, DueTimes, LIST_SCAN_BUDGET, Outcome, Page, QueueCounts, Store, StoreError,
+    Timeline,
+};
 
 /// Tasks with their due and ready indexes and per-queue counts, in memory: the whole state of the
 /// in-memory store, and the working state of the journal store.
@@ -350,6 +353,31 @@ impl Inner {
             .collect()
     }
 
+    /// Adds the scheduled tasks of `queue` in the due index to `counts` (one per slice of
+    /// `buckets`). The due index also holds lease expiries and purge times; each entry of the range
+    /// costs a lookup of its task's state.
+    pub(crate) fn timeline(&self, queue: &str, buckets: &Buckets, counts: &mut [u64]) {
+        let mut key = (String::new(), String::new());
+        for (due, q, id) in self
+            .due
+            .range((buckets.from_ms, String::new(), String::new())..)
+        {
+            let Some(i) = buckets.index(*due) else { break };
+            if q != queue {
+                continue;
+            }
+            key.0.clone_from(q);
+            key.1.clone_from(id);
+            if self
+                .tasks
+                .get(&key)
+                .is_some_and(|t| t.state == TaskState::Scheduled)
+            {
+                counts[i] += 1;
+            }
+        }
+    }
+
     pub(crate) fn due_times(&self, from_ms: u64, to_ms: u64, limit: usize) -> DueTimes {
         let mut out = DueTimes::default();
         for (due, _, _) in self.due.range((from_ms, String::new(), String::new())..) {
@@ -393,6 +421,12 @@ impl Store for MemoryStore {
 
     fn due_times(&self, from_ms: u64, to_ms: u64, limit: usize) -> Result<DueTimes, StoreError> {
         Ok(self.lock().due_times(from_ms, to_ms, limit))
+    }
+
+    fn timeline(&self, queue: &str, buckets: &Buckets) -> Result<Timeline, StoreError> {
+        let mut out = Timeline::empty(buckets);
+        self.lock().timeline(queue, buckets, &mut out.counts);
+        Ok(out)
     }
 
     fn health(&self) -> Result<(), StoreError> {

@@ -21,7 +21,10 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDe
 
 use crate::codec::{self, FORMAT_VERSION};
 use crate::engine::{self, Txn};
-use crate::{Command, DueTimes, LIST_SCAN_BUDGET, Outcome, Page, QueueCounts, Store, StoreError};
+use crate::{
+    Buckets, Command, DueTimes, LIST_SCAN_BUDGET, Outcome, Page, QueueCounts, Store, StoreError,
+    Timeline,
+};
 
 const TASKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tasks");
 const DUE: TableDefinition<&[u8], ()> = TableDefinition::new("due");
@@ -500,6 +503,32 @@ impl Store for RedbStore {
             if scanned >= budget {
                 out.truncated = true;
                 break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Scans the due index over the range (it also holds lease expiries and purge times) and reads
+    /// the state byte of each entry's record of `queue`.
+    fn timeline(&self, queue: &str, buckets: &Buckets) -> Result<Timeline, StoreError> {
+        let rtx = self.db.begin_read().map_err(storage)?;
+        let due = rtx.open_table(DUE).map_err(storage)?;
+        let tasks = rtx.open_table(TASKS).map_err(storage)?;
+        let mut out = Timeline::empty(buckets);
+        let start = buckets.from_ms.to_be_bytes();
+        let mut key = Vec::new();
+        for entry in due.range(start.as_slice()..).map_err(storage)? {
+            let (entry, _) = entry.map_err(storage)?;
+            let (time, q, id) = split_due_key(entry.value())?;
+            let Some(i) = buckets.index(time) else { break };
+            if q != queue {
+                continue;
+            }
+            task_key(&mut key, q, id);
+            if let Some(record) = tasks.get(key.as_slice()).map_err(storage)?
+                && codec::is_scheduled(record.value())
+            {
+                out.counts[i] += 1;
             }
         }
         Ok(out)

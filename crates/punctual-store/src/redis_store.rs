@@ -24,6 +24,7 @@
 //! P:{T}:p:<queue>        zset   ready index of webhook tasks (the push sender)
 //! P:{T}:i:<queue>        zset   every id at score 0, for listing in id order
 //! P:{T}:c:<queue>        hash   state index -> task count
+//! P:{T}:w:<queue>        zset   scheduled tasks only: id scored by due time (the timeline)
 //! ```
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -40,8 +41,8 @@ use redis::{Cmd, ConnectionLike, RedisResult, Value, cmd};
 
 use crate::engine::{self, Txn};
 use crate::{
-    Command, DueTimes, LIST_SCAN_BUDGET, Notice, Outcome, PUSH_INDEX, Page, QueueCounts, Store,
-    StoreError, codec,
+    Buckets, Command, DueTimes, LIST_SCAN_BUDGET, Notice, Outcome, PUSH_INDEX, Page, QueueCounts,
+    Store, StoreError, Timeline, codec,
 };
 
 /// Where the Redis store lives.
@@ -159,14 +160,15 @@ const FOREIGN_SWEEP_MS: u64 = 500;
 const QUEUE_CACHE_MS: u128 = 1_000;
 
 /// Applies a batch of units (see the module docs) to one queue shard. KEYS: record hash, due, ready,
-/// push, ids, counts. ARGV: 10 fields per unit: id, expected version (8 bytes, or empty for "absent"),
-/// new value (empty to delete), remove from due (flag), due score, remove from ready ("r", "p" or empty),
-/// add to ready ("r", "p" or empty), ready score, state index to decrement, state index to increment.
+/// push, ids, counts, scheduled. ARGV: 12 fields per unit: id, expected version (8 bytes, or empty for
+/// "absent"), new value (empty to delete), remove from due (flag), due score, remove from ready ("r",
+/// "p" or empty), add to ready ("r", "p" or empty), ready score, state index to decrement, state index
+/// to increment, remove from scheduled (flag), scheduled score.
 /// Answers 1 per applied unit and 0 per unit whose record changed since it was read.
 const COMMIT_SCRIPT: &str = r#"
 local res = {}
 local counts = {}
-for i = 1, #ARGV, 10 do
+for i = 1, #ARGV, 12 do
   local id = ARGV[i]
   local cur = redis.call('HGET', KEYS[1], id)
   local ok
@@ -187,6 +189,8 @@ for i = 1, #ARGV, 10 do
     if ARGV[i+4] ~= '' then redis.call('ZADD', KEYS[2], ARGV[i+4], id) end
     if ARGV[i+5] == 'r' then redis.call('ZREM', KEYS[3], id) elseif ARGV[i+5] == 'p' then redis.call('ZREM', KEYS[4], id) end
     if ARGV[i+6] == 'r' then redis.call('ZADD', KEYS[3], ARGV[i+7], id) elseif ARGV[i+6] == 'p' then redis.call('ZADD', KEYS[4], ARGV[i+7], id) end
+    if ARGV[i+10] ~= '' then redis.call('ZREM', KEYS[7], id) end
+    if ARGV[i+11] ~= '' then redis.call('ZADD', KEYS[7], ARGV[i+11], id) end
     local dec, inc = ARGV[i+8], ARGV[i+9]
     if dec ~= '' then counts[dec] = (counts[dec] or 0) - 1 end
     if inc ~= '' then counts[inc] = (counts[inc] or 0) + 1 end
@@ -200,6 +204,31 @@ for state, delta in pairs(counts) do
 end
 return res
 "#;
+
+/// Adds the scheduled tasks among some ids to the scheduled index, from their records and due index
+/// entries, atomically per id (so a node committing meanwhile cannot be undone). For keyspaces
+/// written before the index existed. KEYS: record hash, due, scheduled. ARGV: format version, the
+/// scheduled state's index, then ids. Answers how many it added.
+const INDEX_SCHEDULED_SCRIPT: &str = r#"
+local format, state = tonumber(ARGV[1]), tonumber(ARGV[2])
+local added = 0
+for i = 3, #ARGV do
+  local rec = redis.call('HGET', KEYS[1], ARGV[i])
+  if rec and string.byte(rec, 9) == format and string.byte(rec, 10) == state then
+    local due = redis.call('ZSCORE', KEYS[2], ARGV[i])
+    if due then added = added + redis.call('ZADD', KEYS[3], due, ARGV[i]) end
+  end
+end
+return added
+"#;
+
+/// The `P:meta` field set once the scheduled index (`w`) covers the whole keyspace.
+const SCHEDULED_INDEX_FIELD: &str = "scheduled_index";
+
+/// A task's entry in the scheduled index: its due time while it is scheduled.
+fn scheduled_at(task: &Task) -> Option<u64> {
+    (task.state == TaskState::Scheduled).then_some(task.run_at_ms)
+}
 
 /// A connection to a standalone server or to a cluster.
 enum Conn {
@@ -479,8 +508,70 @@ impl RedisStore {
             });
         }
         store.shards = shards;
+        store.index_scheduled()?;
         store.start_publisher();
         Ok(store)
+    }
+
+    /// Builds the scheduled index (`w`) of a keyspace written before it existed, once: every node
+    /// of this version keeps it from then on. Pages through each queue shard's ids in id order.
+    fn index_scheduled(&self) -> Result<(), StoreError> {
+        let meta = format!("{}:meta", self.prefix);
+        self.with_conn(|conn| {
+            let done: Option<String> = from(
+                &conn
+                    .pipe(vec![
+                        cmd("HGET").arg(&meta).arg(SCHEDULED_INDEX_FIELD).clone(),
+                    ])
+                    .map_err(storage)?[0],
+            )?;
+            if done.is_some() {
+                return Ok(());
+            }
+            let mut added = 0i64;
+            for queue in self.all_queues(conn)? {
+                for shard in 0..self.shards {
+                    let mut start = "-".to_owned();
+                    loop {
+                        let page = cmd("ZRANGEBYLEX")
+                            .arg(self.key(&queue, shard, "i"))
+                            .arg(&start)
+                            .arg("+")
+                            .arg("LIMIT")
+                            .arg(0)
+                            .arg(1000)
+                            .clone();
+                        let ids: Vec<String> = from(&conn.pipe(vec![page]).map_err(storage)?[0])?;
+                        let Some(last) = ids.last() else { break };
+                        start = format!("({last}");
+                        let mut c = cmd("EVAL");
+                        c.arg(INDEX_SCHEDULED_SCRIPT).arg(3);
+                        for kind in ["t", "d", "w"] {
+                            c.arg(self.key(&queue, shard, kind));
+                        }
+                        c.arg(codec::FORMAT_VERSION)
+                            .arg(TaskState::Scheduled.index())
+                            .arg(&ids);
+                        added += from::<i64>(&conn.pipe(vec![c]).map_err(storage)?[0])?;
+                        if ids.len() < 1000 {
+                            break;
+                        }
+                    }
+                }
+            }
+            conn.pipe(vec![
+                cmd("HSET")
+                    .arg(&meta)
+                    .arg(SCHEDULED_INDEX_FIELD)
+                    .arg(1)
+                    .clone(),
+            ])
+            .map_err(storage)?;
+            if added > 0 {
+                tracing::info!(added, "built the scheduled-task index of an older keyspace");
+            }
+            Ok(())
+        })
     }
 
     /// Shards per queue in this keyspace.
@@ -906,7 +997,7 @@ impl<'a> Tx<'a> {
             if old == new {
                 continue;
             }
-            let mut args: Vec<Vec<u8>> = Vec::with_capacity(10);
+            let mut args: Vec<Vec<u8>> = Vec::with_capacity(12);
             args.push(id.as_bytes().to_vec());
             args.push(
                 rec.original
@@ -950,6 +1041,16 @@ impl<'a> Tx<'a> {
                     _ => Vec::new(),
                 });
             }
+            let (old_at, new_at) = (old.and_then(scheduled_at), new.and_then(scheduled_at));
+            args.push(if old_at.is_some() && new_at.is_none() {
+                b"1".to_vec()
+            } else {
+                Vec::new()
+            });
+            args.push(match new_at {
+                Some(at) if Some(at) != old_at => at.to_string().into_bytes(),
+                _ => Vec::new(),
+            });
             let shard = store.shard_of(&id);
             let group = groups.entry((queue.clone(), shard)).or_default();
             group.0.push((queue, id));
@@ -963,8 +1064,8 @@ impl<'a> Tx<'a> {
             .iter()
             .map(|((queue, shard), (_, args))| {
                 let mut c = cmd("EVAL");
-                c.arg(COMMIT_SCRIPT).arg(6);
-                for kind in ["t", "d", "r", "p", "i", "c"] {
+                c.arg(COMMIT_SCRIPT).arg(7);
+                for kind in ["t", "d", "r", "p", "i", "c", "w"] {
                     c.arg(store.key(queue, *shard, kind));
                 }
                 for a in args {
@@ -1384,6 +1485,31 @@ impl Store for RedisStore {
                 if counts.iter().any(|c| *c > 0) {
                     out.push(QueueCounts { queue, counts });
                 }
+            }
+            Ok(out)
+        })
+    }
+
+    /// `ZCOUNT` on each shard's scheduled index, one per slice, in one pipeline.
+    fn timeline(&self, queue: &str, buckets: &Buckets) -> Result<Timeline, StoreError> {
+        self.with_conn(|conn| {
+            let mut out = Timeline::empty(buckets);
+            let commands = (0..self.shards)
+                .flat_map(|shard| {
+                    let key = self.key(queue, shard, "w");
+                    (0..buckets.count).map(move |i| {
+                        let start = buckets.from_ms + buckets.width_ms * i as u64;
+                        cmd("ZCOUNT")
+                            .arg(&key)
+                            .arg(start)
+                            .arg(format!("({}", start + buckets.width_ms))
+                            .clone()
+                    })
+                })
+                .collect();
+            let values = conn.pipe(commands).map_err(storage)?;
+            for (i, value) in values.iter().enumerate() {
+                out.counts[i % buckets.count] += from::<u64>(value)?;
             }
             Ok(out)
         })

@@ -667,14 +667,27 @@ fn crash_images(name: &str, step: usize, at_least_checkpoints: usize) {
 }
 
 /// Every task and every queue's counts.
-fn with_counts(store: &dyn Store) -> (Vec<punctual_core::Task>, Vec<punctual_store::QueueCounts>) {
-    (snapshot(store), store.queues().unwrap())
+/// Every task, the counts, and the timeline of queue `q` over 10 s in 500 ms slices (a multiple of
+/// every cell of `tiny_slices`, so exact).
+type Seen = (
+    Vec<punctual_core::Task>,
+    Vec<punctual_store::QueueCounts>,
+    punctual_store::Timeline,
+);
+
+fn with_counts(store: &dyn Store) -> Seen {
+    let buckets = punctual_store::Buckets::new(0, 10_000, 20).unwrap();
+    (
+        snapshot(store),
+        store.queues().unwrap(),
+        store.timeline("q", &buckets).unwrap(),
+    )
 }
 
 /// A data directory written by the release before checkpoint format 2 (`tests/fixtures/
 /// checkpoint-v1`, made by `punctual serve` at 501ab5e: five mail tasks and one billing task due in
 /// 2027, two mail tasks ready, one leased, one billing task acked, then SIGTERM) opens with every
-/// task and count, and the next checkpoint, in format 2, reopens the same.
+/// task and count, and the next checkpoint, in the current format (3), reopens the same.
 #[test]
 fn journal_store_opens_a_version_1_checkpoint() {
     let dir = temp_dir("jcheckpoint-v1");
@@ -707,14 +720,26 @@ fn journal_store_opens_a_version_1_checkpoint() {
     let store = JournalStore::open(&dir, &options).unwrap();
     assert_eq!(counts(&store), want);
     assert_eq!(store.stats().cold_tasks, 6);
+    // The cold tier's timeline cells, which checkpoints before version 3 did not hold, are counted
+    // from the slices at open, and kept by the next checkpoint.
+    let year = punctual_store::Buckets::new(options.now_ms, options.now_ms + 400 * 86_400_000, 400)
+        .unwrap();
+    let timeline = |store: &JournalStore| {
+        ["mail", "billing"].map(|q| store.timeline(q, &year).unwrap().counts)
+    };
+    let expected = ["mail", "billing"]
+        .map(|q| punctual_store::conformance::timeline_from_listing(&store, q, &year));
+    assert_eq!(expected[0].iter().sum::<u64>(), 5);
+    assert_eq!(timeline(&store), expected);
     let far = store.get("mail", "far-3").unwrap().unwrap();
     assert_eq!(far.payload.as_deref(), Some(r#"{"n":3}"#));
     let tasks = snapshot(&store);
     assert_eq!(tasks.len(), 10);
     store.apply(options.now_ms, &[Command::Sync]).unwrap();
     drop(store);
-    assert_eq!(std::fs::read(dir.join("checkpoint")).unwrap()[4], 2);
+    assert_eq!(std::fs::read(dir.join("checkpoint")).unwrap()[4], 3);
     let store = JournalStore::open(&dir, &options).unwrap();
     assert_eq!(counts(&store), want);
     assert_eq!(snapshot(&store), tasks);
+    assert_eq!(timeline(&store), expected);
 }

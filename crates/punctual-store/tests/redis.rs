@@ -521,3 +521,47 @@ fn each_node_fires_its_own_shards_and_takes_over_a_stalled_owner() {
     b.apply(late, &[tick()]).unwrap();
     assert!(ids.iter().all(|id| state(id) == TaskState::Ready));
 }
+
+/// A keyspace written before the scheduled index (`w`) existed gets it built when a node of this
+/// version opens it, so its timeline counts every scheduled task.
+#[test]
+fn an_older_keyspace_gets_its_scheduled_index_at_open() {
+    let prefix = prefix();
+    let target = RedisTarget::Standalone(server().url());
+    let store = open(target.clone(), &prefix, Some(3));
+    for i in 0..2_500u64 {
+        let task = conformance::task("old", &format!("t{i:04}"), 10_000 + i * 1_000, 1, &[]);
+        store
+            .apply(0, &[Command::Schedule(Box::new(task))])
+            .unwrap();
+    }
+    // Some fire and are leased: those are not scheduled any more.
+    store
+        .apply(
+            20_000,
+            &[Command::Tick {
+                limit: 100,
+                takers: Vec::new(),
+            }],
+        )
+        .unwrap();
+    drop(store);
+    let keys = server()
+        .cli(&["--scan", "--pattern", &format!("{prefix}*:w:*")])
+        .unwrap();
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    assert_eq!(keys.len(), 3, "one scheduled index per shard: {keys:?}");
+    for key in keys {
+        server().cli(&["DEL", key]).unwrap();
+    }
+    server()
+        .cli(&["HDEL", &format!("{prefix}:meta"), "scheduled_index"])
+        .unwrap();
+
+    let store = open(target, &prefix, None);
+    let buckets = punctual_store::Buckets::new(0, 3_000_000, 30).unwrap();
+    let got = store.timeline("old", &buckets).unwrap();
+    let want = conformance::timeline_from_listing(&store, "old", &buckets);
+    assert_eq!(got.counts, want);
+    assert_eq!(got.counts.iter().sum::<u64>(), 2_500 - 11);
+}
