@@ -1022,7 +1022,11 @@ impl Cold {
     fn cell_ms(&self, level: u8) -> u64 {
         let width = self.geometry.widths_ms[level as usize];
         let per = CELLS_PER_SLICE[level as usize];
-        if width % per == 0 { width / per } else { width }
+        if width.is_multiple_of(per) {
+            width / per
+        } else {
+            width
+        }
     }
 
     /// The start of the cell of `level` that `due_ms` falls in.

@@ -474,16 +474,13 @@ pub fn timeline_counts_scheduled_tasks_by_due_time(store: &dyn Store) {
     } else {
         let mut got_sum = 0;
         let mut want_sum = 0;
-        for i in 0..odd.count {
-            got_sum += got.counts[i];
-            want_sum += want[i];
+        let resolution = got.resolution_ms;
+        for (i, (got, want)) in got.counts.iter().zip(&want).enumerate() {
+            got_sum += got;
+            want_sum += want;
             let end = odd.from_ms + odd.width_ms * (i as u64 + 1);
-            let reach = Buckets::new(
-                odd.from_ms.saturating_sub(got.resolution_ms),
-                end + got.resolution_ms,
-                1,
-            )
-            .unwrap();
+            let reach =
+                Buckets::new(odd.from_ms.saturating_sub(resolution), end + resolution, 1).unwrap();
             let at_most = timeline_from_listing(store, "tl", &reach)[0];
             assert!(
                 want_sum <= got_sum && got_sum <= at_most,
