@@ -53,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues", get(list_queues))
         .route("/v1/queues/{queue}", get(queue_stats))
         .route("/v1/queues/{queue}/tasks", post(schedule).get(list_tasks))
+        .route("/v1/queues/{queue}/timeline", get(timeline))
         .route("/v1/queues/{queue}/batch", post(batch))
         .route("/v1/queues/{queue}/reserve", post(reserve))
         .route("/v1/queues/{queue}/ack", post(ack_many))
@@ -933,6 +934,73 @@ async fn list_tasks(
         axum::Json(serde_json::json!({ "tasks": tasks, "next_cursor": page.next_cursor }))
             .into_response(),
     )
+}
+
+/// A time in a query: unix milliseconds, or RFC 3339.
+fn query_time(name: &str, value: &str) -> Result<u64, ApiError> {
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return value
+            .parse()
+            .map_err(|_| ApiError::invalid(format!("{name} is too large for unix milliseconds")));
+    }
+    punctual_core::time::parse_rfc3339_ms(value).map_err(|e| {
+        ApiError::invalid(format!(
+            "{name} must be unix milliseconds or an RFC 3339 date-time: {e}"
+        ))
+    })
+}
+
+async fn timeline(
+    State(state): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    use crate::service::TIMELINE_MAX_BUCKETS;
+    let queue = queue_path(&state, p)?;
+    let Query(params) = q.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    if let Some(unknown) = params
+        .keys()
+        .find(|k| !matches!(k.as_str(), "from" | "to" | "buckets"))
+    {
+        return Err(ApiError::invalid(format!(
+            "unknown query parameter {unknown:?}"
+        )));
+    }
+    let from = params
+        .get("from")
+        .map(|v| query_time("from", v))
+        .transpose()?;
+    let to = params.get("to").map(|v| query_time("to", v)).transpose()?;
+    let buckets = match params.get("buckets") {
+        Some(b) => Some(b.parse::<usize>().map_err(|_| {
+            ApiError::invalid(format!(
+                "buckets must be between 1 and {TIMELINE_MAX_BUCKETS}"
+            ))
+        })?),
+        None => None,
+    };
+    let (slices, timeline) = state.timeline(&queue, from, to, buckets).await?;
+    let buckets: Vec<serde_json::Value> = timeline
+        .counts
+        .iter()
+        .enumerate()
+        .map(|(i, count)| {
+            serde_json::json!({
+                "start_ms": slices.from_ms + slices.width_ms * i as u64,
+                "count": count,
+            })
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({
+        "queue": queue,
+        "from_ms": slices.from_ms,
+        "to_ms": slices.to_ms(),
+        "bucket_ms": slices.width_ms,
+        "resolution_ms": timeline.resolution_ms,
+        "total": timeline.counts.iter().sum::<u64>(),
+        "buckets": buckets,
+    }))
+    .into_response())
 }
 
 /// The one mapping of an error to an HTTP answer.

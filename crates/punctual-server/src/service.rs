@@ -11,7 +11,9 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use punctual_core::time::parse_rfc3339_ms;
 use punctual_core::{Backoff, LeaseCheck, Task, TaskState, Webhook, fnv1a64};
-use punctual_store::{Command, Outcome, Page, PutWhen, QueueCounts, Store, StoreError};
+use punctual_store::{
+    Buckets, Command, Outcome, Page, PutWhen, QueueCounts, Store, StoreError, Timeline,
+};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::watch;
@@ -115,6 +117,11 @@ pub const PARK_GRACE_MS: u64 = 250;
 /// Default and largest page of a listing.
 pub const LIST_DEFAULT_LIMIT: usize = 100;
 pub const LIST_MAX_LIMIT: usize = 1000;
+
+/// Default and largest number of slices of a timeline, and its default range.
+pub const TIMELINE_DEFAULT_BUCKETS: usize = 60;
+pub const TIMELINE_MAX_BUCKETS: usize = 1000;
+pub const TIMELINE_DEFAULT_RANGE_MS: u64 = 86_400_000;
 
 impl Service {
     /// Builds the service on a started writer.
@@ -460,6 +467,42 @@ impl Service {
         Ok(self
             .read(move |s| s.list(&q, state, cursor.as_deref(), limit))
             .await?)
+    }
+
+    /// Scheduled tasks of `queue` counted by due time in `buckets` equal slices of `[from_ms, to_ms)`
+    /// (defaults: now, a day later, 60 slices). The range may reach at most `max_delay_ms` past
+    /// now, as far as a task can be scheduled.
+    pub async fn timeline(
+        &self,
+        queue: &str,
+        from_ms: Option<u64>,
+        to_ms: Option<u64>,
+        buckets: Option<usize>,
+    ) -> Result<(Buckets, Timeline), ApiError> {
+        check_queue(self, queue)?;
+        let now = self.clock.now_ms();
+        let from_ms = from_ms.unwrap_or(now);
+        let to_ms = to_ms.unwrap_or(from_ms.saturating_add(TIMELINE_DEFAULT_RANGE_MS));
+        let count = buckets.unwrap_or(TIMELINE_DEFAULT_BUCKETS);
+        if !(1..=TIMELINE_MAX_BUCKETS).contains(&count) {
+            return Err(ApiError::invalid(format!(
+                "buckets must be between 1 and {TIMELINE_MAX_BUCKETS}"
+            )));
+        }
+        if to_ms <= from_ms {
+            return Err(ApiError::invalid("to must be later than from"));
+        }
+        let max_delay_ms = self.config.limits.max_delay_ms;
+        if to_ms > now.saturating_add(max_delay_ms) {
+            return Err(ApiError::invalid(format!(
+                "to may be at most max_delay_ms ({max_delay_ms} ms) after now"
+            )));
+        }
+        let slices = Buckets::new(from_ms, to_ms, count)
+            .ok_or_else(|| ApiError::invalid("the range does not fit"))?;
+        let q = queue.to_owned();
+        let timeline = self.read(move |s| s.timeline(&q, &slices)).await?;
+        Ok((slices, timeline))
     }
 
     /// Commits one command on task `id` and maps its outcome.

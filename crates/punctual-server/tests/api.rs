@@ -1096,6 +1096,13 @@ impl Store for TestStore {
     ) -> Result<punctual_store::DueTimes, punctual_store::StoreError> {
         self.inner.due_times(from_ms, to_ms, limit)
     }
+    fn timeline(
+        &self,
+        queue: &str,
+        buckets: &punctual_store::Buckets,
+    ) -> Result<punctual_store::Timeline, punctual_store::StoreError> {
+        self.inner.timeline(queue, buckets)
+    }
     fn health(&self) -> Result<(), punctual_store::StoreError> {
         self.inner.health()
     }
@@ -1473,3 +1480,127 @@ async fn tasks_leased_to_a_long_poll_that_gave_up_are_given_back_at_once() {
     );
     h.stop().await;
 }
+
+/// The timeline counts a queue's scheduled tasks by due time, as a listing does; its refusals
+/// name the parameter.
+async fn timeline_matches_listing(h: &Harness) {
+    let day = 86_400_000u64;
+    let tasks: Vec<Value> = (0..120u64)
+        .map(|i| json!({"id": format!("t{i}"), "delay_ms": 90_000 + (i * 28_793_311) % (40 * day)}))
+        .collect();
+    for queue in ["tl", "tl-other"] {
+        let (status, answer) = h
+            .json(
+                "POST",
+                &format!("/v1/queues/{queue}/batch"),
+                json!({"tasks": tasks}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(result_statuses(&answer).iter().all(|s| *s == 201));
+    }
+    let (status, _) = h.call("DELETE", "/v1/queues/tl/tasks/t7", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, page) = h
+        .call(
+            "GET",
+            "/v1/queues/tl/tasks?state=scheduled&limit=1000",
+            None,
+        )
+        .await;
+    let due: Vec<u64> = page["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["run_at_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(due.len(), 119);
+    let now = due.iter().min().unwrap() - 90_000;
+    // Hours from the hour before now: aligned with every store's index, so exact.
+    let from = now - now % 3_600_000;
+    let hours = 41 * 24;
+    let (status, answer) = h
+        .call(
+            "GET",
+            &format!(
+                "/v1/queues/tl/timeline?from={from}&to={}&buckets={hours}",
+                from + hours * 3_600_000
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let mut want = vec![0u64; hours as usize];
+    for d in &due {
+        want[((d - from) / 3_600_000) as usize] += 1;
+    }
+    let got: Vec<u64> = answer["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(answer["total"], 119);
+    assert_eq!(answer["resolution_ms"], 1);
+    assert_eq!(answer["bucket_ms"], 3_600_000);
+    assert_eq!(answer["buckets"][1]["start_ms"], from + 3_600_000);
+
+    // RFC 3339 bounds, and the defaults: from now, a day, 60 slices.
+    let first_day = due.iter().filter(|d| **d < from + day).count() as u64;
+    let rfc = |ms: u64| punctual_core::time::format_rfc3339_ms(ms);
+    let (status, answer) = h
+        .call(
+            "GET",
+            &format!(
+                "/v1/queues/tl/timeline?from={}&to={}&buckets=24",
+                rfc(from),
+                rfc(from + day)
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        (answer["from_ms"].as_u64(), answer["total"].as_u64()),
+        (Some(from), Some(first_day))
+    );
+    let (status, answer) = h.call("GET", "/v1/queues/tl/timeline", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["buckets"].as_array().unwrap().len(), 60);
+    assert_eq!(
+        answer["to_ms"].as_u64().unwrap() - answer["from_ms"].as_u64().unwrap(),
+        day
+    );
+    let (_, empty) = h
+        .call("GET", "/v1/queues/nothing-here/timeline", None)
+        .await;
+    assert_eq!(empty["total"], 0);
+
+    for (query, says) in [
+        ("buckets=0", "buckets must be between 1 and 1000"),
+        ("buckets=1001", "buckets must be between 1 and 1000"),
+        ("buckets=x", "buckets must be between 1 and 1000"),
+        ("from=2000&to=1000", "to must be later than from"),
+        (
+            "from=yesterday",
+            "from must be unix milliseconds or an RFC 3339",
+        ),
+        ("to=99999999999999999999999", "to is too large"),
+        ("to=9999999999999", "to may be at most max_delay_ms"),
+        ("bucket=3", "unknown query parameter \"bucket\""),
+    ] {
+        let (status, answer) = h
+            .call("GET", &format!("/v1/queues/tl/timeline?{query}"), None)
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{query}: {answer}"
+        );
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{query}: {message}");
+    }
+}
+
+each_store!(the_timeline_matches_a_listing, timeline_matches_listing);
