@@ -33,6 +33,10 @@ pub struct Http {
     pub body_budget: Arc<tokio::sync::Semaphore>,
     /// Queues whose per-state gauges `/metrics` has set, so an emptied queue can be zeroed.
     pub reported_queues: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The webhook sender's per-host state.
+    pub targets: Arc<crate::targets::Targets>,
+    /// When the server started (unix ms).
+    pub started_ms: u64,
 }
 
 impl std::ops::Deref for Http {
@@ -66,6 +70,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/tasks/{id}/extend", post(extend))
         .route("/v1/queues/{queue}/tasks/{id}/retry", post(retry))
         .route("/v1/schedules", get(list_all_schedules))
+        .route("/v1/server", get(server_info))
+        .route("/v1/webhooks/targets", get(webhook_targets))
         .route("/v1/queues/{queue}/schedules", get(list_schedules))
         .route(
             "/v1/queues/{queue}/schedules/{name}",
@@ -93,6 +99,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             authorize,
         ))
+        .merge(crate::ui::routes(state.config.ui))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -521,6 +528,54 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         handle.render(),
     )
         .into_response()
+}
+
+/// The server as the dashboard shows it: version, store, health, disk.
+async fn server_info(State(state): State<AppState>) -> Response {
+    let health = state.health().await;
+    let disk = state
+        .config
+        .data_dir
+        .clone()
+        .map(|dir| tokio::task::spawn_blocking(move || punctual_store::disk_usage(&dir)));
+    let disk = match disk {
+        Some(job) => job.await.ok().flatten(),
+        None => None,
+    };
+    let now = state.clock.now_ms();
+    axum::Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "store": state.config.store_kind,
+        "status": if health.is_ok() { "ok" } else { "failing" },
+        "error": health.err().map(|e| e.to_string()),
+        "data_dir": state.config.data_dir.as_ref().map(|d| d.display().to_string()),
+        "disk_used_bytes": disk.map(|d| d.used_bytes),
+        "disk_free_bytes": disk.map(|d| d.free_bytes),
+        "started_at_ms": state.started_ms,
+        "uptime_ms": now.saturating_sub(state.started_ms),
+        "now_ms": now,
+    }))
+    .into_response()
+}
+
+/// Webhook targets by host: deliveries in flight, failures in a row, back-off, recent outcomes.
+async fn webhook_targets(State(state): State<AppState>) -> Response {
+    let now = state.clock.now_ms();
+    let targets: Vec<serde_json::Value> = state
+        .targets
+        .view(now)
+        .into_iter()
+        .map(|t| {
+            serde_json::json!({
+                "host": t.host,
+                "in_flight": t.in_flight,
+                "failures_in_a_row": t.failures_in_a_row,
+                "backed_off_until_ms": t.backed_off_until_ms,
+                "recent": t.recent.iter().map(|(at, ok)| serde_json::json!({"at_ms": at, "ok": ok})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "targets": targets, "now_ms": now })).into_response()
 }
 
 async fn list_queues(State(state): State<AppState>) -> Result<Response, ApiError> {

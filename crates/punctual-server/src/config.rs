@@ -26,6 +26,12 @@ pub struct ServerConfig {
     pub auth_tokens: Vec<String>,
     /// Whether `/metrics` also needs a token (when tokens are configured).
     pub protect_metrics: bool,
+    /// Serve the web dashboard at `/ui` (docs/dashboard.md).
+    pub ui: bool,
+    /// The store, as the dashboard names it (`journal`, `redb`, `redis`, `redis-cluster`, `memory`).
+    pub store_kind: String,
+    /// The embedded store's directory, for the dashboard's disk figures.
+    pub data_dir: Option<std::path::PathBuf>,
     pub webhook: WebhookConfig,
     /// On a store shared with other nodes: how often the timer re-reads what is due soon, in case it
     /// missed another node's notice. (It also re-reads when the store asks, see `Notice::resync`.)
@@ -52,6 +58,9 @@ impl Default for ServerConfig {
             max_commit_commands: 10_000,
             auth_tokens: Vec::new(),
             protect_metrics: false,
+            ui: true,
+            store_kind: "memory".into(),
+            data_dir: None,
             webhook: WebhookConfig::default(),
             resync_ms: 5_000,
             conn: crate::listen::ConnLimits::default(),

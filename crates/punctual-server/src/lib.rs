@@ -15,6 +15,7 @@ pub mod schedules;
 pub mod service;
 pub mod targets;
 pub mod timer;
+pub mod ui;
 pub mod webhook;
 pub mod writer;
 
@@ -74,6 +75,7 @@ impl App {
             config.retention_ms,
             clock,
         ));
+        let targets = sender.targets();
         let webhooks = tokio::spawn(sender.run(push_wake, shutdown_rx.clone()));
         let shared = store.shared();
         if shared {
@@ -117,6 +119,8 @@ impl App {
             service,
             body_budget,
             reported_queues: Default::default(),
+            targets,
+            started_ms: clock.now_ms(),
         });
         App {
             state,

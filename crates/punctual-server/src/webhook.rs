@@ -152,6 +152,11 @@ impl Sender {
         }
     }
 
+    /// The per-host state, for the dashboard (`GET /v1/webhooks/targets`).
+    pub fn targets(&self) -> Arc<Targets> {
+        self.targets.clone()
+    }
+
     fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, String)>> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }

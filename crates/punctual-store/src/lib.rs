@@ -455,6 +455,36 @@ pub trait Store: Send + Sync + 'static {
     fn subscribe(&self, _sink: Box<dyn Fn(Notice) + Send + Sync>) {}
 }
 
+/// Bytes a data directory holds, and free on its file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskUsage {
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// The files under `dir` (recursively) and the free space of its file system; `None` if it cannot
+/// be read.
+pub fn disk_usage(dir: &std::path::Path) -> Option<DiskUsage> {
+    fn walk(dir: &std::path::Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => walk(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    let stat = rustix::fs::statvfs(dir).ok()?;
+    Some(DiskUsage {
+        used_bytes: walk(dir),
+        free_bytes: stat.f_bavail.saturating_mul(stat.f_frsize),
+    })
+}
+
 /// The store's wire and disk parsers, for the fuzz targets in `fuzz/` (not a stable API).
 #[doc(hidden)]
 pub mod fuzzing {

@@ -71,6 +71,9 @@ pub struct ServeOpts {
     /// tokens need not appear in argv or the environment; added to --auth-token [default: none].
     #[arg(long, env = "PUNCTUAL_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
+    /// The web dashboard at /ui (and / redirecting there): on or off [default: on].
+    #[arg(long, env = "PUNCTUAL_UI", value_parser = parse_on_off)]
+    pub ui: Option<bool>,
     /// With tokens configured, require one on /metrics too [default: false].
     #[arg(long, env = "PUNCTUAL_PROTECT_METRICS", num_args = 0..=1, default_missing_value = "true")]
     pub protect_metrics: Option<bool>,
@@ -207,6 +210,7 @@ pub struct Settings {
     /// How many tokens are configured (the tokens themselves are never printed).
     pub auth_token_count: usize,
     pub protect_metrics: bool,
+    pub ui: bool,
     #[serde(skip)]
     pub webhook_secret: Option<String>,
     /// Whether a webhook secret is configured (the secret itself is never printed).
@@ -372,6 +376,7 @@ impl ServeOpts {
                 .protect_metrics
                 .or(file.protect_metrics)
                 .unwrap_or(false),
+            ui: self.ui.or(file.ui).unwrap_or(true),
             webhook_signing: false,
             webhook_secret: self
                 .webhook_secret
@@ -559,6 +564,15 @@ impl Settings {
         }
         // Certificates with a redis:// URL are refused by the store itself, for every caller.
         Ok(())
+    }
+}
+
+/// `on`/`off` (or `true`/`false`) for a switch flag.
+fn parse_on_off(value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        other => Err(format!("expected on or off, got {other:?}")),
     }
 }
 

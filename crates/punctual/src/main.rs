@@ -255,6 +255,9 @@ async fn serve(opts: ServeOpts) -> Result<()> {
         retention_ms: settings.retention_ms,
         auth_tokens: settings.auth_tokens,
         protect_metrics: settings.protect_metrics,
+        ui: settings.ui,
+        store_kind: settings.store.to_owned(),
+        data_dir: (!settings.store.starts_with("redis")).then(|| settings.data_dir.clone()),
         ..ServerConfig::default()
     };
     config.limits.max_payload_bytes = settings.max_payload_bytes;
