@@ -1604,3 +1604,104 @@ async fn timeline_matches_listing(h: &Harness) {
 }
 
 each_store!(the_timeline_matches_a_listing, timeline_matches_listing);
+
+/// One raw answer: status, headers and body text.
+async fn fetch(h: &Harness, uri: &str) -> (StatusCode, axum::http::HeaderMap, String) {
+    let request = Request::builder().uri(uri).body(Body::empty()).unwrap();
+    let response = h.router.clone().oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&bytes).into(),
+    )
+}
+
+/// The dashboard's page and assets come from the binary, need no token, and carry a strict CSP;
+/// `--ui off` takes them away. `/v1/server` and `/v1/webhooks/targets` need the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_is_served_from_the_binary_with_a_strict_policy() {
+    let config = ServerConfig {
+        auth_tokens: vec!["t0ken".into()],
+        ..ServerConfig::default()
+    };
+    let h = Harness::with_config(Arc::new(MemoryStore::new()), config.clone());
+    let (status, headers, _) = fetch(&h, "/").await;
+    assert_eq!(status, StatusCode::FOUND);
+    assert_eq!(headers["location"], "/ui/");
+    for page in ["/ui", "/ui/"] {
+        let (status, headers, body) = fetch(&h, page).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+        assert!(!csp.contains("unsafe"), "{csp}");
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+        assert!(body.contains("/ui/assets/app.js"));
+        assert!(!body.contains("<script>"), "no inline script");
+        assert!(!body.contains("style="), "no inline style");
+    }
+    for (asset, media_type, contains) in [
+        ("app.js", "text/javascript; charset=utf-8", "sessionStorage"),
+        ("app.css", "text/css; charset=utf-8", "--accent"),
+        (
+            "uPlot.iife.min.js",
+            "text/javascript; charset=utf-8",
+            "uPlot",
+        ),
+        ("uPlot.min.css", "text/css; charset=utf-8", ".uplot"),
+        (
+            "uPlot.LICENSE.txt",
+            "text/plain; charset=utf-8",
+            "The MIT License",
+        ),
+        ("favicon.svg", "image/svg+xml", "<svg"),
+    ] {
+        let (status, headers, body) = fetch(&h, &format!("/ui/assets/{asset}")).await;
+        assert_eq!(status, StatusCode::OK, "{asset}");
+        assert_eq!(headers["content-type"], media_type, "{asset}");
+        assert!(body.contains(contains), "{asset}");
+        assert!(headers.contains_key("content-security-policy"));
+    }
+    let (status, _, body) = fetch(&h, "/ui/assets/../../Cargo.toml").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, _, body) = fetch(&h, "/ui/assets/secret.js").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("no_route"));
+
+    let (status, _) = h.call("GET", "/v1/server", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, server) = h.call_as(Some("t0ken"), "GET", "/v1/server", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (server["store"].as_str(), server["status"].as_str()),
+        (Some("memory"), Some("ok"))
+    );
+    assert!(
+        server["disk_used_bytes"].is_null(),
+        "no data directory: {server}"
+    );
+    let (status, _) = h.call("GET", "/v1/webhooks/targets", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, targets) = h
+        .call_as(Some("t0ken"), "GET", "/v1/webhooks/targets", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(targets["targets"], json!([]));
+    h.stop().await;
+
+    let off = Harness::with_config(
+        Arc::new(MemoryStore::new()),
+        ServerConfig {
+            ui: false,
+            ..config
+        },
+    );
+    for path in ["/", "/ui", "/ui/", "/ui/assets/app.js"] {
+        let (status, _, body) = fetch(&off, path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert!(body.contains("no_route"), "{path}: {body}");
+    }
+    off.stop().await;
+}

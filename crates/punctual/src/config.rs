@@ -648,6 +648,30 @@ mod tests {
     }
 
     #[test]
+    fn the_dashboard_is_on_unless_switched_off() {
+        let default = ServeOpts::default().resolve().unwrap();
+        assert!(default.ui);
+        let file_off = ServeOpts {
+            config: Some(file("ui = false\n")),
+            ..ServeOpts::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(!file_off.ui);
+        let flag_on = ServeOpts {
+            config: Some(file("ui = false\n")),
+            ui: Some(true),
+            ..ServeOpts::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(flag_on.ui);
+        assert_eq!(parse_on_off("off"), Ok(false));
+        assert_eq!(parse_on_off("on"), Ok(true));
+        assert!(parse_on_off("maybe").unwrap_err().contains("on or off"));
+    }
+
+    #[test]
     fn bad_files_name_the_key() {
         let unknown = ServeOpts {
             config: Some(file("cache_mbs = 10\n")),
