@@ -41,7 +41,7 @@ use punctual_core::{Task, TaskState};
 
 use crate::idtable::{Entries, IdTable, LOC_BITS, fingerprint};
 use crate::journal::io_error;
-use crate::{Buckets, StoreError, codec};
+use crate::{Buckets, DueCursor, StoreError, codec};
 
 /// Most records in one chunk (the low 8 bits of a location).
 pub const CHUNK_RECORDS: u32 = 256;
@@ -833,6 +833,16 @@ impl Cold {
 
     /// Every live task of one slice, with its location.
     fn live_tasks(&self, key: SliceKey) -> Result<Vec<(u32, Task)>, StoreError> {
+        self.live_tasks_where(key, |_, _| true)
+    }
+
+    /// The live tasks of one slice whose queue and id pass `keep`, with their locations; the
+    /// others are not decoded.
+    fn live_tasks_where(
+        &self,
+        key: SliceKey,
+        keep: impl Fn(&str, &str) -> bool,
+    ) -> Result<Vec<(u32, Task)>, StoreError> {
         let mut out = Vec::new();
         for &chunk_id in &self.slices[&key].chunks {
             let data = self.chunk_records(chunk_id)?;
@@ -841,12 +851,53 @@ impl Cold {
                 let (q, i, value) = crate::journal_store::split_key(bytes)
                     .ok_or_else(|| self.damaged(chunk_id, "a bad key".into()))?;
                 let loc = (chunk_id << 8) | index as u32;
-                if self.ids.contains(fingerprint(&q, &i), loc) {
+                if keep(&q, &i) && self.ids.contains(fingerprint(&q, &i), loc) {
                     out.push((loc, codec::decode(&q, &i, value)?));
                 }
             }
         }
         Ok(out)
+    }
+
+    /// At least `want` cold tasks of `queue` after `after` in due order (all of them if there are
+    /// fewer), reading slices in time order and stopping after the slice that makes `want`; sorted.
+    pub(crate) fn list_due(
+        &self,
+        queue: &str,
+        after: Option<&DueCursor>,
+        want: usize,
+    ) -> Result<Vec<Task>, StoreError> {
+        let mut out: Vec<Task> = Vec::new();
+        for &(start, level) in self.slices.keys() {
+            let width = self.geometry.widths_ms[level as usize];
+            if after.is_some_and(|c| start.saturating_add(width) <= c.due_ms) {
+                continue;
+            }
+            if out.len() >= want {
+                break;
+            }
+            for (_, task) in self.live_tasks_where((start, level), |q, _| q == queue)? {
+                if after.is_none_or(|c| c.before(&task)) {
+                    out.push(task);
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.run_at_ms, &a.id).cmp(&(b.run_at_ms, &b.id)));
+        Ok(out)
+    }
+
+    /// Every live cold task of `queue`, slice by slice in time order (the others are not decoded).
+    pub(crate) fn for_each_of(
+        &self,
+        queue: &str,
+        mut each: impl FnMut(Task),
+    ) -> Result<(), StoreError> {
+        for key in self.slices.keys() {
+            for (_, task) in self.live_tasks_where(*key, |q, _| q == queue)? {
+                each(task);
+            }
+        }
+        Ok(())
     }
 
     /// Drops a slice whose tasks have all been moved out: its chunks now, its files after the next

@@ -498,6 +498,74 @@ pub fn timeline_counts_scheduled_tasks_by_due_time(store: &dyn Store) {
     assert_eq!(store.timeline("tl", &past).unwrap().counts, vec![0; 10]);
 }
 
+/// Scheduled tasks in due order, page by page, are exactly a listing's, sorted by due time then id:
+/// ties, other queues, fired, leased, acked, cancelled and rescheduled tasks included.
+pub fn list_due_pages_scheduled_tasks_in_due_order(store: &dyn Store) {
+    let day = 86_400_000u64;
+    let due = |i: u64| match i % 5 {
+        0 => 1_000 + (i % 3), // ties, hot
+        1 => 7_200_000,       // ties, later
+        2 => 5_000 + i * 61_001,
+        3 => 3 * 3_600_000 + i * 997_331,
+        _ => (i * 7_919_993) % (40 * day),
+    };
+    for i in 0..150u64 {
+        schedule(store, 0, task("ld", &format!("t{i:03}"), due(i), 2, &[10]));
+        schedule(store, 0, task("ld-other", &format!("o{i}"), due(i), 1, &[]));
+        schedule(store, 0, task("la", &format!("a{i}"), due(i), 1, &[]));
+    }
+    tick(store, 1_001);
+    let leased = reserve(store, 1_001, "ld", 2);
+    ack(store, 1_002, &leased[0]);
+    one(
+        store,
+        1_003,
+        Command::Cancel {
+            queue: "ld".into(),
+            id: "t002".into(),
+        },
+    );
+    one(
+        store,
+        1_003,
+        Command::Reschedule {
+            queue: "ld".into(),
+            id: "t003".into(),
+            run_at_ms: Some(7_200_000),
+            payload: None,
+        },
+    );
+    let mut want: Vec<(u64, String)> = store
+        .list("ld", Some(TaskState::Scheduled), None, 1_000)
+        .unwrap()
+        .tasks
+        .into_iter()
+        .map(|t| (t.run_at_ms, t.id))
+        .collect();
+    want.sort();
+    assert!(want.len() > 100);
+    for limit in [1_000, 7] {
+        let mut got = Vec::new();
+        let mut cursor: Option<crate::DueCursor> = None;
+        for _ in 0..1_000 {
+            let page = store.list_due("ld", cursor.as_ref(), limit).unwrap();
+            assert!(page.tasks.len() <= limit);
+            assert!(page.tasks.iter().all(|t| t.state == TaskState::Scheduled));
+            got.extend(page.tasks.into_iter().map(|t| (t.run_at_ms, t.id)));
+            match page.next {
+                Some(next) => {
+                    let text = next.to_string();
+                    assert_eq!(crate::DueCursor::parse(&text), Some(next.clone()));
+                    cursor = Some(next);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(got, want, "pages of {limit}");
+    }
+    assert!(store.list_due("nope", None, 10).unwrap().tasks.is_empty());
+}
+
 pub fn payloads_round_trip(store: &dyn Store) {
     let mut none = task("q", "none", 0, 1, &[]);
     none.payload = None;
@@ -940,7 +1008,11 @@ type Check = (&'static str, fn(&dyn Store));
 
 /// Every check, each on a fresh store.
 pub fn run_all(make: &dyn Fn() -> Box<dyn Store>) {
-    let checks: [Check; 15] = [
+    let checks: [Check; 16] = [
+        (
+            "list_due_pages_scheduled_tasks_in_due_order",
+            list_due_pages_scheduled_tasks_in_due_order,
+        ),
         (
             "timeline_counts_scheduled_tasks_by_due_time",
             timeline_counts_scheduled_tasks_by_due_time,

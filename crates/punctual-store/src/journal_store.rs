@@ -30,7 +30,8 @@ use crate::engine::{self, Txn};
 use crate::journal::{Journal, JournalOptions, Record};
 use crate::memory::Inner;
 use crate::{
-    Buckets, Command, DueTimes, Outcome, Page, QueueCounts, Store, StoreError, Timeline, codec,
+    Buckets, Command, DueCursor, DuePage, DueTimes, Outcome, Page, QueueCounts, Store, StoreError,
+    Timeline, codec,
 };
 
 /// Record kinds in the journal.
@@ -1394,9 +1395,8 @@ impl Store for JournalStore {
         // The hot listing is complete up to its cursor; cold tasks in the same id range join it.
         let bound = hot.next_cursor.clone();
         let mut cold: BTreeMap<String, Task> = BTreeMap::new();
-        guard.cold.for_each(|task| {
-            if task.queue != queue
-                || after.is_some_and(|a| task.id.as_str() <= a)
+        guard.cold.for_each_of(queue, |task| {
+            if after.is_some_and(|a| task.id.as_str() <= a)
                 || bound.as_ref().is_some_and(|b| task.id > *b)
             {
                 return;
@@ -1420,6 +1420,29 @@ impl Store for JournalStore {
             tasks: merged,
             next_cursor,
         })
+    }
+
+    /// Cold tasks from the first slices in time order that hold enough of them (each slice read
+    /// whole: a 1-minute slice up to 2 hours ahead, an hour's up to 3 days, a day's beyond), merged
+    /// with the hot ones from the in-memory due index.
+    fn list_due(
+        &self,
+        queue: &str,
+        after: Option<&DueCursor>,
+        limit: usize,
+    ) -> Result<DuePage, StoreError> {
+        let state = self.lock();
+        let cold = state.cold.list_due(queue, after, limit + 1)?;
+        // Hot tasks past the last cold one a full page needs cannot be on this page.
+        let bound = (cold.len() > limit).then(|| DueCursor::of(&cold[limit]));
+        let (mut tasks, stopped) = state.mem.list_due(queue, after, limit + 1, bound.as_ref());
+        tasks.extend(cold);
+        tasks.sort_by(|a, b| (a.run_at_ms, &a.id).cmp(&(b.run_at_ms, &b.id)));
+        // A hot scan that ran out of budget saw nothing past where it stopped.
+        if let Some(stop) = &stopped {
+            tasks.retain(|t| !stop.before(t));
+        }
+        Ok(crate::memory::due_page(tasks, stopped, limit))
     }
 
     fn queues(&self) -> Result<Vec<QueueCounts>, StoreError> {

@@ -314,6 +314,69 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
+/// A position in a queue's listing of scheduled tasks in due order: after the task due at `due_ms`
+/// with id `id` (tasks due at the same time are in id order). Its text form is `<due_ms>:<id>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DueCursor {
+    pub due_ms: u64,
+    pub id: String,
+}
+
+impl DueCursor {
+    pub fn of(task: &Task) -> DueCursor {
+        DueCursor {
+            due_ms: task.run_at_ms,
+            id: task.id.clone(),
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<DueCursor> {
+        let (due, id) = text.split_once(':')?;
+        Some(DueCursor {
+            due_ms: due.parse().ok()?,
+            id: id.to_owned(),
+        })
+    }
+
+    /// Whether `task` comes after this position.
+    pub fn before(&self, task: &Task) -> bool {
+        (task.run_at_ms, task.id.as_str()) > (self.due_ms, self.id.as_str())
+    }
+
+    /// The position of `queue`'s listing that resumes after the entry `(due_ms, other, id)` of an
+    /// index ordered by due time, then queue, then id (where a scan stopped on another queue's entry).
+    pub fn resume_after(queue: &str, due_ms: u64, other: &str, id: &str) -> DueCursor {
+        match other.cmp(queue) {
+            std::cmp::Ordering::Less => DueCursor {
+                due_ms,
+                id: String::new(),
+            },
+            std::cmp::Ordering::Equal => DueCursor {
+                due_ms,
+                id: id.to_owned(),
+            },
+            std::cmp::Ordering::Greater => DueCursor {
+                due_ms: due_ms.saturating_add(1),
+                id: String::new(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DueCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.due_ms, self.id)
+    }
+}
+
+/// One page of scheduled tasks in due order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DuePage {
+    pub tasks: Vec<Task>,
+    /// Pass back as `after` for the next page; `None` at the end.
+    pub next: Option<DueCursor>,
+}
+
 /// Distinct due times in a range, for the timer window.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DueTimes {
@@ -421,6 +484,15 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page, StoreError>;
+
+    /// The scheduled tasks of `queue` in due order (then id order) after `after`, from the due
+    /// index. A page may be short (even empty) with a `next` cursor when the scan budget ran out.
+    fn list_due(
+        &self,
+        queue: &str,
+        after: Option<&DueCursor>,
+        limit: usize,
+    ) -> Result<DuePage, StoreError>;
 
     /// Counts per state of every queue that has tasks.
     fn queues(&self) -> Result<Vec<QueueCounts>, StoreError>;

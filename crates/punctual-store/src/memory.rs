@@ -9,9 +9,23 @@ use punctual_core::{Task, TaskState};
 
 use crate::engine::{self, Txn};
 use crate::{
-    Buckets, Command, DueTimes, LIST_SCAN_BUDGET, Outcome, Page, QueueCounts, Store, StoreError,
-    Timeline,
+    Buckets, Command, DueCursor, DuePage, DueTimes, LIST_SCAN_BUDGET, Outcome, Page, QueueCounts,
+    Store, StoreError, Timeline,
 };
+
+/// A page of at most `limit` of `tasks` (in due order, possibly one more than `limit`), which a
+/// scan that stopped at `stopped` found.
+pub(crate) fn due_page(mut tasks: Vec<Task>, stopped: Option<DueCursor>, limit: usize) -> DuePage {
+    if tasks.len() > limit {
+        tasks.truncate(limit);
+        let next = tasks.last().map(DueCursor::of);
+        return DuePage { tasks, next };
+    }
+    DuePage {
+        tasks,
+        next: stopped,
+    }
+}
 
 /// Tasks with their due and ready indexes and per-queue counts, in memory: the whole state of the
 /// in-memory store, and the working state of the journal store.
@@ -378,6 +392,48 @@ impl Inner {
         }
     }
 
+    /// Up to `want` scheduled tasks of `queue` after `after`, in due order, not past `bound`; and
+    /// where the scan stopped if [`LIST_SCAN_BUDGET`] entries (of every queue) ran out first.
+    pub(crate) fn list_due(
+        &self,
+        queue: &str,
+        after: Option<&DueCursor>,
+        want: usize,
+        bound: Option<&DueCursor>,
+    ) -> (Vec<Task>, Option<DueCursor>) {
+        use std::ops::Bound;
+        let start = match after {
+            Some(c) => Bound::Excluded((c.due_ms, queue.to_owned(), c.id.clone())),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        let mut key = (String::new(), String::new());
+        for (scanned, (due, q, id)) in self.due.range((start, Bound::Unbounded)).enumerate() {
+            if bound
+                .is_some_and(|b| (*due, q.as_str(), id.as_str()) > (b.due_ms, queue, b.id.as_str()))
+            {
+                break;
+            }
+            if scanned >= LIST_SCAN_BUDGET {
+                return (out, Some(DueCursor::resume_after(queue, *due, q, id)));
+            }
+            if q != queue {
+                continue;
+            }
+            key.0.clone_from(q);
+            key.1.clone_from(id);
+            if let Some(task) = self.tasks.get(&key)
+                && task.state == TaskState::Scheduled
+            {
+                out.push(task.clone());
+                if out.len() >= want {
+                    break;
+                }
+            }
+        }
+        (out, None)
+    }
+
     pub(crate) fn due_times(&self, from_ms: u64, to_ms: u64, limit: usize) -> DueTimes {
         let mut out = DueTimes::default();
         for (due, _, _) in self.due.range((from_ms, String::new(), String::new())..) {
@@ -427,6 +483,16 @@ impl Store for MemoryStore {
         let mut out = Timeline::empty(buckets);
         self.lock().timeline(queue, buckets, &mut out.counts);
         Ok(out)
+    }
+
+    fn list_due(
+        &self,
+        queue: &str,
+        after: Option<&DueCursor>,
+        limit: usize,
+    ) -> Result<DuePage, StoreError> {
+        let (tasks, stopped) = self.lock().list_due(queue, after, limit + 1, None);
+        Ok(due_page(tasks, stopped, limit))
     }
 
     fn health(&self) -> Result<(), StoreError> {

@@ -22,8 +22,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDe
 use crate::codec::{self, FORMAT_VERSION};
 use crate::engine::{self, Txn};
 use crate::{
-    Buckets, Command, DueTimes, LIST_SCAN_BUDGET, Outcome, Page, QueueCounts, Store, StoreError,
-    Timeline,
+    Buckets, Command, DueCursor, DuePage, DueTimes, LIST_SCAN_BUDGET, Outcome, Page, QueueCounts,
+    Store, StoreError, Timeline,
 };
 
 const TASKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tasks");
@@ -506,6 +506,50 @@ impl Store for RedbStore {
             }
         }
         Ok(out)
+    }
+
+    /// Scans the due index from `after` (it also holds lease expiries and purge times), reading the
+    /// record of each entry of `queue`.
+    fn list_due(
+        &self,
+        queue: &str,
+        after: Option<&DueCursor>,
+        limit: usize,
+    ) -> Result<DuePage, StoreError> {
+        let rtx = self.db.begin_read().map_err(storage)?;
+        let due = rtx.open_table(DUE).map_err(storage)?;
+        let tasks = rtx.open_table(TASKS).map_err(storage)?;
+        let mut start = Vec::new();
+        if let Some(c) = after {
+            due_key(&mut start, c.due_ms, queue, &c.id);
+        }
+        let mut out = Vec::new();
+        let mut stopped = None;
+        let mut key = Vec::new();
+        for (scanned, entry) in due.range(start.as_slice()..).map_err(storage)?.enumerate() {
+            let (entry, _) = entry.map_err(storage)?;
+            if after.is_some() && entry.value() == start.as_slice() {
+                continue;
+            }
+            let (time, q, id) = split_due_key(entry.value())?;
+            if scanned >= LIST_SCAN_BUDGET {
+                stopped = Some(DueCursor::resume_after(queue, time, q, id));
+                break;
+            }
+            if q != queue {
+                continue;
+            }
+            task_key(&mut key, q, id);
+            if let Some(record) = tasks.get(key.as_slice()).map_err(storage)?
+                && codec::is_scheduled(record.value())
+            {
+                out.push(codec::decode(q, id, record.value())?);
+                if out.len() > limit {
+                    break;
+                }
+            }
+        }
+        Ok(crate::memory::due_page(out, stopped, limit))
     }
 
     /// Scans the due index over the range (it also holds lease expiries and purge times) and reads

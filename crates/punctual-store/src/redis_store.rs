@@ -41,8 +41,8 @@ use redis::{Cmd, ConnectionLike, RedisResult, Value, cmd};
 
 use crate::engine::{self, Txn};
 use crate::{
-    Buckets, Command, DueTimes, LIST_SCAN_BUDGET, Notice, Outcome, PUSH_INDEX, Page, QueueCounts,
-    Store, StoreError, Timeline, codec,
+    Buckets, Command, DueCursor, DuePage, DueTimes, LIST_SCAN_BUDGET, Notice, Outcome, PUSH_INDEX,
+    Page, QueueCounts, Store, StoreError, Timeline, codec,
 };
 
 /// Where the Redis store lives.
@@ -1487,6 +1487,99 @@ impl Store for RedisStore {
                 }
             }
             Ok(out)
+        })
+    }
+
+    /// Each shard's scheduled index (`w`) from the cursor: the ties at the cursor's due time after
+    /// its id, then the next `limit + 1` later entries; merged, then the records read.
+    fn list_due(
+        &self,
+        queue: &str,
+        after: Option<&DueCursor>,
+        limit: usize,
+    ) -> Result<DuePage, StoreError> {
+        const TIES_PAGE: usize = 1_000;
+        let want = limit + 1;
+        self.with_conn(|conn| {
+            let mut entries: Vec<(u64, String)> = Vec::new();
+            for shard in 0..self.shards {
+                let key = self.key(queue, shard, "w");
+                let mut lower = "-inf".to_owned();
+                if let Some(c) = after {
+                    // Tasks due at the cursor's time, in id order (Redis orders a score's members
+                    // by their bytes, as Rust orders strings), after its id.
+                    let mut offset = 0;
+                    let mut ties = 0;
+                    loop {
+                        let page: Vec<String> = from(
+                            &conn
+                                .pipe(vec![
+                                    cmd("ZRANGEBYSCORE")
+                                        .arg(&key)
+                                        .arg(c.due_ms)
+                                        .arg(c.due_ms)
+                                        .arg("LIMIT")
+                                        .arg(offset)
+                                        .arg(TIES_PAGE)
+                                        .clone(),
+                                ])
+                                .map_err(storage)?[0],
+                        )?;
+                        offset += page.len();
+                        let done = page.len() < TIES_PAGE;
+                        for id in page.into_iter().filter(|id| *id > c.id) {
+                            entries.push((c.due_ms, id));
+                            ties += 1;
+                        }
+                        if done || ties >= want {
+                            break;
+                        }
+                    }
+                    lower = format!("({}", c.due_ms);
+                }
+                let later: Vec<(String, f64)> = from(
+                    &conn
+                        .pipe(vec![
+                            cmd("ZRANGEBYSCORE")
+                                .arg(&key)
+                                .arg(&lower)
+                                .arg("+inf")
+                                .arg("WITHSCORES")
+                                .arg("LIMIT")
+                                .arg(0)
+                                .arg(want)
+                                .clone(),
+                        ])
+                        .map_err(storage)?[0],
+                )?;
+                entries.extend(later.into_iter().map(|(id, s)| (score(s), id)));
+            }
+            entries.sort();
+            entries.truncate(want);
+            let keys: Vec<(String, String)> = entries
+                .iter()
+                .map(|(_, id)| (queue.to_owned(), id.clone()))
+                .collect();
+            // A task that changed since the index was read is left out; the next page goes on
+            // from the last one shown.
+            let tasks: Vec<Task> = self
+                .fetch(conn, &keys)?
+                .into_iter()
+                .flatten()
+                .map(|(_, task)| task)
+                .filter(|t| t.state == TaskState::Scheduled)
+                .collect();
+            let more = entries.len() > limit;
+            let mut page = crate::memory::due_page(tasks, None, limit);
+            if more && page.next.is_none() {
+                page.next = entries
+                    .get(limit.saturating_sub(1))
+                    .map(|(due, id)| DueCursor {
+                        due_ms: *due,
+                        id: id.clone(),
+                    });
+            }
+            Ok(page)
         })
     }
 
