@@ -1154,16 +1154,6 @@ impl Cold {
         self.doomed_bytes
     }
 
-    /// Every live cold task, slice by slice in time order.
-    pub(crate) fn for_each(&self, mut each: impl FnMut(Task)) -> Result<(), StoreError> {
-        for key in self.slices.keys() {
-            for (_, task) in self.live_tasks(*key)? {
-                each(task);
-            }
-        }
-        Ok(())
-    }
-
     /// Distinct due times of cold tasks in `[from_ms, to_ms]`, ascending, at most `limit`; true if
     /// there were more.
     pub(crate) fn due_times(
