@@ -961,7 +961,7 @@ async fn list_tasks(
     let Query(params) = q.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     if let Some(unknown) = params
         .keys()
-        .find(|k| !matches!(k.as_str(), "state" | "limit" | "cursor"))
+        .find(|k| !matches!(k.as_str(), "state" | "limit" | "cursor" | "order"))
     {
         return Err(ApiError::invalid(format!(
             "unknown query parameter {unknown:?}"
@@ -981,6 +981,30 @@ async fn list_tasks(
         })?),
         None => None,
     };
+    match params.get("order").map(String::as_str) {
+        None | Some("id") => {}
+        Some("due") => {
+            if filter.is_some_and(|s| s != TaskState::Scheduled) {
+                return Err(ApiError::invalid(
+                    "order=due lists scheduled tasks only: leave state out or give state=scheduled",
+                ));
+            }
+            let page = state
+                .list_due(&queue, params.get("cursor").cloned(), limit)
+                .await?;
+            let tasks: Vec<TaskView<'_>> = page.tasks.iter().map(|t| view(t, false)).collect();
+            let next = page.next.map(|c| c.to_string());
+            return Ok(
+                axum::Json(serde_json::json!({ "tasks": tasks, "next_cursor": next }))
+                    .into_response(),
+            );
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "order must be id or due; got {other:?}"
+            )));
+        }
+    }
     let page = state
         .list(&queue, filter, params.get("cursor").cloned(), limit)
         .await?;

@@ -12,7 +12,8 @@ use axum::http::StatusCode;
 use punctual_core::time::parse_rfc3339_ms;
 use punctual_core::{Backoff, LeaseCheck, Task, TaskState, Webhook, fnv1a64};
 use punctual_store::{
-    Buckets, Command, Outcome, Page, PutWhen, QueueCounts, Store, StoreError, Timeline,
+    Buckets, Command, DueCursor, DuePage, Outcome, Page, PutWhen, QueueCounts, Store, StoreError,
+    Timeline,
 };
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -466,6 +467,38 @@ impl Service {
         let q = queue.to_owned();
         Ok(self
             .read(move |s| s.list(&q, state, cursor.as_deref(), limit))
+            .await?)
+    }
+
+    /// A page of `queue`'s scheduled tasks in due order (then id order) after `cursor` (a
+    /// `next_cursor` of an earlier page).
+    pub async fn list_due(
+        &self,
+        queue: &str,
+        cursor: Option<String>,
+        limit: Option<usize>,
+    ) -> Result<DuePage, ApiError> {
+        check_queue(self, queue)?;
+        let limit = match limit {
+            Some(l) if (1..=LIST_MAX_LIMIT).contains(&l) => l,
+            Some(_) => {
+                return Err(ApiError::invalid(format!(
+                    "limit must be between 1 and {LIST_MAX_LIMIT}"
+                )));
+            }
+            None => LIST_DEFAULT_LIMIT,
+        };
+        let after = match cursor {
+            Some(text) => Some(DueCursor::parse(&text).ok_or_else(|| {
+                ApiError::invalid(
+                    "cursor must be the next_cursor of an earlier page with order=due",
+                )
+            })?),
+            None => None,
+        };
+        let q = queue.to_owned();
+        Ok(self
+            .read(move |s| s.list_due(&q, after.as_ref(), limit))
             .await?)
     }
 

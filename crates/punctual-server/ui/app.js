@@ -336,7 +336,9 @@ const RANGES = {
 
 async function queueView(view, queue, params) {
   const range = RANGES[params.get('range')] ? params.get('range') : 'day';
-  const state = STATES.includes(params.get('state')) ? params.get('state') : '';
+  // By default the scheduled tasks that come next (order=due: cheap however many are pending);
+  // `all` and each state list by id.
+  const state = [...STATES, 'all'].includes(params.get('state')) ? params.get('state') : '';
   const cursor = params.get('cursor') || '';
   const r = RANGES[range];
   const now = Date.now();
@@ -346,7 +348,7 @@ async function queueView(view, queue, params) {
   const [counts, timeline, page] = await Promise.all([
     api.get(base),
     api.get(`${base}/timeline?from=${from}&to=${to}&buckets=${r.count}`),
-    api.get(`${base}/tasks?limit=25${state ? `&state=${state}` : ''}${cursor ? `&cursor=${enc(cursor)}` : ''}`),
+    api.get(`${base}/tasks?limit=25${state === '' ? '&order=due' : state === 'all' ? '' : `&state=${state}`}${cursor ? `&cursor=${enc(cursor)}` : ''}`),
   ]);
   const link = (changes) => {
     const p = new URLSearchParams({ range, state, cursor, ...changes });
@@ -373,7 +375,8 @@ async function queueView(view, queue, params) {
 
   // The task list: filter, find by id, page, and act on a selection.
   const stateSelect = h('select', { id: 'state-filter', onchange: () => { location.hash = link({ state: stateSelect.value, cursor: '' }); } },
-    h('option', { value: '' }, 'all states'), STATES.map((s) => h('option', { value: s, selected: s === state }, s)));
+    h('option', { value: '' }, 'scheduled, next due first'), h('option', { value: 'all', selected: state === 'all' }, 'all states, by id'),
+    STATES.map((s) => h('option', { value: s, selected: s === state }, `${s}, by id`)));
   const idInput = h('input', { id: 'id-search', type: 'search', placeholder: 'task id', 'aria-label': 'Find a task by id' });
   const find = h('form', { class: 'toolbar', onsubmit: async (e) => {
     e.preventDefault();
@@ -417,7 +420,7 @@ async function queueView(view, queue, params) {
     bar,
     h('div', { class: 'table-wrap' }, h('table', { id: 'tasks' },
       h('thead', {}, h('tr', {}, h('th', {}, all), h('th', {}, 'id'), h('th', {}, 'state'), h('th', {}, 'due'), h('th', { class: 'num' }, 'attempt'), h('th', {}, 'last error'))),
-      h('tbody', {}, rows.length ? rows : h('tr', {}, h('td', { colspan: 6, class: 'muted' }, state ? `No ${state} tasks on this page.` : 'No tasks.'))))),
+      h('tbody', {}, rows.length ? rows : h('tr', {}, h('td', { colspan: 6, class: 'muted' }, state && state !== 'all' ? `No ${state} tasks on this page.` : state === 'all' ? 'No tasks on this page.' : 'Nothing scheduled.'))))),
     h('div', { class: 'toolbar' },
       cursor ? h('a', { href: link({ cursor: '' }) }, 'First page') : null,
       page.next_cursor ? h('a', { href: link({ cursor: page.next_cursor }), id: 'next-page' }, 'Next page') : null));

@@ -82,7 +82,15 @@ async function open(page) {
   const total = await page.textContent('#timeline-total');
   check(Number(total.replace(/,/g, '').match(/\d+/)[0]) === Number(env.SCHEDULED), `the timeline counts ${env.SCHEDULED} due within a day (${total})`);
   check((await colored(page, '#timeline-chart canvas', [0x1f, 0x6f, 0xeb])) > 200, 'the timeline chart drew bars');
-  check((await page.$$('#tasks tbody tr')).length > 0, 'the task list has rows');
+  // The list shows what comes next: scheduled tasks in due order.
+  const dues = await page.$$eval('#tasks tbody td[title]', (tds) => tds.map((td) => td.getAttribute('title')));
+  check(dues.length === 25, `a page of 25 tasks (${dues.length})`);
+  check(dues.every((d, i) => i === 0 || dues[i - 1] <= d), `in due order (${dues.slice(0, 5)})`);
+  await page.selectOption('#state-filter', 'dead');
+  await page.waitForSelector(`#tasks tr[data-id="${env.DEAD_ID}"]`);
+  check((await page.$$('#tasks tbody tr')).length === 1, 'the dead filter shows the one dead task');
+  await page.selectOption('#state-filter', '');
+  await page.waitForFunction(() => document.querySelectorAll('#tasks tbody tr').length === 25);
   await shot(page, 'queue', false);
   await page.click('.seg a:nth-child(3)');
   await page.waitForFunction(() => location.hash.includes('range=month') && document.querySelector('#timeline-total')?.textContent.includes('30 days'));
