@@ -276,6 +276,21 @@ pub(crate) fn read_u64(bytes: &[u8], at: &mut usize) -> Option<u64> {
     Some(v)
 }
 
+/// One record of a chunk: its location, queue, id and stored value.
+pub(crate) type Parsed<'a> = (u32, String, String, &'a [u8]);
+
+/// The records of chunk `chunk_id` as [`Cold::chunk_data`] read them, checked: each record's location,
+/// queue, id and stored value (decode it with `codec::decode`). Live or not: ask [`Cold::is_live`].
+pub(crate) fn parse_chunk(chunk_id: u32, data: &[u8]) -> Result<Vec<Parsed<'_>>, String> {
+    let mut out = Vec::new();
+    for (index, (_, bytes)) in parse_records(data, true)?.into_iter().enumerate() {
+        let (q, i, value) =
+            crate::journal_store::split_key(bytes).ok_or_else(|| "a bad key".to_owned())?;
+        out.push(((chunk_id << 8) | index as u32, q, i, value));
+    }
+    Ok(out)
+}
+
 /// What a checkpoint records of the cold tier: the boundaries and every slice's synced lengths.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ColdCheckpoint {
@@ -845,18 +860,60 @@ impl Cold {
     ) -> Result<Vec<(u32, Task)>, StoreError> {
         let mut out = Vec::new();
         for &chunk_id in &self.slices[&key].chunks {
-            let data = self.chunk_records(chunk_id)?;
-            let records = parse_records(&data, true).map_err(|why| self.damaged(chunk_id, why))?;
-            for (index, (_, bytes)) in records.into_iter().enumerate() {
-                let (q, i, value) = crate::journal_store::split_key(bytes)
-                    .ok_or_else(|| self.damaged(chunk_id, "a bad key".into()))?;
-                let loc = (chunk_id << 8) | index as u32;
-                if keep(&q, &i) && self.ids.contains(fingerprint(&q, &i), loc) {
-                    out.push((loc, codec::decode(&q, &i, value)?));
-                }
-            }
+            self.chunk_tasks_where(chunk_id, &keep, &mut out)?;
         }
         Ok(out)
+    }
+
+    /// Adds the live tasks of one chunk whose queue and id pass `keep` to `out`, with their
+    /// locations; nothing if the chunk is no longer allocated.
+    fn chunk_tasks_where(
+        &self,
+        chunk_id: u32,
+        keep: &impl Fn(&str, &str) -> bool,
+        out: &mut Vec<(u32, Task)>,
+    ) -> Result<(), StoreError> {
+        if self
+            .chunks
+            .get(chunk_id as usize)
+            .is_none_or(Option::is_none)
+        {
+            return Ok(());
+        }
+        let data = self.chunk_records(chunk_id)?;
+        let records = parse_records(&data, true).map_err(|why| self.damaged(chunk_id, why))?;
+        for (index, (_, bytes)) in records.into_iter().enumerate() {
+            let (q, i, value) = crate::journal_store::split_key(bytes)
+                .ok_or_else(|| self.damaged(chunk_id, "a bad key".into()))?;
+            let loc = (chunk_id << 8) | index as u32;
+            if keep(&q, &i) && self.ids.contains(fingerprint(&q, &i), loc) {
+                out.push((loc, codec::decode(&q, &i, value)?));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every allocated chunk, slice by slice in time order: for reading the whole tier a few chunks
+    /// at a time, letting go of the store's lock in between ([`Cold::chunk_data`],
+    /// [`parse_chunk`], [`Cold::is_live`]).
+    pub(crate) fn chunk_ids(&self) -> Vec<u32> {
+        self.slices
+            .values()
+            .flat_map(|slice| slice.chunks.iter().copied())
+            .collect()
+    }
+
+    /// The bytes of one chunk's records, to parse without the lock; `None` if it was freed.
+    pub(crate) fn chunk_data(&self, chunk_id: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.chunks.get(chunk_id as usize) {
+            Some(Some(_)) => self.chunk_records(chunk_id).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether the record at `loc` is the live one of `queue`/`id`.
+    pub(crate) fn is_live(&self, queue: &str, id: &str, loc: u32) -> bool {
+        self.ids.contains(fingerprint(queue, id), loc)
     }
 
     /// At least `want` cold tasks of `queue` after `after` in due order (all of them if there are
@@ -884,20 +941,6 @@ impl Cold {
         }
         out.sort_by(|a, b| (a.run_at_ms, &a.id).cmp(&(b.run_at_ms, &b.id)));
         Ok(out)
-    }
-
-    /// Every live cold task of `queue`, slice by slice in time order (the others are not decoded).
-    pub(crate) fn for_each_of(
-        &self,
-        queue: &str,
-        mut each: impl FnMut(Task),
-    ) -> Result<(), StoreError> {
-        for key in self.slices.keys() {
-            for (_, task) in self.live_tasks_where(*key, |q, _| q == queue)? {
-                each(task);
-            }
-        }
-        Ok(())
     }
 
     /// Drops a slice whose tasks have all been moved out: its chunks now, its files after the next

@@ -252,6 +252,15 @@ async fn the_dashboard_works_in_a_real_browser() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(task["state"], "ready", "{task}");
+    // The reschedule picker's.
+    let (_, task) = call(
+        &http,
+        "GET",
+        format!("{}/v1/queues/mail/tasks/welcome-7", server.url),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(task["run_at"], "2027-01-04T10:30:00.000Z", "{task}");
     // The pause button's.
     let (_, schedule) = call(
         &http,

@@ -44,7 +44,7 @@ async function load() {
     if (inFlight.size >= 8) await Promise.race(inFlight);
     if (Date.now() - lastPrint > 10000) {
       lastPrint = Date.now();
-      console.error(`loading: ${next} of ${pending} (${Math.round(next / ((Date.now() - started) / 1000))}/s)`);
+      console.error(`loading: ${next} of ${pending}`);
     }
   }
   await Promise.all(inFlight);
@@ -71,6 +71,37 @@ async function timeline() {
   return out;
 }
 
+/**
+ * Median time of a page of 25 tasks in due order and in id order (all states); and the slowest of
+ * the single schedules sent every 20 ms while each listing ran (does a listing hold up commits?).
+ */
+async function listing() {
+  const out = {};
+  for (const [name, query, n] of [['due order', 'order=due', runs * 4], ['id order, all states', '', 3]]) {
+    const times = [];
+    let slowest = 0;
+    let running = true;
+    const probe = (async () => {
+      while (running) {
+        const t0 = performance.now();
+        await (await fetch(`${base}/v1/queues/probe/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"delay_ms": 3600000}' })).arrayBuffer();
+        slowest = Math.max(slowest, performance.now() - t0);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    })();
+    for (let i = 0; i < n; i++) {
+      const t0 = performance.now();
+      const r = await fetch(`${base}/v1/queues/${queue}/tasks?limit=25&${query}`);
+      await r.json();
+      times.push(performance.now() - t0);
+    }
+    running = false;
+    await probe;
+    out[name] = { ms: median(times), n, slowest };
+  }
+  return out;
+}
+
 async function firstRender(page, hash, selector) {
   const times = [];
   for (let i = 0; i < runs; i++) {
@@ -87,13 +118,18 @@ async function firstRender(page, hash, selector) {
   await load();
   const counts = await (await fetch(`${base}/v1/queues/${queue}`)).json();
   const tl = await timeline();
+  const lists = await listing();
   const browser = await chromium.launch({ executablePath: env.CHROMIUM || '/usr/bin/chromium', args: ['--no-sandbox'] });
   const page = await (await browser.newContext({ viewport: { width: 1280, height: 860 } })).newPage();
   const overview = await firstRender(page, '#/', `#queues tr[data-queue="${queue}"]`);
-  const queueView = await firstRender(page, `#/queue/${queue}`, '#timeline-chart canvas');
+  // The queue view renders its chart and its task list together, once both answers are in.
+  const queueView = await firstRender(page, `#/queue/${queue}`, '#tasks tbody tr');
   await browser.close();
   console.log(`pending in ${queue}: ${counts.scheduled} scheduled (${counts.total} tasks)`);
   for (const [name, { ms, total }] of Object.entries(tl)) console.log(`timeline, next ${name}: ${ms.toFixed(1)} ms (median of ${runs * 4}; ${total} due)`);
+  for (const [name, { ms, n, slowest }] of Object.entries(lists)) {
+    console.log(`task list page of 25, ${name}: ${ms.toFixed(1)} ms (median of ${n}); slowest schedule meanwhile: ${slowest.toFixed(1)} ms`);
+  }
   console.log(`first render, overview: ${overview} ms (median of ${runs})`);
   console.log(`first render, queue view with its task list: ${queueView} ms (median of ${runs})`);
 })().catch((e) => { console.error(e); process.exit(1); });

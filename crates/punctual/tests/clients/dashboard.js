@@ -106,6 +106,11 @@ async function open(page) {
   check(['state', 'due', 'attempt', 'last error'].every((f) => fields.includes(f)), `the task's fields are listed (${fields})`);
   check((await page.textContent('#task-fields')).includes('0 of 5'), 'attempts are shown');
   await shot(page, 'task');
+  // Reschedule it with the date-time picker (the browser runs in UTC): the API shows the new time.
+  await page.fill('#reschedule-at', '2027-01-04T10:30:00');
+  await page.click('#reschedule');
+  await page.waitForFunction(() => document.getElementById('status').textContent.includes('Rescheduled: done'));
+  await page.waitForFunction(() => document.getElementById('task-fields').textContent.includes('2027-01-04T10:30:00.000Z'));
 
   // Dead letters: the dead task is listed; retry it with its button.
   await page.goto(`${base}/ui/#/dead`);
