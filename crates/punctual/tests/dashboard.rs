@@ -79,11 +79,12 @@ async fn seed(http: &reqwest::Client, url: &str) -> usize {
     let mut due_within_day = 0;
     let mail: Vec<Value> = (0..400u64)
         .map(|i| {
-            // Most within the next day, bunched in the morning and evening; some up to 20 days.
+            // Well inside the page's "next day" (which starts at the quarter hour before now and
+            // so ends up to 15 minutes before now + 24 h), or well outside it.
             let delay = if i % 5 == 4 {
-                86_400_000 + (i * 4_919_993) % (19 * 86_400_000)
+                90_000_000 + (i * 4_919_993) % (19 * 86_400_000)
             } else {
-                120_000 + ((i * i * 7_919) % 43_200_000) + (i % 3) * 21_600_000
+                120_000 + ((i * i * 7_919) % 36_000_000) + (i % 3) * 14_400_000
             };
             if delay < 86_400_000 {
                 due_within_day += 1;
