@@ -71,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/tasks/{id}/retry", post(retry))
         .route("/v1/schedules", get(list_all_schedules))
         .route("/v1/server", get(server_info))
+        .route("/v1/openapi.json", get(openapi_document))
         .route("/v1/webhooks/targets", get(webhook_targets))
         .route("/v1/queues/{queue}/schedules", get(list_schedules))
         .route(
@@ -146,7 +147,8 @@ async fn authorize(
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path();
-    let guarded = path.starts_with("/v1/")
+    // The API's description is documentation, not data.
+    let guarded = (path.starts_with("/v1/") && path != "/v1/openapi.json")
         || path == "/v1"
         || (path == "/metrics" && state.config.protect_metrics);
     if !state.auth_required() || !guarded {
@@ -528,6 +530,12 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         handle.render(),
     )
         .into_response()
+}
+
+/// The OpenAPI 3.1 description of this API, with this server's limits (docs/openapi.json has the
+/// defaults').
+async fn openapi_document(State(state): State<AppState>) -> Response {
+    axum::Json(crate::openapi::document(&state.config.limits)).into_response()
 }
 
 /// The server as the dashboard shows it: version, store, health, disk.

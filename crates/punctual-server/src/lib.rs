@@ -1,5 +1,7 @@
 //! Punctual's server: the HTTP API over a [`Store`], the group-commit writer, the timer driver and
 //! long-poll reserves. It sees storage only through the `Store` trait.
+// The OpenAPI document (openapi.rs) is one large `json!` literal.
+#![recursion_limit = "512"]
 
 pub mod address;
 pub mod api;
@@ -10,6 +12,7 @@ pub mod error;
 pub mod ids;
 pub mod listen;
 pub mod metrics;
+pub mod openapi;
 pub mod resp;
 pub mod schedules;
 pub mod service;

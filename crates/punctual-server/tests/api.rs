@@ -1788,3 +1788,53 @@ async fn due_order_listing(h: &Harness) {
 }
 
 each_store!(due_order_pages_match_a_sorted_listing, due_order_listing);
+
+/// `GET /v1/openapi.json` serves the document, without a token, and it equals the committed
+/// `docs/openapi.json` (with the default limits). `PUNCTUAL_WRITE_OPENAPI=1` rewrites that file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_is_served_and_matches_the_committed_one() {
+    let config = ServerConfig {
+        auth_tokens: vec!["t0ken".into()],
+        ..ServerConfig::default()
+    };
+    let h = Harness::with_config(Arc::new(MemoryStore::new()), config);
+    let (status, served) = h.call("GET", "/v1/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK, "no token needed: {served}");
+    assert_eq!(served["openapi"], "3.1.0");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+    let text = format!("{}\n", serde_json::to_string_pretty(&served).unwrap());
+    if std::env::var_os("PUNCTUAL_WRITE_OPENAPI").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == text,
+        "docs/openapi.json differs from what the server serves: run \
+         PUNCTUAL_WRITE_OPENAPI=1 cargo test -p punctual-server --test api openapi, and commit it"
+    );
+    // Every route of the router is described, and nothing else.
+    let mut paths: Vec<&str> = served["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    paths.sort_unstable();
+    for path in &paths {
+        let probe = path
+            .replace("{queue}", "q")
+            .replace("{id}", "i")
+            .replace("{name}", "n")
+            .replace("{action}", "pause");
+        for (method, _) in served["paths"][*path].as_object().unwrap() {
+            let (status, answer) = h
+                .call_as(Some("t0ken"), &method.to_uppercase(), &probe, Some("{}"))
+                .await;
+            assert!(
+                !matches!(status.as_u16(), 404 | 405) || answer["error"]["code"] == "not_found",
+                "{method} {probe}: {status} {answer}"
+            );
+        }
+    }
+    h.stop().await;
+}

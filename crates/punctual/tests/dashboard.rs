@@ -111,32 +111,31 @@ async fn seed(http: &reqwest::Client, url: &str) -> usize {
     )
     .await;
 
-    // A task that fails its only attempt: dead.
-    let (status, _) = call(
-        http,
-        "POST",
-        format!("{url}/v1/queues/mail/tasks"),
-        json!({"id": "bounce-42", "max_attempts": 1, "payload": {"to": "nobody@example.com"}}),
-    )
-    .await;
-    assert_eq!(status, 201);
-    let (_, leased) = call(
-        http,
-        "POST",
-        format!("{url}/v1/queues/mail/reserve"),
-        json!({"max": 1, "wait_ms": 2000}),
-    )
-    .await;
-    let task = &leased["tasks"][0];
-    assert_eq!(task["id"], "bounce-42");
-    let (status, _) = call(
-        http,
-        "POST",
-        format!("{url}/v1/queues/mail/tasks/bounce-42/nack"),
-        json!({"lease_token": task["lease_token"], "error": "smtp said 550: mailbox unavailable"}),
-    )
-    .await;
-    assert_eq!(status, 200);
+    // Tasks that fail their only attempt: dead.
+    for (queue, id) in [("mail", "bounce-42"), ("billing", "bounce-43")] {
+        let body = json!({"id": id, "max_attempts": 1, "payload": {"to": "nobody@example.com"}});
+        let (status, _) = call(http, "POST", format!("{url}/v1/queues/{queue}/tasks"), body).await;
+        assert_eq!(status, 201);
+        let reserve = json!({"max": 1, "wait_ms": 2000});
+        let (_, leased) = call(
+            http,
+            "POST",
+            format!("{url}/v1/queues/{queue}/reserve"),
+            reserve,
+        )
+        .await;
+        let task = &leased["tasks"][0];
+        assert_eq!(task["id"], id);
+        let nack = json!({"lease_token": task["lease_token"], "error": "smtp said 550: mailbox unavailable"});
+        let (status, _) = call(
+            http,
+            "POST",
+            format!("{url}/v1/queues/{queue}/tasks/{id}/nack"),
+            nack,
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
 
     let (status, _) = call(
         http,
@@ -253,6 +252,15 @@ async fn the_dashboard_works_in_a_real_browser() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(task["state"], "ready", "{task}");
+    // The delete button's.
+    let (status, _) = call(
+        &http,
+        "GET",
+        format!("{}/v1/queues/billing/tasks/bounce-43", server.url),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, 404);
     // The reschedule picker's.
     let (_, task) = call(
         &http,

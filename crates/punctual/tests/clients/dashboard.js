@@ -121,7 +121,16 @@ async function open(page) {
   await page.check(`${deadRow} input[type=checkbox]`);
   await page.click('#retry-selected');
   await page.waitForFunction(() => document.getElementById('status').textContent.includes('Retry: 1 done'));
-  await page.waitForSelector('#dead tbody td.muted');
+  await page.waitForSelector(deadRow, { state: 'detached' });
+  // Delete another dead task, through the confirmation.
+  const doomed = '#dead tr[data-id="bounce-43"]';
+  await page.check(`${doomed} input[type=checkbox]`);
+  await page.click('#delete-selected');
+  await page.waitForSelector('#confirm-dialog[open]');
+  check((await page.textContent('#confirm-text')).includes('Delete 1 dead task'), 'the confirmation says what goes');
+  await page.click('#confirm-ok');
+  await page.waitForFunction(() => document.getElementById('status').textContent.includes('Delete: 1 done'));
+  await page.waitForSelector(doomed, { state: 'detached' });
 
   // Schedules and webhook targets.
   await page.goto(`${base}/ui/#/schedules`);
