@@ -234,7 +234,11 @@ async function pollMetrics() {
 // ---------------------------------------------------------------------------------------------
 // Charts
 
-function chartWidth(el) { return Math.max(280, Math.floor(el.getBoundingClientRect().width) - 4); }
+/** The width a chart's box has, or (before the view is on screen) about what it will have. */
+function chartWidth(el) {
+  const width = el.getBoundingClientRect().width || document.getElementById('main').clientWidth - 64;
+  return Math.max(280, Math.floor(width) - 4);
+}
 
 function lineChart(el, title, series, data, yLabel) {
   const opts = {
@@ -265,6 +269,8 @@ function barChart(el, title, xs, ys, yLabel) {
 function keepSized(view, el, plot) {
   const resize = () => plot.setSize({ width: chartWidth(el), height: plot.height });
   window.addEventListener('resize', resize);
+  // Views are built off screen: fit the chart to its box once the view is shown.
+  requestAnimationFrame(resize);
   view.cleanup.push(() => { window.removeEventListener('resize', resize); plot.destroy(); });
 }
 
@@ -597,7 +603,6 @@ async function render(keepStatus) {
   };
   current = view;
   if (!keepStatus) say('');
-  main.replaceChildren(root);
   for (const a of document.querySelectorAll('.top nav a')) {
     if (a.dataset.nav === r.nav) a.setAttribute('aria-current', 'page'); else a.removeAttribute('aria-current');
   }
@@ -608,6 +613,8 @@ async function render(keepStatus) {
     root.append(h('h1', {}, r.title), h('p', { class: 'error', id: 'view-error' }, `Could not load this view: ${e.message}`));
   }
   if (current !== view) { for (const f of view.cleanup) f(); return; }
+  // The view is shown whole, once its data is in: no empty page while it loads.
+  main.replaceChildren(root);
   if (!keepStatus && rendered++ > 0) main.focus({ preventScroll: true });
 }
 

@@ -69,7 +69,7 @@ async function open(page) {
   check((await page.textContent('#server')).includes('journal'), 'the server card names the store');
   await page.waitForSelector('#rates-chart canvas');
   // Three polls of /metrics make two points of each line.
-  await page.waitForFunction(() => /\((\d+) points\)/.test(document.querySelector('.legend-note').textContent)
+  await page.waitForFunction(() => /\((\d+) points\)/.test(document.querySelector('.legend-note')?.textContent || '')
     && Number(/\((\d+) points\)/.exec(document.querySelector('.legend-note').textContent)[1]) >= 4, null, { timeout: 20000 });
   check((await inked(page, '#rates-chart canvas')) > 500, 'the rates chart drew its lines');
   await shot(page, 'overview');
@@ -110,7 +110,7 @@ async function open(page) {
   await page.fill('#reschedule-at', '2027-01-04T10:30');
   await page.click('#reschedule');
   await page.waitForFunction(() => document.getElementById('status').textContent.includes('Rescheduled: done'));
-  await page.waitForFunction(() => document.getElementById('task-fields').textContent.includes('2027-01-04T10:30:00.000Z'));
+  await page.waitForFunction(() => document.getElementById('task-fields')?.textContent.includes('2027-01-04T10:30:00.000Z'));
 
   // Dead letters: the dead task is listed; retry it with its button.
   await page.goto(`${base}/ui/#/dead`);
