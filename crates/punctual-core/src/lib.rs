@@ -9,6 +9,7 @@ pub mod retry;
 pub mod schedule;
 pub mod task;
 pub mod time;
+pub mod whole;
 pub mod window;
 
 pub use limits::Limits;

@@ -935,6 +935,7 @@ async fn nack(
 #[serde(deny_unknown_fields)]
 struct ExtendRequest {
     lease_token: String,
+    #[serde(deserialize_with = "punctual_core::whole::u64")]
     lease_ms: u64,
 }
 
@@ -989,6 +990,8 @@ async fn list_tasks(
         })?),
         None => None,
     };
+    // An empty cursor is the first page, as no cursor is.
+    let cursor = params.get("cursor").filter(|c| !c.is_empty()).cloned();
     match params.get("order").map(String::as_str) {
         None | Some("id") => {}
         Some("due") => {
@@ -997,9 +1000,7 @@ async fn list_tasks(
                     "order=due lists scheduled tasks only: leave state out or give state=scheduled",
                 ));
             }
-            let page = state
-                .list_due(&queue, params.get("cursor").cloned(), limit)
-                .await?;
+            let page = state.list_due(&queue, cursor, limit).await?;
             let tasks: Vec<TaskView<'_>> = page.tasks.iter().map(|t| view(t, false)).collect();
             let next = page.next.map(|c| c.to_string());
             return Ok(
@@ -1013,9 +1014,7 @@ async fn list_tasks(
             )));
         }
     }
-    let page = state
-        .list(&queue, filter, params.get("cursor").cloned(), limit)
-        .await?;
+    let page = state.list(&queue, filter, cursor, limit).await?;
     let tasks: Vec<TaskView<'_>> = page.tasks.iter().map(|t| view(t, false)).collect();
     Ok(
         axum::Json(serde_json::json!({ "tasks": tasks, "next_cursor": page.next_cursor }))

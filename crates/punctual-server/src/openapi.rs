@@ -4,11 +4,15 @@
 //! committed one). docs/api.md is the prose; this is what a client generator or a validator reads.
 
 use punctual_core::Limits;
+use punctual_core::schedule::{MAX_EVERY_MS, MIN_EVERY_MS};
 use serde_json::{Value, json};
 
 use crate::service::{
     LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT, TIMELINE_DEFAULT_BUCKETS, TIMELINE_MAX_BUCKETS,
 };
+
+/// A time in a query: unix ms, or an RFC 3339 date-time.
+const TIME_PATTERN: &str = "^([0-9]{1,19}|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))$";
 
 fn schema(name: &str) -> Value {
     json!({"$ref": format!("#/components/schemas/{name}")})
@@ -50,6 +54,28 @@ fn op(tag: &str, summary: &str, params: &[&str], answers: Value) -> Value {
     json!({"tags": [tag], "summary": summary, "parameters": params, "responses": common(answers)})
 }
 
+/// Lets an optional request field be `null` too (the server reads `null` as "not given").
+fn nullable(mut v: Value) -> Value {
+    if let Some(t) = v.get("type").and_then(Value::as_str).map(str::to_owned) {
+        v["type"] = json!([t, "null"]);
+        v
+    } else {
+        json!({"anyOf": [v, {"type": "null"}]})
+    }
+}
+
+/// [`nullable`] for every property of an object schema but `keep`.
+fn nullable_fields(mut object: Value, keep: &[&str]) -> Value {
+    if let Some(props) = object["properties"].as_object_mut() {
+        for (k, v) in props.iter_mut() {
+            if !keep.contains(&k.as_str()) {
+                *v = nullable(v.take());
+            }
+        }
+    }
+    object
+}
+
 fn with_body(mut operation: Value, request: Value) -> Value {
     operation["requestBody"] = request;
     operation
@@ -57,14 +83,17 @@ fn with_body(mut operation: Value, request: Value) -> Value {
 
 /// The document for a server with `limits`.
 pub fn document(limits: &Limits) -> Value {
+    // Giving both of a pair is refused; a null counts as not given.
+    let both_times = json!({"required": ["delay_ms", "run_at"], "properties": {"delay_ms": {"type": "integer"}, "run_at": {"type": "string"}}});
+    let both_backoffs = json!({"required": ["backoff_ms", "backoff"], "properties": {"backoff_ms": {"type": "array"}, "backoff": {"type": "object"}}});
     let ms =
         |description: &str| json!({"type": "integer", "minimum": 0, "description": description});
     let task_fields = json!({
         "payload": {"description": format!("Any JSON value, delivered byte for byte as sent; at most {} bytes of JSON text.", limits.max_payload_bytes)},
         "delay_ms": {"type": "integer", "minimum": 0, "maximum": limits.max_delay_ms, "description": "Due this long after now (give this or run_at; neither: due now)."},
-        "run_at": {"type": "string", "format": "date-time", "description": "Due at this RFC 3339 time, with a zone."},
+        "run_at": {"type": "string", "format": "date-time", "description": "Due at this RFC 3339 time, with a zone (not with delay_ms)."},
         "max_attempts": {"type": "integer", "minimum": 1, "maximum": limits.max_attempts},
-        "backoff_ms": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": limits.max_delay_ms}, "maxItems": limits.max_attempts, "description": "A retry ladder: the delay before each retry (the last repeats)."},
+        "backoff_ms": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": limits.max_delay_ms}, "minItems": 1, "maxItems": limits.max_attempts, "description": "A retry ladder: the delay before each retry (the last repeats); not with backoff."},
         "backoff": schema("Exponential"),
         "webhook": schema("Webhook"),
         "lease_ms": {"type": "integer", "minimum": limits.min_lease_ms, "maximum": limits.max_lease_ms},
@@ -72,6 +101,7 @@ pub fn document(limits: &Limits) -> Value {
     let mut schedule_request = json!({
         "type": "object",
         "additionalProperties": false,
+        "not": {"anyOf": [both_times.clone(), both_backoffs.clone()]},
         "properties": {"id": {"type": "string", "minLength": 1, "maxLength": limits.max_id_bytes, "description": "Your id for the task (idempotency key); generated when absent."}},
     });
     for (k, v) in task_fields.as_object().unwrap() {
@@ -80,10 +110,12 @@ pub fn document(limits: &Limits) -> Value {
     let mut recurring = json!({
         "type": "object",
         "additionalProperties": false,
+        "oneOf": [{"required": ["every_ms"]}, {"required": ["cron"]}],
+        "not": both_backoffs.clone(),
         "properties": {
-            "every_ms": {"type": "integer", "minimum": 1, "description": "Every N ms (give this or cron)."},
-            "cron": {"type": "string", "description": "A cron expression: 5 or 6 fields (with seconds), names, L, W, #, nicknames."},
-            "timezone": {"type": "string", "description": "An IANA zone for cron (default UTC)."},
+            "every_ms": {"type": "integer", "minimum": MIN_EVERY_MS, "maximum": MAX_EVERY_MS, "description": "Every N ms (give this or cron)."},
+            "cron": {"type": "string", "minLength": 1, "description": "A cron expression: 5 or 6 fields (with seconds), names, L, W, #, nicknames."},
+            "timezone": {"type": "string", "minLength": 1, "description": "An IANA zone for cron (default UTC)."},
             "start_at": {"type": "string", "format": "date-time"},
             "end_at": {"type": "string", "format": "date-time"},
             "missed": {"enum": ["skip", "latest", "all"]},
@@ -139,7 +171,7 @@ pub fn document(limits: &Limits) -> Value {
             }},
         },
         "State": {"enum": ["scheduled", "ready", "leased", "succeeded", "dead"]},
-        "Exponential": {
+        "Exponential": nullable_fields(json!({
             "type": "object",
             "additionalProperties": false,
             "properties": {
@@ -148,24 +180,35 @@ pub fn document(limits: &Limits) -> Value {
                 "max_ms": {"type": "integer", "minimum": 0},
                 "jitter": {"type": "boolean"},
             },
-        },
+        }), &[]),
         "Webhook": {
             "type": "object",
             "additionalProperties": false,
             "required": ["url"],
             "properties": {
-                "url": {"type": "string", "maxLength": limits.max_url_bytes, "description": "http:// or https://; private addresses only where the server allows them (docs/webhooks.md)."},
-                "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-                "timeout_ms": {"type": "integer", "minimum": 1},
+                "url": {"type": "string", "minLength": 8, "maxLength": limits.max_url_bytes, "pattern": "^https?://[^/?#@\\s]+", "description": "http:// or https://; private addresses only where the server allows them (docs/webhooks.md)."},
+                "headers": {
+                    "type": "object",
+                    "description": "Sent with the delivery; connection-level headers and punctual-* are refused.",
+                    "propertyNames": {
+                        "pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
+                        "not": {"anyOf": [
+                            {"enum": ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "proxy-authenticate", "proxy-authorization", "expect"]},
+                            {"pattern": "^[Pp][Uu][Nn][Cc][Tt][Uu][Aa][Ll]-"},
+                        ]},
+                    },
+                    "additionalProperties": {"type": "string", "pattern": "^[^\\u0000-\\u0008\\u000a-\\u001f\\u007f]*$"},
+                },
+                "timeout_ms": {"type": ["integer", "null"], "minimum": 1},
             },
         },
-        "ScheduleRequest": schedule_request,
+        "ScheduleRequest": nullable_fields(schedule_request, &["payload"]),
         "Task": {
             "type": "object",
             "required": ["queue", "id", "state", "run_at", "run_at_ms", "attempt", "max_attempts", "created_at", "created_at_ms", "updated_at_ms", "last_error"],
             "properties": {
-                "queue": queue_name.clone(),
-                "id": task_id.clone(),
+                "queue": {"type": "string"},
+                "id": {"type": "string", "description": "Up to max_id_bytes when given by a client; a schedule's record (queue punctual.schedules) has <queue>/<name>."},
                 "state": schema("State"),
                 "payload": {"description": "The payload as sent, when there is one."},
                 "run_at": {"type": "string", "format": "date-time"},
@@ -202,7 +245,7 @@ pub fn document(limits: &Limits) -> Value {
             "type": "object",
             "additionalProperties": false,
             "required": ["tasks"],
-            "properties": {"tasks": {"type": "array", "maxItems": limits.max_batch, "items": {"type": "object", "description": "A ScheduleRequest; each is checked on its own, and a bad one gets its own error in the results."}}},
+            "properties": {"tasks": {"type": "array", "maxItems": limits.max_batch, "items": {"allOf": [schema("ScheduleRequest")], "description": "Each item is checked on its own: a bad one (even one that is not an object) gets its own error in the results, and the others go on."}}},
         },
         "Results": {
             "type": "object",
@@ -213,12 +256,16 @@ pub fn document(limits: &Limits) -> Value {
                 "properties": {
                     "status": {"type": "integer", "description": "The status this item would have had alone."},
                     "task": schema("Task"),
-                    "id": task_id.clone(),
-                    "error": {"$ref": "#/components/schemas/Error/properties/error"},
+                    "id": {"type": "string"},
+                    "error": {
+                        "type": "object",
+                        "required": ["code", "message"],
+                        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                    },
                 },
             }}},
         },
-        "ReserveRequest": {
+        "ReserveRequest": nullable_fields(json!({
             "type": "object",
             "additionalProperties": false,
             "properties": {
@@ -226,7 +273,7 @@ pub fn document(limits: &Limits) -> Value {
                 "wait_ms": {"type": "integer", "minimum": 0, "maximum": limits.max_wait_ms, "default": 0},
                 "lease_ms": {"type": "integer", "minimum": limits.min_lease_ms, "maximum": limits.max_lease_ms},
             },
-        },
+        }), &[]),
         "AckRequest": {
             "type": "object",
             "additionalProperties": false,
@@ -236,15 +283,16 @@ pub fn document(limits: &Limits) -> Value {
         "AckManyRequest": {
             "type": "object",
             "additionalProperties": false,
-            "required": ["acks"],
-            "properties": {"acks": {"type": "array", "maxItems": limits.max_batch, "items": {
+            "required": ["tasks"],
+            "properties": {"tasks": {"type": "array", "minItems": 1, "maxItems": limits.max_batch, "items": {
                 "type": "object",
                 "additionalProperties": false,
                 "required": ["id", "lease_token"],
-                "properties": {"id": task_id.clone(), "lease_token": {"type": "string"}},
+                "description": "Each ack is answered on its own: an unknown id or a stale token gets its own error in the results.",
+                "properties": {"id": {"type": "string"}, "lease_token": {"type": "string"}},
             }}},
         },
-        "NackRequest": {
+        "NackRequest": nullable_fields(json!({
             "type": "object",
             "additionalProperties": false,
             "required": ["lease_token"],
@@ -253,7 +301,7 @@ pub fn document(limits: &Limits) -> Value {
                 "error": {"type": "string"},
                 "delay_ms": {"type": "integer", "minimum": 0, "maximum": limits.max_delay_ms},
             },
-        },
+        }), &["lease_token"]),
         "ExtendRequest": {
             "type": "object",
             "additionalProperties": false,
@@ -266,10 +314,16 @@ pub fn document(limits: &Limits) -> Value {
         "Reschedule": {
             "type": "object",
             "additionalProperties": false,
-            "minProperties": 1,
+            "description": "At least one of delay_ms, run_at and payload, not null (a null payload is the JSON value null).",
+            "anyOf": [
+                {"required": ["delay_ms"], "properties": {"delay_ms": {"type": "integer"}}},
+                {"required": ["run_at"], "properties": {"run_at": {"type": "string"}}},
+                {"required": ["payload"]},
+            ],
+            "not": both_times.clone(),
             "properties": {
-                "delay_ms": {"type": "integer", "minimum": 0, "maximum": limits.max_delay_ms},
-                "run_at": {"type": "string", "format": "date-time"},
+                "delay_ms": {"type": ["integer", "null"], "minimum": 0, "maximum": limits.max_delay_ms},
+                "run_at": {"type": ["string", "null"], "format": "date-time"},
                 "payload": {},
             },
         },
@@ -304,7 +358,7 @@ pub fn document(limits: &Limits) -> Value {
                 }},
             },
         },
-        "RecurringRequest": recurring,
+        "RecurringRequest": nullable_fields(recurring, &["payload", "every_ms", "cron"]),
         "Schedule": {
             "type": "object",
             "required": ["queue", "name", "paused", "next_runs"],
@@ -380,15 +434,15 @@ pub fn document(limits: &Limits) -> Value {
         "NoSpace": error("The disk is full: nothing was kept (insufficient_storage)."),
     });
     let parameters = json!({
-        "queue": {"name": "queue", "in": "path", "required": true, "schema": queue_name},
+        "queue": {"name": "queue", "in": "path", "required": true, "schema": queue_name.clone()},
         "id": {"name": "id", "in": "path", "required": true, "schema": task_id},
-        "name": {"name": "name", "in": "path", "required": true, "schema": {"type": "string", "minLength": 1, "maxLength": limits.max_id_bytes}},
+        "name": {"name": "name", "in": "path", "required": true, "schema": queue_name.clone()},
         "state": {"name": "state", "in": "query", "schema": schema("State")},
         "limit": {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": LIST_MAX_LIMIT, "default": LIST_DEFAULT_LIMIT}},
         "cursor": {"name": "cursor", "in": "query", "schema": {"type": "string"}, "description": "The next_cursor of the page before."},
         "order": {"name": "order", "in": "query", "schema": {"enum": ["id", "due"], "default": "id"}, "description": "due: scheduled tasks in due order (state must be absent or scheduled)."},
-        "from": {"name": "from", "in": "query", "schema": {"type": "string"}, "description": "Unix ms or RFC 3339 (default now)."},
-        "to": {"name": "to", "in": "query", "schema": {"type": "string"}, "description": "Unix ms or RFC 3339 (default a day after from); at most max_delay_ms after now."},
+        "from": {"name": "from", "in": "query", "schema": {"type": "string", "pattern": TIME_PATTERN}, "description": "Unix ms or RFC 3339 (default now)."},
+        "to": {"name": "to", "in": "query", "schema": {"type": "string", "pattern": TIME_PATTERN}, "description": "Unix ms or RFC 3339 (default a day after from); at most max_delay_ms after now."},
         "buckets": {"name": "buckets", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": TIMELINE_MAX_BUCKETS, "default": TIMELINE_DEFAULT_BUCKETS}},
     });
 
@@ -489,6 +543,51 @@ pub fn document(limits: &Limits) -> Value {
         }},
     });
 
+    // Names for generated clients' functions.
+    let mut paths = paths;
+    for (path, method, id) in [
+        ("/v1/queues", "get", "listQueues"),
+        ("/v1/queues/{queue}", "get", "getQueue"),
+        ("/v1/queues/{queue}/tasks", "post", "scheduleTask"),
+        ("/v1/queues/{queue}/tasks", "get", "listTasks"),
+        ("/v1/queues/{queue}/timeline", "get", "getTimeline"),
+        ("/v1/queues/{queue}/batch", "post", "scheduleBatch"),
+        ("/v1/queues/{queue}/reserve", "post", "reserveTasks"),
+        ("/v1/queues/{queue}/ack", "post", "ackTasks"),
+        ("/v1/queues/{queue}/tasks/{id}", "get", "getTask"),
+        ("/v1/queues/{queue}/tasks/{id}", "patch", "rescheduleTask"),
+        ("/v1/queues/{queue}/tasks/{id}", "delete", "cancelTask"),
+        ("/v1/queues/{queue}/tasks/{id}/ack", "post", "ackTask"),
+        ("/v1/queues/{queue}/tasks/{id}/nack", "post", "nackTask"),
+        (
+            "/v1/queues/{queue}/tasks/{id}/extend",
+            "post",
+            "extendLease",
+        ),
+        ("/v1/queues/{queue}/tasks/{id}/retry", "post", "retryTask"),
+        ("/v1/schedules", "get", "listAllSchedules"),
+        ("/v1/queues/{queue}/schedules", "get", "listSchedules"),
+        ("/v1/queues/{queue}/schedules/{name}", "get", "getSchedule"),
+        ("/v1/queues/{queue}/schedules/{name}", "put", "putSchedule"),
+        (
+            "/v1/queues/{queue}/schedules/{name}",
+            "delete",
+            "deleteSchedule",
+        ),
+        (
+            "/v1/queues/{queue}/schedules/{name}/{action}",
+            "post",
+            "scheduleAction",
+        ),
+        ("/v1/server", "get", "getServer"),
+        ("/v1/webhooks/targets", "get", "listWebhookTargets"),
+        ("/v1/openapi.json", "get", "getOpenApi"),
+        ("/healthz", "get", "health"),
+        ("/metrics", "get", "metrics"),
+    ] {
+        paths[path][method]["operationId"] = json!(id);
+    }
+
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -515,4 +614,24 @@ pub fn document(limits: &Limits) -> Value {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "One of the tokens the server was started with (--auth-token)."}},
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every operation has a name for generated clients, and no name is used twice.
+    #[test]
+    fn every_operation_has_a_unique_id() {
+        let doc = super::document(&punctual_core::Limits::default());
+        let mut ids = std::collections::BTreeSet::new();
+        for (path, methods) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in methods.as_object().unwrap() {
+                let id = operation["operationId"].as_str();
+                assert!(id.is_some(), "{method} {path} has no operationId");
+                assert!(
+                    ids.insert(id.unwrap().to_owned()),
+                    "{method} {path}: a repeated id"
+                );
+            }
+        }
+    }
 }

@@ -56,15 +56,19 @@ pub const OCCURRENCES: &str = "punctual_schedule_occurrences_total";
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSpec {
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_u64")]
     pub every_ms: Option<u64>,
     pub cron: Option<String>,
     pub timezone: Option<String>,
     #[serde(default, deserialize_with = "present")]
     pub payload: Option<Box<RawValue>>,
     pub webhook: Option<Webhook>,
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_u32")]
     pub max_attempts: Option<u32>,
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_vec_u64")]
     pub backoff_ms: Option<Vec<u64>>,
     pub backoff: Option<ExponentialSpec>,
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_u64")]
     pub lease_ms: Option<u64>,
     pub start_at: Option<String>,
     pub end_at: Option<String>,

@@ -80,6 +80,7 @@ pub fn settled(queue: &str, id: &str, action: &str, outcome: Outcome) -> Result<
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PatchRequest {
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_u64")]
     pub delay_ms: Option<u64>,
     pub run_at: Option<String>,
     #[serde(default, deserialize_with = "present")]
@@ -90,8 +91,11 @@ pub struct PatchRequest {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReserveRequest {
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_usize")]
     pub max: Option<usize>,
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_u64")]
     pub wait_ms: Option<u64>,
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_u64")]
     pub lease_ms: Option<u64>,
 }
 
@@ -101,6 +105,7 @@ pub struct ReserveRequest {
 pub struct NackRequest {
     pub lease_token: String,
     pub error: Option<String>,
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_u64")]
     pub delay_ms: Option<u64>,
 }
 
@@ -578,20 +583,26 @@ pub struct ScheduleRequest {
     pub id: Option<String>,
     #[serde(default, deserialize_with = "present")]
     pub payload: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_u64")]
     pub delay_ms: Option<u64>,
     pub run_at: Option<String>,
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_u32")]
     pub max_attempts: Option<u32>,
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_vec_u64")]
     pub backoff_ms: Option<Vec<u64>>,
     pub backoff: Option<ExponentialSpec>,
     pub webhook: Option<Webhook>,
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_u64")]
     pub lease_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExponentialSpec {
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_u64")]
     initial_ms: Option<u64>,
     factor: Option<f64>,
+    #[serde(default, deserialize_with = "punctual_core::whole::opt_u64")]
     max_ms: Option<u64>,
     jitter: Option<bool>,
 }

@@ -1838,3 +1838,44 @@ async fn the_openapi_document_is_served_and_matches_the_committed_one() {
     }
     h.stop().await;
 }
+
+/// A whole number written as a float (`60000.0`, as PHP's and Python's encoders write floats) is
+/// read as that number; a fraction is still refused, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_numbers_written_as_floats_are_accepted() {
+    let h = Harness::new(Arc::new(MemoryStore::new()));
+    let (status, task) = h
+        .json(
+            "POST",
+            "/v1/queues/floats/tasks",
+            json!({"id": "f", "delay_ms": 60000.0, "max_attempts": 3.0, "backoff_ms": [1000.0, 2000], "lease_ms": 5000.0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    assert_eq!(
+        (
+            task["max_attempts"].as_u64(),
+            task["backoff_ms"].clone(),
+            task["lease_ms"].as_u64()
+        ),
+        (Some(3), json!([1000, 2000]), Some(5000))
+    );
+    let (status, answer) = h
+        .json("POST", "/v1/queues/floats/tasks", json!({"delay_ms": 1.5}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("delay_ms: expected a whole number"),
+        "{message}"
+    );
+    let (status, answer) = h
+        .json(
+            "POST",
+            "/v1/queues/floats/reserve",
+            json!({"max": 2.0, "wait_ms": 0.0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    h.stop().await;
+}

@@ -57,6 +57,9 @@ pub struct ServeOpts {
     /// Most tasks in one batch request [default: 1000].
     #[arg(long, env = "PUNCTUAL_MAX_BATCH")]
     pub max_batch: Option<usize>,
+    /// Longest long-poll a reserve may ask for (`wait_ms`), in ms [default: 60000].
+    #[arg(long, env = "PUNCTUAL_MAX_WAIT_MS")]
+    pub max_wait_ms: Option<u64>,
     /// Require `Authorization: Bearer <token>` on /v1 routes; repeat for several tokens (the env var
     /// takes a comma-separated list). /healthz stays open [default: none, no authorization].
     #[arg(
@@ -205,6 +208,7 @@ pub struct Settings {
     pub retention_ms: u64,
     pub max_payload_bytes: usize,
     pub max_batch: usize,
+    pub max_wait_ms: u64,
     #[serde(skip)]
     pub auth_tokens: Vec<String>,
     /// How many tokens are configured (the tokens themselves are never printed).
@@ -370,6 +374,7 @@ impl ServeOpts {
                 .or(file.max_payload_bytes)
                 .unwrap_or(1 << 20),
             max_batch: self.max_batch.or(file.max_batch).unwrap_or(1000),
+            max_wait_ms: self.max_wait_ms.or(file.max_wait_ms).unwrap_or(60_000),
             auth_token_count: auth_tokens.len(),
             auth_tokens,
             protect_metrics: self
@@ -525,6 +530,9 @@ impl Settings {
         for entry in &self.webhook_allow {
             punctual_server::webhook::AllowEntry::parse(entry)
                 .map_err(|e| anyhow::anyhow!("webhook_allow: {e}"))?;
+        }
+        if !(1..=3_600_000).contains(&self.max_wait_ms) {
+            bail!("max_wait_ms must be between 1 and 3600000");
         }
         if !(1..=100_000).contains(&self.max_batch) {
             bail!("max_batch must be between 1 and 100000");

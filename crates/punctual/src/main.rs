@@ -263,6 +263,7 @@ async fn serve(opts: ServeOpts) -> Result<()> {
     config.limits.max_payload_bytes = settings.max_payload_bytes;
     config.limits.max_body_bytes = settings.max_payload_bytes + (64 << 10);
     config.limits.max_batch = settings.max_batch;
+    config.limits.max_wait_ms = settings.max_wait_ms;
     config.webhook.secret = settings.webhook_secret;
     config.webhook.concurrency = settings.webhook_concurrency;
     config.webhook.per_host = settings.webhook_per_host;
