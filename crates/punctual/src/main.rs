@@ -1,6 +1,5 @@
-//! The `punctual` binary: `serve`, the client commands, and `bench`.
+//! The `punctual` binary: `serve` and the client commands (the benchmark is `punctual-bench`).
 
-mod bench;
 mod client;
 mod config;
 mod work;
@@ -206,9 +205,6 @@ enum Cmd {
     },
     /// Run a shell command for each task of a queue: exit 0 acks, anything else nacks.
     Work(work::WorkOpts),
-    /// Measure Punctual side by side with Redis sorted sets, Redis keyspace events and beanstalkd
-    /// (see docs/benchmarks.md).
-    Bench(bench::BenchOpts),
 }
 
 fn init_logging() {
@@ -565,7 +561,6 @@ async fn main() {
             async { connect(&client)?.stats(queue.as_deref()).await }.await
         }
         Cmd::Work(opts) => work::run(opts).await,
-        Cmd::Bench(opts) => bench::run(opts).await,
     };
     if let Err(error) = result {
         eprintln!("error: {error:#}");

@@ -1,5 +1,6 @@
-//! `punctual bench`: Punctual side by side with the approaches it replaces, in one run, on the same
-//! machine, with the same load.
+//! `punctual-bench`: Punctual side by side with the approaches it replaces, in one run, on the same
+//! machine, with the same load. Its own binary, so the `punctual` binary carries no bench code; it
+//! runs the `punctual` binary built beside it (or `--punctual-bin`) as the server under test.
 //!
 //! Every system is started by the bench itself on a free loopback port, fresh for each group of
 //! scenarios, driven through the same scenarios and stopped; the figures go into a markdown report
@@ -84,8 +85,20 @@ pub enum Scenario {
     Schedules,
 }
 
-#[derive(clap::Args)]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(clap::Parser)]
+#[command(
+    name = "punctual-bench",
+    version,
+    about = "Punctual side by side with the approaches it replaces (docs/benchmarks.md)"
+)]
 pub struct BenchOpts {
+    /// The `punctual` binary to run as the server under test [default: the one beside this binary,
+    /// e.g. target/release/punctual after `cargo build --release`].
+    #[arg(long, env = "PUNCTUAL_BIN")]
+    punctual_bin: Option<PathBuf>,
     /// Systems to run, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',',
           default_values = ["punctual", "zset", "keyspace", "beanstalkd", "punctual-resp"])]
@@ -290,6 +303,13 @@ fn on_path(program: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
+#[tokio::main]
+async fn main() -> Result<()> {
+    let opts = <BenchOpts as clap::Parser>::parse();
+    punctual::set_binary(opts.punctual_bin.clone())?;
+    run(opts).await
+}
+
 pub async fn run(opts: BenchOpts) -> Result<()> {
     let sizes = Sizes::new(&opts)?;
     let ctx = Ctx {
@@ -393,7 +413,7 @@ pub async fn run(opts: BenchOpts) -> Result<()> {
     }
     results.elapsed = started.elapsed();
 
-    let command = std::iter::once("punctual".to_owned())
+    let command = std::iter::once("punctual-bench".to_owned())
         .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
         .join(" ");

@@ -27,12 +27,34 @@ pub struct Punctual {
     http: reqwest::Client,
 }
 
+/// The `punctual` binary the bench runs, chosen once at start ([`set_binary`]).
+static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Chooses the `punctual` binary: `given`, else the one beside this binary (cargo builds both
+/// into the same `target/<profile>/`); an error that says how to build it if there is none.
+pub fn set_binary(given: Option<PathBuf>) -> Result<()> {
+    let path = match given {
+        Some(path) => path,
+        None => std::env::current_exe()?
+            .with_file_name(format!("punctual{}", std::env::consts::EXE_SUFFIX)),
+    };
+    if !path.is_file() {
+        anyhow::bail!(
+            "no punctual binary at {}: build it first (cargo build --release, beside              cargo build --release -p punctual-bench), or name one with --punctual-bin",
+            path.display()
+        );
+    }
+    let _ = BINARY.set(path);
+    Ok(())
+}
+
 fn spawn_serve(dir: &Path, addr: &str, extra: &[String]) -> Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("serve.log"))?;
-    let mut command = Command::new(std::env::current_exe()?);
+    let binary = BINARY.get().context("the punctual binary was not chosen")?;
+    let mut command = Command::new(binary);
     command.arg("serve");
     // A node on Redis keeps no data of its own.
     if !extra.iter().any(|a| a.starts_with("--redis")) {
