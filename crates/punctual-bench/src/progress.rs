@@ -1,36 +1,27 @@
-//! Progress bars on stderr while the bench runs: redrawn in place on a terminal, one line per finished
-//! step otherwise (so a log shows what ran and how long it took).
+//! Progress bars on stderr while the bench runs, drawn by `indicatif`: redrawn in place on a
+//! terminal; elsewhere (a log, CI) one line per finished step, so the log shows what ran and how long
+//! it took.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 struct Inner {
+    bar: ProgressBar,
     label: String,
-    total: u64,
-    done: AtomicU64,
-    finished: AtomicBool,
-    started: Instant,
 }
 
 impl Inner {
-    fn line(&self) -> String {
-        let done = self.done.load(Ordering::Relaxed).min(self.total);
-        let share = if self.total == 0 {
-            1.0
-        } else {
-            done as f64 / self.total as f64
-        };
-        let filled = (share * 30.0).round() as usize;
+    /// The line a log gets for a step: label, count, time.
+    fn summary(&self, how: &str) -> String {
         format!(
-            "{:<44} [{}{}] {:>3.0}% {done}/{} {:.1} s",
+            "{:<44} {}/{} {:.1} s{how}",
             self.label,
-            "#".repeat(filled),
-            " ".repeat(30 - filled),
-            share * 100.0,
-            self.total,
-            self.started.elapsed().as_secs_f64()
+            self.bar.position(),
+            self.bar.length().unwrap_or(0),
+            self.bar.elapsed().as_secs_f64()
         )
     }
 }
@@ -41,43 +32,37 @@ pub struct Bar(Arc<Inner>);
 
 impl Bar {
     pub fn new(label: impl Into<String>, total: u64) -> Bar {
-        let inner = Arc::new(Inner {
-            label: label.into(),
-            total,
-            done: AtomicU64::new(0),
-            finished: AtomicBool::new(false),
-            started: Instant::now(),
-        });
-        if std::io::stderr().is_terminal() {
-            let ticking = Arc::downgrade(&inner);
-            tokio::spawn(async move {
-                while let Some(bar) = ticking.upgrade() {
-                    if bar.finished.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    eprint!("\r{}", bar.line());
-                    let _ = std::io::stderr().flush();
-                    drop(bar);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            });
-        }
-        Bar(inner)
+        let label = label.into();
+        let target = if std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        let bar = ProgressBar::with_draw_target(Some(total), target);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:<44} [{bar:30.cyan/blue}] {percent:>3}% {pos}/{len} {elapsed}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(label.clone());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Bar(Arc::new(Inner { bar, label }))
     }
 
     pub fn add(&self, n: u64) {
-        self.0.done.fetch_add(n, Ordering::Relaxed);
+        self.0.bar.inc(n);
     }
 
-    /// Prints the final state once; later calls do nothing.
+    /// Shows the final state once; later calls do nothing.
     pub fn finish(&self) {
-        if !self.0.finished.swap(true, Ordering::Relaxed) {
-            let clear = if std::io::stderr().is_terminal() {
-                "\r"
-            } else {
-                ""
-            };
-            eprintln!("{clear}{}", self.0.line());
+        if self.0.bar.is_finished() {
+            return;
+        }
+        self.0.bar.finish();
+        if self.0.bar.is_hidden() {
+            eprintln!("{}", self.0.summary(""));
         }
     }
 }
@@ -85,8 +70,9 @@ impl Bar {
 impl Drop for Inner {
     fn drop(&mut self) {
         // The last handle of a bar nobody finished: show where it stopped.
-        if !self.finished.load(Ordering::Relaxed) {
-            eprintln!("\r{} (stopped)", self.line());
+        if !self.bar.is_finished() {
+            self.bar.abandon();
+            eprintln!("{}", self.summary(" (stopped)"));
         }
     }
 }
