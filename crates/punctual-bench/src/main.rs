@@ -419,34 +419,49 @@ pub async fn run(opts: BenchOpts) -> Result<()> {
         .join(" ");
     match &opts.report {
         Some(path) => {
-            let plot_name = format!(
-                "{}-lateness.png",
-                path.file_stem()
-                    .and_then(|s| s.to_str())
-                    .unwrap_or("benchmarks")
-            );
-            let plot_path = path.with_file_name(&plot_name);
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("benchmarks")
+                .to_owned();
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent)
                     .with_context(|| format!("creating {}", parent.display()))?;
             }
-            let wrote_plot = plot::lateness_cdf(&plot_path, &results, &ctx.sizes)?;
+            let plots = report::Plots {
+                lateness: format!("{stem}-lateness.svg"),
+                throughput: format!("{stem}-throughput.svg"),
+            };
+            let wrote = (
+                plot::lateness_cdf(&path.with_file_name(&plots.lateness), &results, &ctx.sizes)?,
+                plot::throughput(&path.with_file_name(&plots.throughput), &results, &systems)?,
+            );
             let markdown = report::render(
                 &ctx.sizes,
                 &results,
                 &systems,
                 &command,
-                wrote_plot.then_some(plot_name.as_str()),
+                Some(&plots).filter(|_| wrote.0 || wrote.1),
+                wrote,
             );
             report::write(path, &markdown)?;
             eprintln!("report written to {}", path.display());
-            if wrote_plot {
-                eprintln!("lateness plot written to {}", plot_path.display());
+            for (name, written) in [(&plots.lateness, wrote.0), (&plots.throughput, wrote.1)] {
+                if written {
+                    eprintln!("plot written to {}", path.with_file_name(name).display());
+                }
             }
         }
         None => println!(
             "{}",
-            report::render(&ctx.sizes, &results, &systems, &command, None)
+            report::render(
+                &ctx.sizes,
+                &results,
+                &systems,
+                &command,
+                None,
+                (false, false)
+            )
         ),
     }
     Ok(())

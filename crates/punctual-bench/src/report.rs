@@ -29,6 +29,12 @@ pub struct Row {
     pub values: BTreeMap<System, Vec<f64>>,
 }
 
+/// The plots' file names, beside the report.
+pub struct Plots {
+    pub lateness: String,
+    pub throughput: String,
+}
+
 pub struct Results {
     pub runs: usize,
     pub rows: Vec<Row>,
@@ -319,7 +325,8 @@ pub fn render(
     res: &Results,
     systems: &[System],
     command: &str,
-    plot: Option<&str>,
+    plots: Option<&Plots>,
+    wrote: (bool, bool),
 ) -> String {
     let mut md = String::new();
     let now = super::subject::now_ms();
@@ -413,11 +420,23 @@ pub fn render(
             let _ = writeln!(md, "| acknowledged task on disk? | {} |", cells.join(" | "));
         }
         if scenario == Scenario::Burst
-            && let Some(plot) = plot
+            && wrote.0
+            && let Some(plots) = plots
         {
             let _ = writeln!(
                 md,
-                "\n![Share of the burst delivered within a given lateness, per system]({plot})\n\nThe plot: the share of the burst's tasks delivered within a given lateness (log scale); a curve that stops short of 100 % is tasks that never came."
+                "\n![Share of the burst delivered within a given lateness, per system]({})\n\nThe plot: the share of the burst's tasks delivered within a given lateness (log scale); a curve that stops short of 100 % is tasks that never came.",
+                plots.lateness
+            );
+        }
+        if scenario == Scenario::Drain
+            && wrote.1
+            && let Some(plots) = plots
+        {
+            let _ = writeln!(
+                md,
+                "\n![Ingest and drain, tasks per second, per system]({})",
+                plots.throughput
             );
         }
         md.push('\n');
