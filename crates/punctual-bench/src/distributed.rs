@@ -15,7 +15,7 @@ use super::subject::{Job, Sink, Subject, now_ms};
 use super::{Ctx, Scenario, System, burst_jobs, deadline_at_ms, pending_job};
 
 /// Where the nodes keep their tasks.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum Backend {
     /// One standalone Redis.
     #[value(name = "redis")]

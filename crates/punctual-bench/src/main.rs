@@ -33,7 +33,18 @@ use report::{Results, Unit};
 use subject::{Job, Sink, Subject, now_ms, now_us};
 
 /// The systems the bench compares.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Debug,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum System {
     /// Punctual on its embedded store, default durability.
     Punctual,
@@ -69,7 +80,18 @@ impl System {
 }
 
 /// The scenarios, in the order the report lists them.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Debug,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum Scenario {
     Ingest,
     Burst,
@@ -113,10 +135,15 @@ pub struct BenchOpts {
     /// Small sizes (a smoke test of every path in well under a minute; not a measurement).
     #[arg(long)]
     quick: bool,
-    /// Write the report into this markdown file (rewriting only its generated section) and the
-    /// lateness plot beside it as <name>-lateness.png; without it the report goes to stdout.
+    /// Write the report into this markdown file (rewriting only its generated section), its plots
+    /// beside it as <name>-lateness.svg and <name>-throughput.svg, and the run's raw figures and
+    /// histograms as <name>-raw.json; without it the report goes to stdout.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Run nothing: redraw the report's generated section in --report FILE and its plots from the
+    /// raw results of an earlier run (a <name>-raw.json).
+    #[arg(long, requires = "report")]
+    replot: Option<PathBuf>,
     /// Tasks pending, due over 30 days, for ingest, memory, burst, restart [default: 1000000; quick: 10000].
     #[arg(long)]
     tasks: Option<u64>,
@@ -188,6 +215,7 @@ pub struct BenchOpts {
 }
 
 /// The sizes of one bench run, from the options and `--quick`.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Sizes {
     pub tasks: u64,
     pub burst: u64,
@@ -306,6 +334,9 @@ fn on_path(program: &str) -> bool {
 #[tokio::main]
 async fn main() -> Result<()> {
     let opts = <BenchOpts as clap::Parser>::parse();
+    if let (Some(raw), Some(report)) = (&opts.replot, &opts.report) {
+        return replot(raw, report);
+    }
     punctual::set_binary(opts.punctual_bin.clone())?;
     run(opts).await
 }
@@ -412,59 +443,99 @@ pub async fn run(opts: BenchOpts) -> Result<()> {
         }
     }
     results.elapsed = started.elapsed();
+    results.finished_ms = subject::now_ms();
 
     let command = std::iter::once("punctual-bench".to_owned())
         .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
         .join(" ");
+    let raw = report::Raw::new(results, ctx.sizes, systems, command);
     match &opts.report {
-        Some(path) => {
-            let stem = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("benchmarks")
-                .to_owned();
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {}", parent.display()))?;
-            }
-            let plots = report::Plots {
-                lateness: format!("{stem}-lateness.svg"),
-                throughput: format!("{stem}-throughput.svg"),
-            };
-            let wrote = (
-                plot::lateness_cdf(&path.with_file_name(&plots.lateness), &results, &ctx.sizes)?,
-                plot::throughput(&path.with_file_name(&plots.throughput), &results, &systems)?,
-            );
+        Some(path) => write_report(path, &raw, true),
+        None => {
+            let results = raw.results()?;
             let markdown = report::render(
-                &ctx.sizes,
+                &raw.sizes,
                 &results,
-                &systems,
-                &command,
-                Some(&plots).filter(|_| wrote.0 || wrote.1),
-                wrote,
-            );
-            report::write(path, &markdown)?;
-            eprintln!("report written to {}", path.display());
-            for (name, written) in [(&plots.lateness, wrote.0), (&plots.throughput, wrote.1)] {
-                if written {
-                    eprintln!("plot written to {}", path.with_file_name(name).display());
-                }
-            }
-        }
-        None => println!(
-            "{}",
-            report::render(
-                &ctx.sizes,
-                &results,
-                &systems,
-                &command,
+                &raw.systems,
+                &raw.command,
                 None,
-                (false, false)
-            )
-        ),
+                (false, false),
+            );
+            println!("{markdown}");
+            Ok(())
+        }
+    }
+}
+
+/// Writes the report's generated section into `path` and its plots beside it, from `raw`; and,
+/// for a run (not a replot), the raw results as `<name>-raw.json`.
+fn write_report(path: &std::path::Path, raw: &report::Raw, keep_raw: bool) -> Result<()> {
+    let results = raw.results()?;
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("benchmarks")
+        .to_owned();
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    if keep_raw {
+        let raw_path = path.with_file_name(format!("{stem}-raw.json"));
+        std::fs::write(&raw_path, serde_json::to_vec(raw)?)
+            .with_context(|| format!("writing {}", raw_path.display()))?;
+        eprintln!("raw results written to {}", raw_path.display());
+    }
+    let plots = report::Plots {
+        lateness: format!("{stem}-lateness.svg"),
+        throughput: format!("{stem}-throughput.svg"),
+    };
+    let wrote = (
+        plot::lateness_cdf(&path.with_file_name(&plots.lateness), &results, &raw.sizes)?,
+        plot::throughput(
+            &path.with_file_name(&plots.throughput),
+            &results,
+            &raw.systems,
+        )?,
+    );
+    let markdown = report::render(
+        &raw.sizes,
+        &results,
+        &raw.systems,
+        &raw.command,
+        Some(&plots).filter(|_| wrote.0 || wrote.1),
+        wrote,
+    );
+    report::write(path, &markdown)?;
+    eprintln!("report written to {}", path.display());
+    for (name, written) in [(&plots.lateness, wrote.0), (&plots.throughput, wrote.1)] {
+        if written {
+            eprintln!("plot written to {}", path.with_file_name(name).display());
+        }
     }
     Ok(())
+}
+
+/// `--replot RAW --report FILE`: the report and its plots again from an earlier run's raw results.
+fn replot(raw_path: &std::path::Path, report_path: &std::path::Path) -> Result<()> {
+    let bytes =
+        std::fs::read(raw_path).with_context(|| format!("reading {}", raw_path.display()))?;
+    let raw: report::Raw = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{} is not a punctual-bench raw results file",
+            raw_path.display()
+        )
+    })?;
+    if raw.format != report::RAW_FORMAT {
+        bail!(
+            "{} has raw format {}; this punctual-bench reads format {}",
+            raw_path.display(),
+            raw.format,
+            report::RAW_FORMAT
+        );
+    }
+    write_report(report_path, &raw, false)
 }
 
 /// Task `n` of the pending set: due somewhere between one hour and 30 days from `now_ms`.
@@ -907,4 +978,55 @@ async fn memory_big(ctx: &Ctx, res: &mut Results) -> Result<()> {
     .await;
     server.stop().await;
     outcome.context("filling Punctual for the memory point")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run's raw results, written and read back, redraw the same report and the same plots:
+    /// what `--replot` relies on.
+    #[test]
+    fn raw_results_replot_to_the_same_report_and_plots() {
+        let opts =
+            <BenchOpts as clap::Parser>::try_parse_from(["punctual-bench", "--quick"]).unwrap();
+        let sizes = Sizes::new(&opts).unwrap();
+        let mut results = report::Results::new(2);
+        for (run, rate) in [(0, 41_000.0), (1, 43_500.0)] {
+            let _ = run;
+            results.add_ingest(1, System::Punctual, rate);
+            results.add_ingest(1, System::Zset, rate * 1.3);
+        }
+        let mut lateness = subject::lateness_histogram();
+        for us in [400u64, 900, 1_100, 2_500, 2_500, 30_000, 1_200_000] {
+            lateness.record(us).unwrap();
+        }
+        results.add_burst(System::Punctual, &lateness, &sizes, 0);
+        results.notes.push("a note".into());
+        let systems = vec![System::Punctual, System::Zset];
+        let dir = std::env::temp_dir().join(format!("punctual-bench-raw-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let raw = report::Raw::new(results, sizes, systems, "punctual-bench --quick".into());
+        let first = dir.join("a/bench.md");
+        write_report(&first, &raw, true).unwrap();
+        let second = dir.join("b/bench.md");
+        replot(&dir.join("a/bench-raw.json"), &second).unwrap();
+        for name in ["bench.md", "bench-lateness.svg", "bench-throughput.svg"] {
+            let a = std::fs::read(dir.join("a").join(name)).unwrap();
+            let b = std::fs::read(dir.join("b").join(name)).unwrap();
+            assert!(
+                a == b,
+                "{name} differs after a replot:\n{}\n---\n{}",
+                String::from_utf8_lossy(&a),
+                String::from_utf8_lossy(&b)
+            );
+        }
+        let report = std::fs::read_to_string(&first).unwrap();
+        assert!(report.contains("bench-lateness.svg") && report.contains("a note"));
+        assert!(
+            !dir.join("b/bench-raw.json").exists(),
+            "a replot writes no raw file"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
