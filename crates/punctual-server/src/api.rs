@@ -967,15 +967,7 @@ async fn list_tasks(
 ) -> Result<Response, ApiError> {
     use crate::service::LIST_MAX_LIMIT;
     let queue = queue_path(&state, p)?;
-    let Query(params) = q.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    if let Some(unknown) = params
-        .keys()
-        .find(|k| !matches!(k.as_str(), "state" | "limit" | "cursor" | "order"))
-    {
-        return Err(ApiError::invalid(format!(
-            "unknown query parameter {unknown:?}"
-        )));
-    }
+    let params = query_params(q, &["state", "limit", "cursor", "order"])?;
     let filter = match params.get("state") {
         Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
             ApiError::invalid(format!(
@@ -992,8 +984,11 @@ async fn list_tasks(
     };
     // An empty cursor is the first page, as no cursor is.
     let cursor = params.get("cursor").filter(|c| !c.is_empty()).cloned();
-    match params.get("order").map(String::as_str) {
-        None | Some("id") => {}
+    let (tasks, next_cursor) = match params.get("order").map(String::as_str) {
+        None | Some("id") => {
+            let page = state.list(&queue, filter, cursor, limit).await?;
+            (page.tasks, page.next_cursor)
+        }
         Some("due") => {
             if filter.is_some_and(|s| s != TaskState::Scheduled) {
                 return Err(ApiError::invalid(
@@ -1001,25 +996,33 @@ async fn list_tasks(
                 ));
             }
             let page = state.list_due(&queue, cursor, limit).await?;
-            let tasks: Vec<TaskView<'_>> = page.tasks.iter().map(|t| view(t, false)).collect();
-            let next = page.next.map(|c| c.to_string());
-            return Ok(
-                axum::Json(serde_json::json!({ "tasks": tasks, "next_cursor": next }))
-                    .into_response(),
-            );
+            (page.tasks, page.next.map(|c| c.to_string()))
         }
         Some(other) => {
             return Err(ApiError::invalid(format!(
                 "order must be id or due; got {other:?}"
             )));
         }
-    }
-    let page = state.list(&queue, filter, cursor, limit).await?;
-    let tasks: Vec<TaskView<'_>> = page.tasks.iter().map(|t| view(t, false)).collect();
+    };
+    let tasks: Vec<TaskView<'_>> = tasks.iter().map(|t| view(t, false)).collect();
     Ok(
-        axum::Json(serde_json::json!({ "tasks": tasks, "next_cursor": page.next_cursor }))
+        axum::Json(serde_json::json!({ "tasks": tasks, "next_cursor": next_cursor }))
             .into_response(),
     )
+}
+
+/// A query's parameters, refusing any not in `allowed`.
+fn query_params(
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+    allowed: &[&str],
+) -> Result<HashMap<String, String>, ApiError> {
+    let Query(params) = q.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    if let Some(unknown) = params.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::invalid(format!(
+            "unknown query parameter {unknown:?}"
+        )));
+    }
+    Ok(params)
 }
 
 /// A time in a query: unix milliseconds, or RFC 3339.
@@ -1043,15 +1046,7 @@ async fn timeline(
 ) -> Result<Response, ApiError> {
     use crate::service::TIMELINE_MAX_BUCKETS;
     let queue = queue_path(&state, p)?;
-    let Query(params) = q.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    if let Some(unknown) = params
-        .keys()
-        .find(|k| !matches!(k.as_str(), "from" | "to" | "buckets"))
-    {
-        return Err(ApiError::invalid(format!(
-            "unknown query parameter {unknown:?}"
-        )));
-    }
+    let params = query_params(q, &["from", "to", "buckets"])?;
     let from = params
         .get("from")
         .map(|v| query_time("from", v))
