@@ -1483,7 +1483,13 @@ impl Store for JournalStore {
         let cold = state.cold.list_due(queue, after, limit + 1)?;
         // Hot tasks past the last cold one a full page needs cannot be on this page.
         let bound = (cold.len() > limit).then(|| DueCursor::of(&cold[limit]));
-        let (mut tasks, stopped) = state.mem.list_due(queue, after, limit + 1, bound.as_ref());
+        // Hot scheduled tasks are due before the load horizon (later ones are cold): the hot scan
+        // stops there, short of the purge times of tasks kept after success.
+        let until = state.cold.loaded();
+        let (mut tasks, stopped) =
+            state
+                .mem
+                .list_due(queue, after, limit + 1, bound.as_ref(), until);
         tasks.extend(cold);
         tasks.sort_by(|a, b| (a.run_at_ms, &a.id).cmp(&(b.run_at_ms, &b.id)));
         // A hot scan that ran out of budget saw nothing past where it stopped.
@@ -1520,7 +1526,11 @@ impl Store for JournalStore {
     fn timeline(&self, queue: &str, buckets: &Buckets) -> Result<Timeline, StoreError> {
         let state = self.lock();
         let mut out = Timeline::empty(buckets);
-        state.mem.timeline(queue, buckets, &mut out.counts);
+        // Hot scheduled tasks are due before the load horizon (later ones are cold, but for one
+        // kept in memory after a failed slice write): the scan stops there, short of the purge
+        // times of tasks kept after success, which can be millions.
+        let until = state.cold.loaded();
+        state.mem.timeline(queue, buckets, &mut out.counts, until);
         out.resolution_ms = state.cold.timeline(queue, buckets, &mut out.counts);
         Ok(out)
     }

@@ -367,15 +367,18 @@ impl Inner {
             .collect()
     }
 
-    /// Adds the scheduled tasks of `queue` in the due index to `counts` (one per slice of
-    /// `buckets`). The due index also holds lease expiries and purge times; each entry of the range
-    /// costs a lookup of its task's state.
-    pub(crate) fn timeline(&self, queue: &str, buckets: &Buckets, counts: &mut [u64]) {
+    /// Adds the scheduled tasks of `queue` due before `until` in the due index to `counts` (one
+    /// per slice of `buckets`). The due index also holds lease expiries and purge times; each entry
+    /// of the range costs a lookup of its task's state.
+    pub(crate) fn timeline(&self, queue: &str, buckets: &Buckets, counts: &mut [u64], until: u64) {
         let mut key = (String::new(), String::new());
         for (due, q, id) in self
             .due
             .range((buckets.from_ms, String::new(), String::new())..)
         {
+            if *due >= until {
+                break;
+            }
             let Some(i) = buckets.index(*due) else { break };
             if q != queue {
                 continue;
@@ -392,14 +395,16 @@ impl Inner {
         }
     }
 
-    /// Up to `want` scheduled tasks of `queue` after `after`, in due order, not past `bound`; and
-    /// where the scan stopped if [`LIST_SCAN_BUDGET`] entries (of every queue) ran out first.
+    /// Up to `want` scheduled tasks of `queue` after `after`, in due order, not past `bound` and
+    /// due before `until`; and where the scan stopped if [`LIST_SCAN_BUDGET`] entries (of every
+    /// queue) ran out first.
     pub(crate) fn list_due(
         &self,
         queue: &str,
         after: Option<&DueCursor>,
         want: usize,
         bound: Option<&DueCursor>,
+        until: u64,
     ) -> (Vec<Task>, Option<DueCursor>) {
         use std::ops::Bound;
         let start = match after {
@@ -409,6 +414,9 @@ impl Inner {
         let mut out = Vec::new();
         let mut key = (String::new(), String::new());
         for (scanned, (due, q, id)) in self.due.range((start, Bound::Unbounded)).enumerate() {
+            if *due >= until {
+                break;
+            }
             if bound
                 .is_some_and(|b| (*due, q.as_str(), id.as_str()) > (b.due_ms, queue, b.id.as_str()))
             {
@@ -481,7 +489,8 @@ impl Store for MemoryStore {
 
     fn timeline(&self, queue: &str, buckets: &Buckets) -> Result<Timeline, StoreError> {
         let mut out = Timeline::empty(buckets);
-        self.lock().timeline(queue, buckets, &mut out.counts);
+        self.lock()
+            .timeline(queue, buckets, &mut out.counts, u64::MAX);
         Ok(out)
     }
 
@@ -491,7 +500,9 @@ impl Store for MemoryStore {
         after: Option<&DueCursor>,
         limit: usize,
     ) -> Result<DuePage, StoreError> {
-        let (tasks, stopped) = self.lock().list_due(queue, after, limit + 1, None);
+        let (tasks, stopped) = self
+            .lock()
+            .list_due(queue, after, limit + 1, None, u64::MAX);
         Ok(due_page(tasks, stopped, limit))
     }
 
