@@ -176,7 +176,13 @@ pub fn parse_http_date_ms(input: &str) -> Option<u64> {
     let year: i64 = parts.next()?.parse().ok()?;
     let mut clock = parts.next()?.split(':').map(|p| p.parse::<i64>().ok());
     let (h, m, sec) = (clock.next()??, clock.next()??, clock.next()??);
+    // A four-digit year, as HTTP dates have: a longer one overflowed the day count (found by the
+    // rfc3339 fuzz target, which also feeds this parser; a webhook target's Retry-After reaches it).
     if parts.next()? != "GMT"
+        || !(1970..=9999).contains(&year)
+        || h < 0
+        || m < 0
+        || sec < 0
         || day == 0
         || day > days_in_month(year, month)
         || h > 23
@@ -192,6 +198,21 @@ pub fn parse_http_date_ms(input: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_dates_out_of_range_are_refused_not_overflowed() {
+        // The input the fuzzer found: a year of 18 digits.
+        assert_eq!(
+            parse_http_date_ms("2ay\x0c5\x0cMay\x0c122270520110122253\x0c1:0:3\x0cGMT"),
+            None
+        );
+        assert_eq!(parse_http_date_ms("Sun, 06 Nov 10000 08:49:37 GMT"), None);
+        assert_eq!(parse_http_date_ms("Sun, 06 Nov 1994 -8:49:37 GMT"), None);
+        assert_eq!(
+            parse_http_date_ms("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784_111_777_000)
+        );
+    }
 
     #[test]
     fn formats_known_instants() {
