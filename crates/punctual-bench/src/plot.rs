@@ -28,6 +28,27 @@ fn drawing<E: std::fmt::Debug>(error: E) -> anyhow::Error {
     anyhow!("drawing the plot: {error:?}")
 }
 
+/// Draws the legend at `at` in both plots' style, then writes the file.
+fn legend_and_present<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    at: SeriesLabelPosition,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    CT: plotters::coord::CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .position(at)
+        .label_font((FONT, 15))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.4))
+        .draw()
+        .map_err(drawing)?;
+    root.present().map_err(drawing)
+}
+
 /// Lateness from 10^2 µs (0.1 ms) to 10^8 µs (100 s).
 const X_RANGE_US: (f64, f64) = (1e2, 1e8);
 
@@ -89,15 +110,7 @@ pub fn lateness_cdf(path: &Path, res: &Results, s: &Sizes) -> Result<bool> {
             .label(system.label())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font((FONT, 15))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK.mix(0.4))
-        .draw()
-        .map_err(drawing)?;
-    root.present().map_err(drawing)?;
+    legend_and_present(&mut chart, &root, SeriesLabelPosition::LowerRight)?;
     Ok(true)
 }
 
@@ -188,15 +201,7 @@ pub fn throughput(path: &Path, res: &Results, systems: &[System]) -> Result<bool
             .label(sys.label())
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 18, y + 6)], c.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font((FONT, 15))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK.mix(0.4))
-        .draw()
-        .map_err(drawing)?;
-    root.present().map_err(drawing)?;
+    legend_and_present(&mut chart, &root, SeriesLabelPosition::UpperRight)?;
     Ok(true)
 }
 
