@@ -7,9 +7,9 @@
 //! `cold.rs`). Commands run through the same engine as every other store, so the conformance suite
 //! and the oracle apply.
 //!
-//! What a commit journals: for a batch with any durable command, the final record (or its deletion)
-//! of every task the batch touched. A batch of only non-durable commands (reserve, tick, extend,
-//! release) changes memory alone, so after a crash those leases and promotions are simply not there:
+//! What a commit journals: for a batch with any durable command or lazy ack, the final record (or
+//! its deletion) of every task the batch touched. A batch of only non-durable commands (reserve,
+//! tick, extend, release) changes memory alone, so after a crash those leases and promotions are simply not there:
 //! the task is handed out again, as the `Store` contract allows. When the journal append fails the
 //! batch is undone in memory, so nothing answered as failed is visible: a full disk answers
 //! `NoSpace` (507) and the store goes on; a failed `fdatasync` poisons it.
@@ -1330,7 +1330,13 @@ impl Store for JournalStore {
             }
         }
         cold.advance(now_ms, load_hot(mem))?;
-        let durable = commands.iter().any(Command::is_durable);
+        // A lazy ack is journaled like a durable command: this store keeps nothing of a batch it
+        // does not journal, so an unjournaled ack would be lost in any later crash (not only one
+        // before the next durable commit, as with redb), and an event handed out long ago would be
+        // handed out again.
+        let durable = commands
+            .iter()
+            .any(|c| c.is_durable() || matches!(c, Command::AckLazy { .. }));
         let mut logged = Logged::new(mem, cold, commands.len());
         let mut outcomes = Vec::with_capacity(commands.len());
         for command in commands {
