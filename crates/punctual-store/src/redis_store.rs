@@ -19,13 +19,20 @@
 //! P:queues               set    every queue that ever had a task
 //! P:events               pub/sub channel: due times and ready queues other nodes committed
 //! P:{T}:t:<queue>        hash   id -> 8-byte version + record (codec)
-//! P:{T}:d:<queue>        zset   due index: id scored by due time
+//! P:{T}:d:<queue>        zset   lease expiries and purge times: id scored by that time
 //! P:{T}:r:<queue>        zset   ready index (pull consumers): id scored by ready time
 //! P:{T}:p:<queue>        zset   ready index of webhook tasks (the push sender)
 //! P:{T}:i:<queue>        zset   every id at score 0, for listing in id order
 //! P:{T}:c:<queue>        hash   state index -> task count
-//! P:{T}:w:<queue>        zset   scheduled tasks only: id scored by due time (the timeline)
+//! P:{T}:w:<queue>        zset   scheduled tasks: id scored by due time
 //! ```
+//!
+//! The timer's due index is `d` and `w` together: a tick and the timer read both, in one pipeline. A
+//! scheduled task has one index entry (in `w`, which the timeline and due-order listing read too), so a
+//! schedule writes four keys: its record, `i`, `w` and the counts. Keyspaces written before the split
+//! kept scheduled tasks in `d` as well: such an entry carries the same due time as the task's `w`
+//! entry, the reads drop the duplicate, and a commit that changes the task clears it (an `ZREM` of a
+//! missing member writes nothing on a keyspace that never had it).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::BuildHasher;
@@ -159,9 +166,9 @@ const FOREIGN_SWEEP_MS: u64 = 500;
 /// How long the cached list of queues is trusted before it is read again.
 const QUEUE_CACHE_MS: u128 = 1_000;
 
-/// Applies a batch of units (see the module docs) to one queue shard. KEYS: record hash, due, ready,
-/// push, ids, counts, scheduled. ARGV: 12 fields per unit: id, expected version (8 bytes, or empty for
-/// "absent"), new value (empty to delete), remove from due (flag), due score, remove from ready ("r",
+/// Applies a batch of units (see the module docs) to one queue shard. KEYS: record hash, `d`, ready,
+/// push, ids, counts, `w`. ARGV: 12 fields per unit: id, expected version (8 bytes, or empty for
+/// "absent"), new value (empty to delete), remove from `d` (flag), `d` score, remove from ready ("r",
 /// "p" or empty), add to ready ("r", "p" or empty), ready score, state index to decrement, state index
 /// to increment, remove from scheduled (flag), scheduled score.
 /// Answers 1 per applied unit and 0 per unit whose record changed since it was read.
@@ -222,12 +229,21 @@ end
 return added
 "#;
 
+/// The two sorted sets that make up a queue shard's due index (see the module docs).
+const DUE_KINDS: [&str; 2] = ["d", "w"];
+
 /// The `P:meta` field set once the scheduled index (`w`) covers the whole keyspace.
 const SCHEDULED_INDEX_FIELD: &str = "scheduled_index";
 
-/// A task's entry in the scheduled index: its due time while it is scheduled.
+/// A task's entry in the scheduled index (`w`): its due time while it is scheduled.
 fn scheduled_at(task: &Task) -> Option<u64> {
     (task.state == TaskState::Scheduled).then_some(task.run_at_ms)
+}
+
+/// A task's entry in the index of other due times (`d`): its lease expiry or purge time.
+fn timed_at(task: &Task) -> Option<u64> {
+    task.due_at_ms()
+        .filter(|_| task.state != TaskState::Scheduled)
 }
 
 /// A connection to a standalone server or to a cluster.
@@ -982,6 +998,8 @@ impl<'a> Tx<'a> {
             .chain(changes.filter(|(s, _, _)| upto.is_none_or(|u| *s <= u)))
             .collect();
         all.sort();
+        // The same entry twice: a scheduled task of an older keyspace, in both due indexes.
+        all.dedup();
         all.truncate(limit);
         all
     }
@@ -1009,11 +1027,13 @@ impl<'a> Tx<'a> {
                 value.extend(codec::encode(t));
                 value
             }));
-            let (old_due, new_due) = (old.and_then(Task::due_at_ms), new.and_then(Task::due_at_ms));
-            let due_del = old_due.is_some() && new_due.is_none();
+            let (old_timed, new_timed) = (old.and_then(timed_at), new.and_then(timed_at));
+            // Any old due time may be in `d` (a scheduled one too, in a keyspace written before the
+            // split): clear it when the new record has none there.
+            let due_del = old.and_then(Task::due_at_ms).is_some() && new_timed.is_none();
             args.push(if due_del { b"1".to_vec() } else { Vec::new() });
-            args.push(match new_due {
-                Some(d) if Some(d) != old_due => d.to_string().into_bytes(),
+            args.push(match new_timed {
+                Some(d) if Some(d) != old_timed => d.to_string().into_bytes(),
                 _ => Vec::new(),
             });
             let (old_ready, new_ready) = (old.and_then(ready_of), new.and_then(ready_of));
@@ -1147,18 +1167,20 @@ impl Txn for Tx<'_> {
                 else {
                     continue;
                 };
-                keys.push(queue);
-                commands.push(
-                    cmd("ZRANGEBYSCORE")
-                        .arg(self.store.key(queue, shard, "d"))
-                        .arg("-inf")
-                        .arg(upto)
-                        .arg("WITHSCORES")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(want)
-                        .clone(),
-                );
+                for kind in DUE_KINDS {
+                    keys.push(queue);
+                    commands.push(
+                        cmd("ZRANGEBYSCORE")
+                            .arg(self.store.key(queue, shard, kind))
+                            .arg("-inf")
+                            .arg(upto)
+                            .arg("WITHSCORES")
+                            .arg("LIMIT")
+                            .arg(0)
+                            .arg(want)
+                            .clone(),
+                    );
+                }
             }
         }
         let values = self.conn.pipe(commands).map_err(storage)?;
@@ -1618,7 +1640,9 @@ impl Store for RedisStore {
             for q in &queues {
                 for s in 0..self.shards {
                     match self.read_due_upto(q, s, to_ms, now_ms, true) {
-                        Some(to) if to >= from_ms => keys.push((self.key(q, s, "d"), to)),
+                        Some(to) if to >= from_ms => {
+                            keys.extend(DUE_KINDS.map(|kind| (self.key(q, s, kind), to)));
+                        }
                         _ => {}
                     }
                 }

@@ -546,13 +546,11 @@ fn an_older_keyspace_gets_its_scheduled_index_at_open() {
         )
         .unwrap();
     drop(store);
-    let keys = server()
-        .cli(&["--scan", "--pattern", &format!("{prefix}*:w:*")])
-        .unwrap();
-    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    // Before the scheduled index, `d` held every due time and there was no `w`.
+    let keys = scheduled_into_due_index(&prefix);
     assert_eq!(keys.len(), 3, "one scheduled index per shard: {keys:?}");
     for key in keys {
-        server().cli(&["DEL", key]).unwrap();
+        server().cli(&["DEL", &key]).unwrap();
     }
     server()
         .cli(&["HDEL", &format!("{prefix}:meta"), "scheduled_index"])
@@ -564,4 +562,100 @@ fn an_older_keyspace_gets_its_scheduled_index_at_open() {
     let want = conformance::timeline_from_listing(&store, "old", &buckets);
     assert_eq!(got.counts, want);
     assert_eq!(got.counts.iter().sum::<u64>(), 2_500 - 11);
+}
+
+/// Makes a keyspace look as one written before the due index was split: every scheduled task's due
+/// time in `d` too (which then held every due time). Answers the scheduled indexes (`w`) it copied.
+fn scheduled_into_due_index(prefix: &str) -> Vec<String> {
+    let keys = server()
+        .cli(&["--scan", "--pattern", &format!("{prefix}*:w:*")])
+        .unwrap();
+    let keys: Vec<String> = keys
+        .lines()
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for w in &keys {
+        let d = w.replacen(":w:", ":d:", 1);
+        server().cli(&["ZUNIONSTORE", &d, "2", &d, w]).unwrap();
+    }
+    keys
+}
+
+/// Members of every `kind` index of a keyspace.
+fn index_members(prefix: &str, kind: &str) -> u64 {
+    let keys = server()
+        .cli(&["--scan", "--pattern", &format!("{prefix}*:{kind}:*")])
+        .unwrap();
+    keys.lines()
+        .filter(|k| !k.is_empty())
+        .map(|k| {
+            server()
+                .cli(&["ZCARD", k])
+                .unwrap()
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum()
+}
+
+#[test]
+fn an_older_keyspace_with_scheduled_tasks_in_both_due_indexes_fires_each_once() {
+    let prefix = prefix();
+    let store = open(RedisTarget::Standalone(server().url()), &prefix, Some(3));
+    for i in 0..600u64 {
+        let task = conformance::task("both", &format!("t{i:04}"), 10_000 + i * 10, 1, &[]);
+        store
+            .apply(0, &[Command::Schedule(Box::new(task))])
+            .unwrap();
+    }
+    assert_eq!(
+        index_members(&prefix, "d"),
+        0,
+        "scheduled tasks are only in w"
+    );
+    assert_eq!(scheduled_into_due_index(&prefix).len(), 3);
+    assert_eq!(index_members(&prefix, "d"), 600);
+
+    // Changing a task clears its old entry: 20 move later, 20 are cancelled.
+    for i in 0..20u64 {
+        let moved = Command::Reschedule {
+            queue: "both".into(),
+            id: format!("t{i:04}"),
+            run_at_ms: Some(900_000 + i),
+            payload: None,
+        };
+        let cancelled = Command::Cancel {
+            queue: "both".into(),
+            id: format!("t{:04}", 100 + i),
+        };
+        store.apply(0, &[moved, cancelled]).unwrap();
+    }
+    assert_eq!(index_members(&prefix, "d"), 560);
+
+    let mut fired = 0;
+    let mut ticks = 0;
+    for now_ms in [16_000, 1_000_000] {
+        loop {
+            let command = Command::Tick {
+                limit: 50,
+                takers: Vec::new(),
+            };
+            let Outcome::Ticked(report) = store.apply(now_ms, &[command]).unwrap().remove(0) else {
+                panic!("a tick answers a report")
+            };
+            fired += report.fired;
+            ticks += 1;
+            assert!(ticks < 100, "ticks keep finding work: {fired} fired");
+            if !report.more {
+                break;
+            }
+        }
+    }
+    assert_eq!(fired, 580, "every task fired once");
+    assert_eq!(index_members(&prefix, "d"), 0, "no entry left behind");
+    assert_eq!(index_members(&prefix, "w"), 0);
+    let counts = store.queues().unwrap();
+    assert_eq!(counts[0].get(punctual_core::TaskState::Ready), 580);
 }
