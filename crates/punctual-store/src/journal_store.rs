@@ -7,9 +7,10 @@
 //! `cold.rs`). Commands run through the same engine as every other store, so the conformance suite
 //! and the oracle apply.
 //!
-//! What a commit journals: for a batch with any durable command or lazy ack, the final record (or
-//! its deletion) of every task the batch touched. A batch of only non-durable commands (reserve,
-//! tick, extend, release) changes memory alone, so after a crash those leases and promotions are simply not there:
+//! What a commit journals: for a batch with any durable command, the final record (or its deletion)
+//! of every task the batch touched, and of every task acked lazily since the last journaled commit
+//! (a lazy ack reaches the disk with the next durable commit, or at once past `LAZY_MAX` waiting).
+//! A batch of only non-durable commands (reserve, tick, extend, release) changes memory alone, so after a crash those leases and promotions are simply not there:
 //! the task is handed out again, as the `Store` contract allows. When the journal append fails the
 //! batch is undone in memory, so nothing answered as failed is visible: a full disk answers
 //! `NoSpace` (507) and the store goes on; a failed `fdatasync` poisons it.
@@ -112,7 +113,13 @@ struct State {
     spare: Vec<Vec<u8>>,
     /// The last free-space reading: (when, bytes free).
     free: Option<(u64, u64)>,
+    /// Tasks acked lazily since the last journaled commit: their records go into the next one.
+    lazy: HashSet<(String, String)>,
 }
+
+/// Most lazily acked tasks kept waiting for a durable commit; a lazy ack past it is journaled at
+/// once, with the others.
+const LAZY_MAX: usize = 10_000;
 
 /// How often the free space is read again, at most, while it is at least twice `min_free_bytes`
 /// (below that, every commit that schedules reads it).
@@ -265,6 +272,27 @@ impl<'a> Logged<'a> {
             }
         }
         out
+    }
+
+    /// Appends to `out` the current records of lazily acked tasks this batch did not touch itself:
+    /// the hot record, or a deletion when the task is gone (purged, cancelled); a task that is in
+    /// the cold tier now was journaled when it went there.
+    fn lazy_records(
+        &self,
+        lazy: &HashSet<(String, String)>,
+        out: &mut Vec<Record>,
+    ) -> Result<(), StoreError> {
+        for key in lazy {
+            if self.touched.contains(key) || self.edits.contains_key(key) {
+                continue;
+            }
+            match self.mem.tasks.get(key) {
+                Some(task) => out.push(put_record(task)),
+                None if self.cold.find(&key.0, &key.1)?.is_some() => {}
+                None => out.push(delete_record(&key.0, &key.1)),
+            }
+        }
+        Ok(())
     }
 
     /// The batch stands: applies its cold changes (`records`: what [`Logged::records`] answered,
@@ -1162,6 +1190,7 @@ impl JournalStore {
                 writing: None,
                 spare: Vec::new(),
                 free: None,
+                lazy: HashSet::new(),
             }),
             dir: dir.to_owned(),
             min_free_bytes: options.min_free_bytes,
@@ -1292,6 +1321,7 @@ impl Store for JournalStore {
             journal,
             free,
             since_checkpoint,
+            lazy,
             ..
         } = &mut *state;
         if self.min_free_bytes > 0
@@ -1330,13 +1360,16 @@ impl Store for JournalStore {
             }
         }
         cold.advance(now_ms, load_hot(mem))?;
-        // A lazy ack is journaled like a durable command: this store keeps nothing of a batch it
-        // does not journal, so an unjournaled ack would be lost in any later crash (not only one
-        // before the next durable commit, as with redb), and an event handed out long ago would be
-        // handed out again.
-        let durable = commands
+        // A lazy ack is not journaled by itself (its caller does not wait for an fsync), but its
+        // task's record goes into the next journaled commit, as redb's lazy commits reach the disk
+        // with the next durable one: this store keeps nothing of a batch it does not journal, so
+        // without it the ack would be lost in any later crash and the task handed out again.
+        let acked_lazily = commands
             .iter()
-            .any(|c| c.is_durable() || matches!(c, Command::AckLazy { .. }));
+            .filter(|c| matches!(c, Command::AckLazy { .. }))
+            .count();
+        let durable = commands.iter().any(Command::is_durable)
+            || (acked_lazily > 0 && lazy.len() + acked_lazily > LAZY_MAX);
         let mut logged = Logged::new(mem, cold, commands.len());
         let mut outcomes = Vec::with_capacity(commands.len());
         for command in commands {
@@ -1349,14 +1382,28 @@ impl Store for JournalStore {
             }
         }
         let mut records = Vec::new();
-        if durable && (!logged.touched.is_empty() || !logged.edits.is_empty()) {
+        if durable && (!logged.touched.is_empty() || !logged.edits.is_empty() || !lazy.is_empty()) {
             records = logged.records();
+            let own = records.len();
+            if let Err(error) = logged.lazy_records(lazy, &mut records) {
+                logged.rollback();
+                return Err(error);
+            }
             if !records.is_empty() {
                 if let Err(error) = journal.append(&records) {
+                    records.truncate(own);
                     logged.rollback();
                     return Err(error);
                 }
                 state_bytes(&records, since_checkpoint);
+            }
+            lazy.clear();
+            records.truncate(own);
+        } else if acked_lazily > 0 {
+            for command in commands {
+                if let Command::AckLazy { queue, id, .. } = command {
+                    lazy.insert((queue.clone(), id.clone()));
+                }
             }
         }
         logged.settle(&records);

@@ -304,18 +304,21 @@ fn journal_store_keeps_everything_durable_across_reopen() {
     assert_eq!(store.due_times(0, u64::MAX, 10).unwrap().times.len(), 2);
 }
 
-/// A lazy ack is not synced before it answers, but it is journaled: a crash any time after a later
-/// durable commit does not bring the task back (the Redis front end's fired keys would fire again).
+/// A lazy ack is not synced before it answers, but it reaches the journal with the next durable
+/// commit: a crash any time after that does not bring the task back (the Redis front end's fired
+/// keys would fire again). One task is kept for its retention, one is purged before that commit.
 #[test]
 fn journal_store_keeps_a_lazy_ack_through_a_crash_after_a_durable_commit() {
     let dir = temp_dir("jlazy");
     {
         let store = JournalStore::open(&dir, &JournalStoreOptions::default()).unwrap();
-        let task = conformance::task("q", "fired", 1_000, 3, &[]);
-        store
-            .apply(0, &[Command::Schedule(Box::new(task))])
-            .unwrap();
-        assert_eq!(tick(&store, 2_000).fired, 1);
+        for id in ["kept", "gone"] {
+            let task = conformance::task("q", id, 1_000, 3, &[]);
+            store
+                .apply(0, &[Command::Schedule(Box::new(task))])
+                .unwrap();
+        }
+        assert_eq!(tick(&store, 2_000).fired, 2);
         let reserve = Command::Reserve {
             queue: "q".into(),
             max: 10,
@@ -326,30 +329,34 @@ fn journal_store_keeps_a_lazy_ack_through_a_crash_after_a_durable_commit() {
         let Outcome::Reserved(tasks) = store.apply(2_000, &[reserve]).unwrap().remove(0) else {
             panic!("reserve answers tasks")
         };
-        let token = tasks[0].lease.as_ref().unwrap().token.clone();
-        let ack = Command::AckLazy {
-            queue: "q".into(),
-            id: "fired".into(),
-            token,
-            retention_ms: 3_600_000,
-        };
-        assert!(matches!(
-            store.apply(2_000, &[ack]).unwrap()[0],
-            Outcome::Acked(_)
-        ));
-        let later = conformance::task("q", "later", 9_000_000, 3, &[]);
+        for task in tasks {
+            let ack = Command::AckLazy {
+                queue: "q".into(),
+                retention_ms: if task.id == "kept" { 3_600_000 } else { 0 },
+                id: task.id,
+                token: task.lease.unwrap().token,
+            };
+            assert!(matches!(
+                store.apply(2_000, &[ack]).unwrap()[0],
+                Outcome::Acked(_)
+            ));
+        }
+        // Purged by a (non-durable) tick before the next durable commit: that commit deletes it.
+        assert_eq!(tick(&store, 2_500).purged, 1);
+        let later = conformance::task("other", "later", 9_000_000, 3, &[]);
         store
             .apply(2_000, &[Command::Schedule(Box::new(later))])
             .unwrap();
         // Dropped without `Sync`: no checkpoint, as after kill -9.
     }
     let store = JournalStore::open(&dir, &JournalStoreOptions::default()).unwrap();
-    let fired = store
-        .get("q", "fired")
+    let kept = store
+        .get("q", "kept")
         .unwrap()
         .expect("kept for its retention");
-    assert_eq!(fired.state, punctual_core::TaskState::Succeeded);
-    assert!(tick(&store, 3_000).fired == 0, "nothing fires again");
+    assert_eq!(kept.state, punctual_core::TaskState::Succeeded);
+    assert_eq!(store.get("q", "gone").unwrap(), None);
+    assert_eq!(tick(&store, 3_000).fired, 0, "nothing fires again");
 }
 
 /// Every task of a store, for comparing states.
