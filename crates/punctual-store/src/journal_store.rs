@@ -119,7 +119,7 @@ struct State {
 
 /// Most lazily acked tasks kept waiting for a durable commit; a lazy ack past it is journaled at
 /// once, with the others.
-const LAZY_MAX: usize = 10_000;
+const LAZY_MAX: usize = 1_000;
 
 /// How often the free space is read again, at most, while it is at least twice `min_free_bytes`
 /// (below that, every commit that schedules reads it).
