@@ -467,3 +467,56 @@ async fn a_kill_9_between_setex_and_its_expiry_still_fires_after_restart() {
     );
     assert_eq!(events.len(), 20, "each once");
 }
+
+/// SIGKILL after events were handed out: the hub's acks are lazy (no fsync of their own), but they
+/// reach the journal with the next durable write, so no event comes back after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_handed_out_before_a_kill_9_is_not_handed_out_again() {
+    let port = free_port();
+    let resp = format!("127.0.0.1:{port}");
+    let mut server = Server::start(&temp_dir("resp-crash-acked"), &["--resp", &resp]).await;
+    let cli = daemon(Client::Cli, port);
+    let client = redis::Client::open(format!("redis://{resp}/")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let set_at = now_ms();
+    for i in 0..50 {
+        let _: () = redis::cmd("PSETEX")
+            .arg(format!("acked:{i}"))
+            .arg(300)
+            .arg("v")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let due: BTreeMap<String, u64> = (0..50)
+        .map(|i| (format!("acked:{i}"), set_at + 300))
+        .collect();
+    let events = collect(std::slice::from_ref(&cli), &due, Duration::from_secs(10));
+    assert_eq!(events.len(), 50, "each once before the kill");
+    // A durable write after the events, as any producer makes.
+    let _: () = redis::cmd("PSETEX")
+        .arg("later")
+        .arg(600_000)
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    drop(cli);
+    server.kill9();
+    server.restart().await;
+    let cli = daemon(Client::Cli, port);
+    std::thread::sleep(Duration::from_secs(2));
+    let again: Vec<Value> = cli.lines.try_iter().collect();
+    assert!(
+        again.is_empty(),
+        "handed out again after the restart: {again:?}"
+    );
+    let counts: Value = reqwest::get(format!("{}/v1/queues/db0", server.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(counts["succeeded"], 50, "{counts}");
+    assert_eq!(counts["scheduled"], 1, "{counts}");
+}
