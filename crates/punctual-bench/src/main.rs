@@ -984,6 +984,20 @@ async fn memory_big(ctx: &Ctx, res: &mut Results) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// Raw files of session 14 wrote "never" (∞) as `null`; they still read, as ∞.
+    #[test]
+    fn raw_figures_read_null_as_never() {
+        let row: report::Row = serde_json::from_str(
+            r#"{"scenario":"Restart","key":"restart_first","label":"first","unit":"Ms",
+                "values":{"Punctual":[403.2,"inf"],"Zset":[null,null]}}"#,
+        )
+        .unwrap();
+        assert_eq!(row.values[&System::Punctual], [403.2, f64::INFINITY]);
+        assert_eq!(row.values[&System::Zset], [f64::INFINITY, f64::INFINITY]);
+        let text = serde_json::to_string(&row).unwrap();
+        assert!(text.contains(r#""Zset":["inf","inf"]"#), "{text}");
+    }
+
     /// A run's raw results, written and read back, redraw the same report and the same plots:
     /// what `--replot` relies on.
     #[test]
@@ -1002,6 +1016,17 @@ mod tests {
             lateness.record(us).unwrap();
         }
         results.add_burst(System::Punctual, &lateness, &sizes, 0);
+        // "Never" is ∞, which a JSON number cannot hold.
+        for (system, ms) in [(System::Punctual, 403.2), (System::Zset, f64::INFINITY)] {
+            results.add(
+                Scenario::Restart,
+                "restart_first",
+                "first due task delivered after kill -9",
+                Unit::Ms,
+                system,
+                ms,
+            );
+        }
         results.notes.push("a note".into());
         let systems = vec![System::Punctual, System::Zset];
         let dir = std::env::temp_dir().join(format!("punctual-bench-raw-{}", std::process::id()));

@@ -27,7 +27,73 @@ pub struct Row {
     pub key: String,
     pub label: String,
     pub unit: Unit,
+    #[serde(with = "figures")]
     pub values: BTreeMap<System, Vec<f64>>,
+}
+
+/// A row's figures in the raw file: finite ones as JSON numbers, the others (∞ is "never") as the
+/// strings `inf`, `-inf` and `nan`, which JSON numbers cannot hold. A `null` reads as ∞: raw files
+/// written before this (session 14) have it for "never", the only non-finite figure the bench makes.
+mod figures {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::System;
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Figure {
+        Number(f64),
+        Text(String),
+        Null(()),
+    }
+
+    pub fn serialize<S: Serializer>(
+        values: &BTreeMap<System, Vec<f64>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let out: BTreeMap<&System, Vec<Figure>> = values
+            .iter()
+            .map(|(system, figures)| {
+                let figures = figures
+                    .iter()
+                    .map(|&v| match v {
+                        v if v.is_finite() => Figure::Number(v),
+                        v if v.is_nan() => Figure::Text("nan".into()),
+                        v if v > 0.0 => Figure::Text("inf".into()),
+                        _ => Figure::Text("-inf".into()),
+                    })
+                    .collect();
+                (system, figures)
+            })
+            .collect();
+        out.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<System, Vec<f64>>, D::Error> {
+        let raw = BTreeMap::<System, Vec<Figure>>::deserialize(deserializer)?;
+        raw.into_iter()
+            .map(|(system, figures)| {
+                let figures = figures
+                    .into_iter()
+                    .map(|figure| match figure {
+                        Figure::Number(v) => Ok(v),
+                        Figure::Null(()) => Ok(f64::INFINITY),
+                        Figure::Text(text) => match text.as_str() {
+                            "inf" => Ok(f64::INFINITY),
+                            "-inf" => Ok(f64::NEG_INFINITY),
+                            "nan" => Ok(f64::NAN),
+                            _ => Err(serde::de::Error::custom(format!("not a figure: {text:?}"))),
+                        },
+                    })
+                    .collect::<Result<Vec<f64>, D::Error>>()?;
+                Ok((system, figures))
+            })
+            .collect()
+    }
 }
 
 /// A run's raw results, kept beside its report as `<name>-raw.json` so `--replot` can redraw the
@@ -46,6 +112,40 @@ pub struct Raw {
     pub notes: Vec<String>,
     /// Each system's burst lateness: the histogram's bounds and every recorded (µs, count).
     pub lateness: Vec<RawLateness>,
+    /// The machine and the versions the run measured (read again at a replot of a raw file of
+    /// session 14, which did not keep them).
+    #[serde(default)]
+    pub setting: Option<Setting>,
+}
+
+/// Where a run ran: the report's "Machine" and "Versions" lines.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct Setting {
+    pub machine: String,
+    pub versions: String,
+}
+
+impl Setting {
+    /// This machine and the programs on it, now.
+    pub fn read() -> Setting {
+        let git = std::process::Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|v| !v.is_empty());
+        Setting {
+            machine: machine(),
+            versions: format!(
+                "punctual {}{}; {}; {}",
+                env!("CARGO_PKG_VERSION"),
+                git.map(|g| format!(" ({g})")).unwrap_or_default(),
+                version_of("redis-server", "--version")
+                    .unwrap_or_else(|| "redis-server not found".into()),
+                version_of("beanstalkd", "-v").unwrap_or_else(|| "beanstalkd not found".into())
+            ),
+        }
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -88,6 +188,7 @@ impl Raw {
             rows: results.rows,
             notes: results.notes,
             lateness,
+            setting: Some(results.setting),
         }
     }
 
@@ -120,6 +221,7 @@ impl Raw {
             notes: self.notes.clone(),
             lateness,
             elapsed: Duration::from_millis(self.elapsed_ms),
+            setting: self.setting.clone().unwrap_or_else(Setting::read),
         })
     }
 }
@@ -139,6 +241,7 @@ pub struct Results {
     /// Burst lateness of every run per system, and how many tasks fell due in those bursts.
     pub lateness: BTreeMap<System, (Histogram<u64>, u64)>,
     pub elapsed: Duration,
+    pub setting: Setting,
 }
 
 impl Results {
@@ -150,6 +253,7 @@ impl Results {
             notes: Vec::new(),
             lateness: BTreeMap::new(),
             elapsed: Duration::ZERO,
+            setting: Setting::read(),
         }
     }
 
@@ -441,22 +545,9 @@ pub fn render(
     let _ = writeln!(
         md,
         "- **Machine:** {}; every server and the load generator share it.",
-        machine()
+        res.setting.machine
     );
-    let git = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .filter(|v| !v.is_empty());
-    let _ = writeln!(
-        md,
-        "- **Versions:** punctual {}{}; {}; {}.",
-        env!("CARGO_PKG_VERSION"),
-        git.map(|g| format!(" ({g})")).unwrap_or_default(),
-        version_of("redis-server", "--version").unwrap_or_else(|| "redis-server not found".into()),
-        version_of("beanstalkd", "-v").unwrap_or_else(|| "beanstalkd not found".into())
-    );
+    let _ = writeln!(md, "- **Versions:** {}.", res.setting.versions);
     let described: Vec<&str> = systems
         .iter()
         .map(|system| match system {
