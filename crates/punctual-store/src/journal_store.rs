@@ -10,10 +10,11 @@
 //! What a commit journals: for a batch with any durable command, the final record (or its deletion)
 //! of every task the batch touched, and of every task acked lazily since the last journaled commit
 //! (a lazy ack reaches the disk with the next durable commit, or at once past `LAZY_MAX` waiting).
-//! A batch of only non-durable commands (reserve, tick, extend, release) changes memory alone, so after a crash those leases and promotions are simply not there:
-//! the task is handed out again, as the `Store` contract allows. When the journal append fails the
-//! batch is undone in memory, so nothing answered as failed is visible: a full disk answers
-//! `NoSpace` (507) and the store goes on; a failed `fdatasync` poisons it.
+//! A batch of only non-durable commands (reserve, tick, extend, release) changes memory alone, so
+//! after a crash those leases and promotions are simply not there: the task is handed out again, as
+//! the `Store` contract allows. When the journal append fails the batch is undone in memory, so
+//! nothing answered as failed is visible: a full disk answers `NoSpace` (507) and the store goes
+//! on; a failed `fdatasync` poisons it.
 //!
 //! A checkpoint (the hot tasks, counts and the cold tier's synced file lengths) is started every
 //! `checkpoint_bytes` of journal: snapshotted in one commit, its hot tasks encoded a step per commit
@@ -1391,13 +1392,13 @@ impl Store for JournalStore {
             }
             if !records.is_empty() {
                 if let Err(error) = journal.append(&records) {
-                    records.truncate(own);
                     logged.rollback();
                     return Err(error);
                 }
                 state_bytes(&records, since_checkpoint);
             }
             lazy.clear();
+            // `settle` indexes the batch's own records.
             records.truncate(own);
         } else if acked_lazily > 0 {
             for command in commands {
