@@ -567,14 +567,7 @@ fn an_older_keyspace_gets_its_scheduled_index_at_open() {
 /// Makes a keyspace look as one written before the due index was split: every scheduled task's due
 /// time in `d` too (which then held every due time). Answers the scheduled indexes (`w`) it copied.
 fn scheduled_into_due_index(prefix: &str) -> Vec<String> {
-    let keys = server()
-        .cli(&["--scan", "--pattern", &format!("{prefix}*:w:*")])
-        .unwrap();
-    let keys: Vec<String> = keys
-        .lines()
-        .filter(|k| !k.is_empty())
-        .map(str::to_owned)
-        .collect();
+    let keys = index_keys(prefix, "w");
     for w in &keys {
         let d = w.replacen(":w:", ":d:", 1);
         server().cli(&["ZUNIONSTORE", &d, "2", &d, w]).unwrap();
@@ -582,13 +575,21 @@ fn scheduled_into_due_index(prefix: &str) -> Vec<String> {
     keys
 }
 
+/// The `kind` index keys of a keyspace, one per queue shard that has one.
+fn index_keys(prefix: &str, kind: &str) -> Vec<String> {
+    server()
+        .cli(&["--scan", "--pattern", &format!("{prefix}*:{kind}:*")])
+        .unwrap()
+        .lines()
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Members of every `kind` index of a keyspace.
 fn index_members(prefix: &str, kind: &str) -> u64 {
-    let keys = server()
-        .cli(&["--scan", "--pattern", &format!("{prefix}*:{kind}:*")])
-        .unwrap();
-    keys.lines()
-        .filter(|k| !k.is_empty())
+    index_keys(prefix, kind)
+        .iter()
         .map(|k| {
             server()
                 .cli(&["ZCARD", k])

@@ -480,13 +480,7 @@ async fn an_event_handed_out_before_a_kill_9_is_not_handed_out_again() {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let set_at = now_ms();
     for i in 0..50 {
-        let _: () = redis::cmd("PSETEX")
-            .arg(format!("acked:{i}"))
-            .arg(300)
-            .arg("v")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        psetex(&mut conn, &format!("acked:{i}"), 300).await;
     }
     let due: BTreeMap<String, u64> = (0..50)
         .map(|i| (format!("acked:{i}"), set_at + 300))
@@ -494,13 +488,7 @@ async fn an_event_handed_out_before_a_kill_9_is_not_handed_out_again() {
     let events = collect(std::slice::from_ref(&cli), &due, Duration::from_secs(10));
     assert_eq!(events.len(), 50, "each once before the kill");
     // A durable write after the events, as any producer makes.
-    let _: () = redis::cmd("PSETEX")
-        .arg("later")
-        .arg(600_000)
-        .arg("v")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    psetex(&mut conn, "later", 600_000).await;
     drop(cli);
     server.kill9();
     server.restart().await;
@@ -519,4 +507,14 @@ async fn an_event_handed_out_before_a_kill_9_is_not_handed_out_again() {
         .unwrap();
     assert_eq!(counts["succeeded"], 50, "{counts}");
     assert_eq!(counts["scheduled"], 1, "{counts}");
+}
+
+async fn psetex(conn: &mut redis::aio::MultiplexedConnection, key: &str, ms: u64) {
+    let _: () = redis::cmd("PSETEX")
+        .arg(key)
+        .arg(ms)
+        .arg("v")
+        .query_async(conn)
+        .await
+        .unwrap();
 }
