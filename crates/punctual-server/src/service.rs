@@ -1137,7 +1137,11 @@ impl Service {
         if commands.is_empty() {
             return Ok(());
         }
-        self.writer.submit(commands).await.map(|_| ())
+        self.writer.submit(commands).await?;
+        if !leases.is_empty() {
+            self.writer.flush_soon();
+        }
+        Ok(())
     }
 
     /// A ready task for each kept event `(backlog, payload)`.

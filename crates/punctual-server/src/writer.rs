@@ -8,10 +8,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use punctual_core::{Task, TaskState};
-use punctual_store::{Command, Notice, Outcome, Store, StoreError, Taker};
+use punctual_store::{Command, LAZY_FLUSH_MS, Notice, Outcome, Store, StoreError, Taker};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Clock;
@@ -37,6 +38,8 @@ enum Message {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::UnboundedSender<Message>,
+    /// A `Flush` is on its way (see [`Writer::flush_soon`]).
+    flush_armed: Arc<AtomicBool>,
 }
 
 /// What the writer touches after each commit.
@@ -61,7 +64,30 @@ impl Writer {
             .name("punctual-writer".into())
             .spawn(move || run(rx, store.as_ref(), clock, &effects, max_commit_commands))
             .expect("spawn writer thread");
-        (Writer { tx }, thread)
+        let writer = Writer {
+            tx,
+            flush_armed: Arc::new(AtomicBool::new(false)),
+        };
+        (writer, thread)
+    }
+
+    /// Makes the lazy commits applied so far durable within [`LAZY_FLUSH_MS`], even when no durable
+    /// write follows them: sends a [`Command::Flush`] that long from now, unless one is on its way
+    /// (which, sent later than anything applied before this call, covers it too). Call it after a
+    /// commit with lazy acks has been applied; needs a tokio runtime.
+    pub fn flush_soon(&self) {
+        if self.flush_armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let writer = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(LAZY_FLUSH_MS)).await;
+            // Cleared before the flush is sent: a lazy commit applied after this point arms the next.
+            writer.flush_armed.store(false, Ordering::Release);
+            if let Err(error) = writer.submit(vec![Command::Flush]).await {
+                tracing::debug!(error = %error.message, "flush of lazy acks not committed");
+            }
+        });
     }
 
     /// Applies `commands` in the next group commit and returns their outcomes.

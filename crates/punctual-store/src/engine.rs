@@ -368,7 +368,7 @@ pub fn apply_one<T: Txn + ?Sized>(
             }
         }
         Command::Tick { limit, takers } => tick(txn, now_ms, *limit, takers).map(Outcome::Ticked),
-        Command::Sync => Ok(Outcome::Synced),
+        Command::Sync | Command::Flush => Ok(Outcome::Synced),
     }
 }
 

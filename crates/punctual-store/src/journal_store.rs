@@ -9,7 +9,8 @@
 //!
 //! What a commit journals: for a batch with any durable command, the final record (or its deletion)
 //! of every task the batch touched, and of every task acked lazily since the last journaled commit
-//! (a lazy ack reaches the disk with the next durable commit, or at once past `LAZY_MAX` waiting).
+//! (a lazy ack reaches the disk with the next durable commit, or at once past `LAZY_MAX` waiting;
+//! the server sends a `Flush` `LAZY_FLUSH_MS` after lazy acks, so one always comes).
 //! A batch of only non-durable commands (reserve, tick, extend, release) changes memory alone, so
 //! after a crash those leases and promotions are simply not there: the task is handed out again, as
 //! the `Store` contract allows. When the journal append fails the batch is undone in memory, so

@@ -135,8 +135,12 @@ pub enum Command {
         payload: Option<String>,
     },
     /// Changes nothing, but its commit is durable: it makes every earlier non-durable commit (leases,
-    /// ticks, releases) durable too. Sent at clean shutdown.
+    /// ticks, releases) durable too. Sent at clean shutdown; the journal store also checkpoints.
     Sync,
+    /// Changes nothing, but its commit is durable, like `Sync` without the shutdown's checkpoint:
+    /// sent a short while after lazy acks ([`LAZY_FLUSH_MS`]) so that they reach the disk even when
+    /// no durable write follows them. A store with nothing waiting writes nothing.
+    Flush,
     /// Lease up to `max` ready webhook tasks of any queue, oldest due first, for the webhook sender.
     /// Each lease lasts the task's webhook timeout plus `grace_ms`.
     ReservePush {
@@ -226,6 +230,10 @@ impl Command {
 /// collide with a queue name, which may not contain control characters.
 pub const PUSH_INDEX: &str = "\u{1}push";
 
+/// How long lazy acks ([`Command::AckLazy`]) may wait for a durable commit before the server sends
+/// a [`Command::Flush`]: the most a crash can lose of them when no other write follows.
+pub const LAZY_FLUSH_MS: u64 = 200;
+
 /// What the timer tick did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TickReport {
@@ -278,7 +286,7 @@ pub enum Outcome {
     /// The lease token no longer holds the task.
     LeaseLost(LeaseCheck),
     Ticked(TickReport),
-    /// A `Sync` was committed durably.
+    /// A `Sync` or a `Flush` was committed durably.
     Synced,
     /// What a [`Command::Put`] found (`previous`, in whatever state) and wrote (`None`: its `when`
     /// was not met, nothing changed).

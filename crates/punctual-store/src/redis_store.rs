@@ -1307,7 +1307,8 @@ fn single_key(command: &Command) -> Option<(&str, &str)> {
         Command::Reserve { .. }
         | Command::ReservePush { .. }
         | Command::Tick { .. }
-        | Command::Sync => None,
+        | Command::Sync
+        | Command::Flush => None,
     }
 }
 

@@ -309,7 +309,53 @@ fn journal_store_keeps_everything_durable_across_reopen() {
 /// keys would fire again). One task is kept for its retention, one is purged before that commit.
 #[test]
 fn journal_store_keeps_a_lazy_ack_through_a_crash_after_a_durable_commit() {
-    let dir = temp_dir("jlazy");
+    let later = conformance::task("other", "later", 9_000_000, 3, &[]);
+    lazy_acks_survive_a_crash_after(temp_dir("jlazy"), Command::Schedule(Box::new(later)));
+}
+
+/// A `Flush` is the durable commit the server sends a while after lazy acks when nothing else
+/// writes; with nothing waiting it writes nothing.
+#[test]
+fn journal_store_keeps_a_lazy_ack_through_a_crash_after_a_flush() {
+    let dir = temp_dir("jflush");
+    let journal_bytes = |dir: &std::path::Path| -> u64 {
+        std::fs::read_dir(dir.join("journal"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    {
+        let store = JournalStore::open(&dir, &JournalStoreOptions::default()).unwrap();
+        let task = conformance::task("q", "x", 1_000, 3, &[]);
+        store
+            .apply(0, &[Command::Schedule(Box::new(task))])
+            .unwrap();
+        let before = journal_bytes(&dir);
+        assert_eq!(
+            store.apply(0, &[Command::Flush]).unwrap()[0],
+            Outcome::Synced
+        );
+        assert_eq!(
+            journal_bytes(&dir),
+            before,
+            "nothing waiting, nothing written"
+        );
+        store
+            .apply(
+                0,
+                &[Command::Cancel {
+                    queue: "q".into(),
+                    id: "x".into(),
+                }],
+            )
+            .unwrap();
+    }
+    lazy_acks_survive_a_crash_after(dir, Command::Flush);
+}
+
+/// Two tasks acked lazily (one kept for its retention, one purged by a tick before `durable`),
+/// then `durable`, then a crash: neither is handed out again.
+fn lazy_acks_survive_a_crash_after(dir: std::path::PathBuf, durable: Command) {
     {
         let store = JournalStore::open(&dir, &JournalStoreOptions::default()).unwrap();
         for id in ["kept", "gone"] {
@@ -343,10 +389,7 @@ fn journal_store_keeps_a_lazy_ack_through_a_crash_after_a_durable_commit() {
         }
         // Purged by a (non-durable) tick before the next durable commit: that commit deletes it.
         assert_eq!(tick(&store, 2_500).purged, 1);
-        let later = conformance::task("other", "later", 9_000_000, 3, &[]);
-        store
-            .apply(2_000, &[Command::Schedule(Box::new(later))])
-            .unwrap();
+        store.apply(2_000, &[durable]).unwrap();
         // Dropped without `Sync`: no checkpoint, as after kill -9.
     }
     let store = JournalStore::open(&dir, &JournalStoreOptions::default()).unwrap();
