@@ -472,41 +472,7 @@ async fn a_kill_9_between_setex_and_its_expiry_still_fires_after_restart() {
 /// reach the journal with the next durable write, so no event comes back after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_handed_out_before_a_kill_9_is_not_handed_out_again() {
-    let port = free_port();
-    let resp = format!("127.0.0.1:{port}");
-    let mut server = Server::start(&temp_dir("resp-crash-acked"), &["--resp", &resp]).await;
-    let cli = daemon(Client::Cli, port);
-    let client = redis::Client::open(format!("redis://{resp}/")).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let set_at = now_ms();
-    for i in 0..50 {
-        psetex(&mut conn, &format!("acked:{i}"), 300).await;
-    }
-    let due: BTreeMap<String, u64> = (0..50)
-        .map(|i| (format!("acked:{i}"), set_at + 300))
-        .collect();
-    let events = collect(std::slice::from_ref(&cli), &due, Duration::from_secs(10));
-    assert_eq!(events.len(), 50, "each once before the kill");
-    // A durable write after the events, as any producer makes.
-    psetex(&mut conn, "later", 600_000).await;
-    drop(cli);
-    server.kill9();
-    server.restart().await;
-    let cli = daemon(Client::Cli, port);
-    std::thread::sleep(Duration::from_secs(2));
-    let again: Vec<Value> = cli.lines.try_iter().collect();
-    assert!(
-        again.is_empty(),
-        "handed out again after the restart: {again:?}"
-    );
-    let counts: Value = reqwest::get(format!("{}/v1/queues/db0", server.url))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(counts["succeeded"], 50, "{counts}");
-    assert_eq!(counts["scheduled"], 1, "{counts}");
+    events_handed_out_then_kill_9("acked", true).await;
 }
 
 /// With no write after the events, the server's own flush (`LAZY_FLUSH_MS`, 200 ms) makes the
@@ -514,22 +480,34 @@ async fn an_event_handed_out_before_a_kill_9_is_not_handed_out_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_handed_out_a_second_before_a_kill_9_with_no_write_after_is_not_handed_out_again()
 {
+    events_handed_out_then_kill_9("flushed", false).await;
+}
+
+/// 50 keys fire and reach a redis-cli subscriber; then a durable `PSETEX` (`write_after`) or a
+/// second's wait, SIGKILL and a restart: no event comes again, and all 50 are acked.
+async fn events_handed_out_then_kill_9(tag: &str, write_after: bool) {
     let port = free_port();
     let resp = format!("127.0.0.1:{port}");
-    let mut server = Server::start(&temp_dir("resp-crash-flushed"), &["--resp", &resp]).await;
+    let mut server =
+        Server::start(&temp_dir(&format!("resp-crash-{tag}")), &["--resp", &resp]).await;
     let cli = daemon(Client::Cli, port);
     let client = redis::Client::open(format!("redis://{resp}/")).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let set_at = now_ms();
     for i in 0..50 {
-        psetex(&mut conn, &format!("flushed:{i}"), 300).await;
+        psetex(&mut conn, &format!("{tag}:{i}"), 300).await;
     }
     let due: BTreeMap<String, u64> = (0..50)
-        .map(|i| (format!("flushed:{i}"), set_at + 300))
+        .map(|i| (format!("{tag}:{i}"), set_at + 300))
         .collect();
     let events = collect(std::slice::from_ref(&cli), &due, Duration::from_secs(10));
     assert_eq!(events.len(), 50, "each once before the kill");
-    std::thread::sleep(Duration::from_secs(1));
+    if write_after {
+        // A durable write after the events, as any producer makes.
+        psetex(&mut conn, "later", 600_000).await;
+    } else {
+        std::thread::sleep(Duration::from_secs(1));
+    }
     drop(cli);
     server.kill9();
     server.restart().await;
@@ -547,6 +525,7 @@ async fn an_event_handed_out_a_second_before_a_kill_9_with_no_write_after_is_not
         .await
         .unwrap();
     assert_eq!(counts["succeeded"], 50, "{counts}");
+    assert_eq!(counts["scheduled"], u64::from(write_after), "{counts}");
 }
 
 async fn psetex(conn: &mut redis::aio::MultiplexedConnection, key: &str, ms: u64) {
