@@ -13,11 +13,47 @@ use crate::{Command, Outcome, PUSH_INDEX, PutWhen, StoreError, Taker, TickReport
 /// Where a ready task sits in the ready index: its own queue for pull delivery, or the push index
 /// (keyed by `queue 0x00 id`, so the sender can find the task) when it has a webhook.
 fn ready_slot(task: &Task) -> (&str, std::borrow::Cow<'_, str>) {
-    if task.webhook.is_some() {
-        (PUSH_INDEX, format!("{}\0{}", task.queue, task.id).into())
+    slot(task.webhook.is_some(), &task.queue, &task.id)
+}
+
+/// [`ready_slot`] of a task with or without a webhook (`push`).
+fn slot<'a>(push: bool, queue: &'a str, id: &'a str) -> (&'a str, std::borrow::Cow<'a, str>) {
+    if push {
+        (PUSH_INDEX, format!("{queue}\0{id}").into())
     } else {
-        (&task.queue, task.id.as_str().into())
+        (queue, id.into())
     }
+}
+
+/// What [`write`] needs of the record a transition replaces: its index entries and state. Taken
+/// before a task read from the store is changed in place, so the hot transitions (fire, lease,
+/// ack, nack) need not clone the whole task to keep the old one for the index update. A transition
+/// never changes a task's queue, id or whether it has a webhook.
+#[derive(Clone, Copy)]
+struct Was {
+    due: Option<u64>,
+    ready: Option<u64>,
+    state: TaskState,
+    push: bool,
+}
+
+impl Was {
+    fn of(task: &Task) -> Was {
+        Was {
+            due: task.due_at_ms(),
+            ready: task.ready_at_ms(),
+            state: task.state,
+            push: task.webhook.is_some(),
+        }
+    }
+}
+
+/// [`write`] of `new` over the record it was changed from in place, which was `was`.
+fn write_over<T: Txn + ?Sized>(txn: &mut T, was: Was, new: &Task) -> Result<(), StoreError> {
+    debug_assert_eq!(was.push, new.webhook.is_some(), "a transition keeps the webhook");
+    index_out(txn, was, &new.queue, &new.id, Some(new))?;
+    index_in(txn, Some(was), new)?;
+    txn.put(new)
 }
 
 /// The queue whose consumers (or the webhook sender) a newly ready task should wake.
@@ -71,33 +107,53 @@ fn write_indexes<T: Txn + ?Sized>(
     old: Option<&Task>,
     new: Option<&Task>,
 ) -> Result<(), StoreError> {
-    if let Some(old) = old {
-        let (new_due, new_ready) = new.map_or((None, None), |n| (n.due_at_ms(), n.ready_at_ms()));
-        if let Some(due) = old.due_at_ms().filter(|d| Some(*d) != new_due) {
-            txn.due_remove(due, &old.queue, &old.id)?;
-        }
-        if let Some(at) = old.ready_at_ms().filter(|a| Some(*a) != new_ready) {
-            let (queue, id) = ready_slot(old);
-            txn.ready_remove(queue, at, &id)?;
-        }
-        txn.count(&old.queue, old.state, -1);
+    let was = old.map(Was::of);
+    if let (Some(old), Some(was)) = (old, was) {
+        index_out(txn, was, &old.queue, &old.id, new)?;
     }
-    if let Some(new) = new {
-        if let Some(due) = new
-            .due_at_ms()
-            .filter(|d| old.and_then(Task::due_at_ms) != Some(*d))
-        {
-            txn.due_add(due, &new.queue, &new.id)?;
-        }
-        if let Some(at) = new
-            .ready_at_ms()
-            .filter(|a| old.and_then(Task::ready_at_ms) != Some(*a))
-        {
-            let (queue, id) = ready_slot(new);
-            txn.ready_add(queue, at, &id)?;
-        }
-        txn.count(&new.queue, new.state, 1);
+    match new {
+        Some(new) => index_in(txn, was, new),
+        None => Ok(()),
     }
+}
+
+/// Removes the index entries of the old record (`was`, named `queue`/`id`) that `new` does not
+/// keep, and its count.
+fn index_out<T: Txn + ?Sized>(
+    txn: &mut T,
+    was: Was,
+    queue: &str,
+    id: &str,
+    new: Option<&Task>,
+) -> Result<(), StoreError> {
+    let (new_due, new_ready) = new.map_or((None, None), |n| (n.due_at_ms(), n.ready_at_ms()));
+    if let Some(due) = was.due.filter(|d| Some(*d) != new_due) {
+        txn.due_remove(due, queue, id)?;
+    }
+    if let Some(at) = was.ready.filter(|a| Some(*a) != new_ready) {
+        let (slot_queue, slot_id) = slot(was.push, queue, id);
+        txn.ready_remove(slot_queue, at, &slot_id)?;
+    }
+    txn.count(queue, was.state, -1);
+    Ok(())
+}
+
+/// Adds the index entries of `new` that the old record (`was`, if any) did not have, and its count.
+fn index_in<T: Txn + ?Sized>(txn: &mut T, was: Option<Was>, new: &Task) -> Result<(), StoreError> {
+    if let Some(due) = new
+        .due_at_ms()
+        .filter(|d| was.and_then(|w| w.due) != Some(*d))
+    {
+        txn.due_add(due, &new.queue, &new.id)?;
+    }
+    if let Some(at) = new
+        .ready_at_ms()
+        .filter(|a| was.and_then(|w| w.ready) != Some(*a))
+    {
+        let (queue, id) = ready_slot(new);
+        txn.ready_add(queue, at, &id)?;
+    }
+    txn.count(&new.queue, new.state, 1);
     Ok(())
 }
 
@@ -158,17 +214,17 @@ pub fn apply_one<T: Txn + ?Sized>(
             let ids = txn.ready_first(queue, *max)?;
             let mut leased = Vec::with_capacity(ids.len());
             for (n, id) in ids.iter().enumerate() {
-                let Some(old) = txn.get(queue, id)? else {
+                let Some(mut task) = txn.get(queue, id)? else {
                     continue;
                 };
-                if old.state != TaskState::Ready {
+                if task.state != TaskState::Ready {
                     continue;
                 }
-                let mut new = old.clone();
-                let lease = lease_ms.or(old.lease_ms).unwrap_or(*default_lease_ms);
-                new.lease(now_ms, lease, format!("{token_prefix}{n:x}"));
-                write(txn, Some(&old), Some(&new))?;
-                leased.push(new);
+                let was = Was::of(&task);
+                let lease = lease_ms.or(task.lease_ms).unwrap_or(*default_lease_ms);
+                task.lease(now_ms, lease, format!("{token_prefix}{n:x}"));
+                write_over(txn, was, &task)?;
+                leased.push(task);
             }
             Ok(Outcome::Reserved(leased))
         }
@@ -406,14 +462,14 @@ fn with_lease<T: Txn + ?Sized>(
     token: &str,
     change: impl FnOnce(&mut Task) -> Outcome,
 ) -> Result<Outcome, StoreError> {
-    let Some(old) = txn.get(queue, id)? else {
+    let Some(mut task) = txn.get(queue, id)? else {
         return Ok(Outcome::NotFound);
     };
-    match old.check_lease(token) {
+    match task.check_lease(token) {
         LeaseCheck::Held => {
-            let mut new = old.clone();
-            let outcome = change(&mut new);
-            write(txn, Some(&old), Some(&new))?;
+            let was = Was::of(&task);
+            let outcome = change(&mut task);
+            write_over(txn, was, &task)?;
             Ok(outcome)
         }
         other => Ok(Outcome::LeaseLost(other)),
@@ -454,15 +510,15 @@ fn tick<T: Txn + ?Sized>(
     for (i, taker) in takers.iter().enumerate() {
         let room = taker.max.saturating_sub(taken[i].len());
         for id in txn.ready_first(&taker.queue, room)? {
-            let Some(old) = txn.get(&taker.queue, &id)? else {
+            let Some(mut task) = txn.get(&taker.queue, &id)? else {
                 continue;
             };
-            if old.state != TaskState::Ready {
+            if task.state != TaskState::Ready {
                 continue;
             }
-            let mut new = old.clone();
-            if hand_over(takers, &mut taken, now_ms, &mut new) {
-                write(txn, Some(&old), Some(&new))?;
+            let was = Was::of(&task);
+            if hand_over(takers, &mut taken, now_ms, &mut task) {
+                write_over(txn, was, &task)?;
             }
         }
     }
@@ -473,17 +529,19 @@ fn tick<T: Txn + ?Sized>(
     };
     let mut ready_queues = BTreeSet::new();
     for (due_ms, queue, id) in entries {
-        let Some(old) = txn.get(&queue, &id)? else {
+        let Some(mut new) = txn.get(&queue, &id)? else {
             // An index entry without a record cannot be produced by `write`; drop it rather than loop on it.
             txn.due_remove(due_ms, &queue, &id)?;
             continue;
         };
-        if old.due_at_ms() != Some(due_ms) {
+        if new.due_at_ms() != Some(due_ms) {
             txn.due_remove(due_ms, &queue, &id)?;
             continue;
         }
-        let mut new = old.clone();
-        match old.state {
+        // Changed in place from here on; `was` is what the index update needs of the old record.
+        let was = Was::of(&new);
+        let attempt = new.attempt;
+        match was.state {
             TaskState::Scheduled => {
                 new.promote(now_ms);
                 report.fired += 1;
@@ -501,7 +559,7 @@ fn tick<T: Txn + ?Sized>(
                 report.lease_failures.push(crate::LeaseFailure {
                     queue: queue.clone(),
                     id: id.clone(),
-                    attempt: old.attempt,
+                    attempt,
                     retry_at_ms: match outcome {
                         FailOutcome::Retry { run_at_ms } => Some(run_at_ms),
                         FailOutcome::Dead => None,
@@ -509,7 +567,7 @@ fn tick<T: Txn + ?Sized>(
                 });
             }
             TaskState::Succeeded => {
-                write(txn, Some(&old), None)?;
+                write(txn, Some(&new), None)?;
                 report.purged += 1;
                 continue;
             }
@@ -520,7 +578,7 @@ fn tick<T: Txn + ?Sized>(
         {
             ready_queues.insert(ready_target(&new).to_owned());
         }
-        write(txn, Some(&old), Some(&new))?;
+        write_over(txn, was, &new)?;
     }
     report.ready_queues = ready_queues.into_iter().collect();
     report.taken = taken;
