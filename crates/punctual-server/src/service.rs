@@ -1137,8 +1137,10 @@ impl Service {
         if commands.is_empty() {
             return Ok(());
         }
+        // Kept events make the commit durable, and the acks in it with them.
+        let durable = commands.iter().any(Command::is_durable);
         self.writer.submit(commands).await?;
-        if !leases.is_empty() {
+        if !leases.is_empty() && !durable {
             self.writer.flush_soon();
         }
         Ok(())

@@ -50,7 +50,11 @@ impl Was {
 
 /// [`write`] of `new` over the record it was changed from in place, which was `was`.
 fn write_over<T: Txn + ?Sized>(txn: &mut T, was: Was, new: &Task) -> Result<(), StoreError> {
-    debug_assert_eq!(was.push, new.webhook.is_some(), "a transition keeps the webhook");
+    debug_assert_eq!(
+        was.push,
+        new.webhook.is_some(),
+        "a transition keeps the webhook"
+    );
     index_out(txn, was, &new.queue, &new.id, Some(new))?;
     index_in(txn, Some(was), new)?;
     txn.put(new)
