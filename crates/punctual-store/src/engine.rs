@@ -533,26 +533,26 @@ fn tick<T: Txn + ?Sized>(
     };
     let mut ready_queues = BTreeSet::new();
     for (due_ms, queue, id) in entries {
-        let Some(mut new) = txn.get(&queue, &id)? else {
+        let Some(mut task) = txn.get(&queue, &id)? else {
             // An index entry without a record cannot be produced by `write`; drop it rather than loop on it.
             txn.due_remove(due_ms, &queue, &id)?;
             continue;
         };
-        if new.due_at_ms() != Some(due_ms) {
+        if task.due_at_ms() != Some(due_ms) {
             txn.due_remove(due_ms, &queue, &id)?;
             continue;
         }
         // Changed in place from here on; `was` is what the index update needs of the old record.
-        let was = Was::of(&new);
-        let attempt = new.attempt;
+        let was = Was::of(&task);
+        let attempt = task.attempt;
         match was.state {
             TaskState::Scheduled => {
-                new.promote(now_ms);
+                task.promote(now_ms);
                 report.fired += 1;
             }
             TaskState::Leased => {
                 report.expired += 1;
-                let outcome = new.fail(now_ms, LEASE_EXPIRED, None);
+                let outcome = task.fail(now_ms, LEASE_EXPIRED, None);
                 match outcome {
                     FailOutcome::Dead => report.dead.push(queue.clone()),
                     FailOutcome::Retry { run_at_ms } if run_at_ms > now_ms => {
@@ -571,18 +571,18 @@ fn tick<T: Txn + ?Sized>(
                 });
             }
             TaskState::Succeeded => {
-                write(txn, Some(&new), None)?;
+                write(txn, Some(&task), None)?;
                 report.purged += 1;
                 continue;
             }
             TaskState::Ready | TaskState::Dead => unreachable!("due_at_ms is None in these states"),
         }
-        if new.state == TaskState::Ready
-            && (new.webhook.is_some() || !hand_over(takers, &mut taken, now_ms, &mut new))
+        if task.state == TaskState::Ready
+            && (task.webhook.is_some() || !hand_over(takers, &mut taken, now_ms, &mut task))
         {
-            ready_queues.insert(ready_target(&new).to_owned());
+            ready_queues.insert(ready_target(&task).to_owned());
         }
-        write_over(txn, was, &new)?;
+        write_over(txn, was, &task)?;
     }
     report.ready_queues = ready_queues.into_iter().collect();
     report.taken = taken;

@@ -251,7 +251,7 @@ impl<'a> Logged<'a> {
                 .map(|previous| Undo::Replaced(Box::new(previous))),
         };
         self.undo.extend(undo);
-        // Journaled even when nothing was hot: the deletion may be of a cold task.
+        // In a journaled batch, recorded even when nothing was hot: the deletion may be of a cold task.
         if self.journaled && !self.touched.contains(key) {
             self.touched.insert(key.clone());
         }
